@@ -1,0 +1,80 @@
+from pathlib import Path
+
+import pytest
+
+from vae_scale.config import ConfigError, config_from_dict, load_config, parse_override
+
+REPO = Path(__file__).resolve().parents[1]
+FREY = REPO / "configs" / "frey_conv.yaml"
+
+
+def test_all_shipped_configs_load():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.train.epochs >= 1, path
+
+
+def test_frey_config_is_the_study_setup():
+    cfg = load_config(FREY)
+    assert (cfg.model.name, cfg.model.num_layers, cfg.loss.likelihood) == ("conv", 5, "bernoulli")
+    assert cfg.train.epochs == 20 and cfg.eval.picture_epochs == [1, 20]
+
+
+@pytest.mark.parametrize(
+    "override, culprit",
+    [
+        ("train.lrr=0.1", "train.lrr"),
+        ("train.lr=-1", "train.lr"),
+        ("train.lr=abc", "train.lr"),
+        ("train.epochs=2.5", "train.epochs"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("train.mixed_precision=fp8", "train.mixed_precision"),
+        ("model.latent_dimm=3", "model.latent_dimm"),
+        ("model.name=transformer", "model.name"),
+        ("loss.likelihood=poisson", "loss.likelihood"),
+        ("eval.picture_epochs=[0]", "eval.picture_epochs"),
+    ],
+)
+def test_bad_values_name_the_key(override, culprit):
+    with pytest.raises(ConfigError) as err:
+        load_config(FREY, [override])
+    assert culprit in str(err.value)
+
+
+def test_unknown_section_and_key_in_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name: conv}\ntrainn: {lr: 0.1}\n")
+    with pytest.raises(ConfigError, match="trainn"):
+        load_config(bad)
+    bad.write_text("model: {name: conv}\ntrain: {learning_rate: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"train\.learning_rate.*allowed keys"):
+        load_config(bad)
+
+
+def test_yaml_is_parsed_safely(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("model: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(evil)
+
+
+def test_overrides_parse_values():
+    assert parse_override("train.lr=3e-4") == (["train", "lr"], 3e-4)
+    assert parse_override("eval.picture_epochs=[1, 5]") == (["eval", "picture_epochs"], [1, 5])
+    cfg = load_config(FREY, ["train.lr=3e-4", "model.latent_dim=8", "train.mixed_precision=bf16"])
+    assert (cfg.train.lr, cfg.model.latent_dim, cfg.train.mixed_precision) == (3e-4, 8, "bf16")
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_override("train.lr")
+
+
+def test_missing_model_name_and_cross_section_check():
+    with pytest.raises(ConfigError, match="model.name"):
+        config_from_dict({"model": {"latent_dim": 2}})
+    with pytest.raises(ConfigError, match="loss.likelihood"):
+        config_from_dict(
+            {
+                "model": {"name": "conv"},
+                "data": {"binarize": "dynamic"},
+                "loss": {"likelihood": "gaussian"},
+            }
+        )

@@ -1,0 +1,185 @@
+import io
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from vae_scale.data.fetch import DataError, sha256_file
+from vae_scale.data.loader import ShardSplit, batches_per_rank, epoch_shard_order
+from vae_scale.data.shards import encode_sample
+
+
+def make_shards(folder: Path, counts: list[int], shape=(4, 4, 1), mutate=None) -> Path:
+    """A shard folder with `counts[i]` samples in shard i and a matching index.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shards, n = [], 0
+    for i, count in enumerate(counts):
+        path = folder / f"train-{i:06d}.tar"
+        with wds.TarWriter(str(path), encoder=False) as tar:
+            for _ in range(count):
+                sample = encode_sample(
+                    {"__key__": f"s{n:05d}", "npy": np.full(shape, n % 256, np.uint8)}
+                )
+                if mutate:
+                    sample = mutate(n, sample)
+                tar.write(sample)
+                n += 1
+        shards.append({"name": path.name, "num_samples": count, "sha256": sha256_file(path)})
+    index = {
+        "format_version": 1,
+        "dataset": "toy",
+        "image_shape": [shape[2], *shape[:2]],
+        "splits": {"train": {"num_samples": n, "shards": shards}},
+    }
+    (folder / "index.json").write_text(json.dumps(index))
+    return folder
+
+
+def keys_of(split: ShardSplit, epoch: int) -> list[str]:
+    return [k for batch in split.train_batches(epoch) for k in batch["key"]]
+
+
+def test_epoch_order_changes_per_epoch_and_is_reproducible(tmp_path):
+    split = ShardSplit(
+        make_shards(tmp_path / "d", [10] * 8),
+        "train",
+        batch_size=5,
+        shuffle=True,
+        shuffle_buffer=20,
+        seed=3,
+    )
+    e1, e1_again, e2 = keys_of(split, 1), keys_of(split, 1), keys_of(split, 2)
+    assert e1 == e1_again
+    assert e1 != e2 and sorted(e1) == sorted(e2)
+    assert len(e1) == 80 and len(set(e1)) == 80
+
+
+def test_ranks_read_disjoint_shards_and_same_step_count(tmp_path, monkeypatch):
+    folder = make_shards(tmp_path / "d", [7, 13, 5, 20, 9, 11])  # uneven on purpose
+    seen, steps = {}, {}
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        split = ShardSplit(
+            folder, "train", batch_size=4, shuffle=True, seed=0, world_size=2, rank=rank
+        )
+        batches = list(split.train_batches(epoch=1))
+        steps[rank] = len(batches)
+        seen[rank] = {k for b in batches for k in b["key"]}
+        assert steps[rank] == split.steps_in_epoch(1)
+    assert steps[0] == steps[1] > 0  # no rank waits for another at epoch end
+    assert not seen[0] & seen[1]
+
+
+def test_batches_per_rank_matches_assignment():
+    shards = [{"num_samples": n} for n in [10, 3, 7, 8]]
+    # rank 0 gets shards 0, 2 (17 samples -> 4 batches of 4); rank 1 gets 1, 3 (11 -> 2)
+    assert batches_per_rank(shards, 2, 0, 4) == [4, 2]
+    # with 2 workers, each worker drops its own remainder: r0: 10//4 + 7//4 = 3
+    assert batches_per_rank(shards, 2, 2, 4) == [3, 2]
+    order = epoch_shard_order(shards, 0, 1, shuffle=False)
+    assert order == shards
+
+
+def test_even_shards_every_sample_exactly_once_across_ranks(tmp_path, monkeypatch):
+    folder = make_shards(tmp_path / "d", [8] * 4)
+    keys = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        split = ShardSplit(folder, "train", batch_size=4, shuffle=True, world_size=2, rank=rank)
+        keys += keys_of(split, 1)
+    assert sorted(keys) == [f"s{i:05d}" for i in range(32)]
+
+
+def test_too_few_shards_for_ranks_times_workers_is_an_error(tmp_path):
+    split = ShardSplit(
+        make_shards(tmp_path / "d", [10, 10, 10]),
+        "train",
+        batch_size=2,
+        num_workers=2,
+        world_size=1,
+        rank=0,
+    )
+    split.check_enough_shards()  # 3 shards >= 1 x 2
+    split.num_workers = 4
+    with pytest.raises(DataError, match=r"3 shards.*need at least 4"):
+        split.check_enough_shards()
+
+
+def test_wrong_distributed_view_is_caught(tmp_path, monkeypatch):
+    # Two processes that each think they are rank 0 of 1 would read the same data.
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="not one distributed job"):
+        ShardSplit(make_shards(tmp_path / "d", [4]), "train", batch_size=2)
+
+
+def test_missing_or_empty_shard_folder(tmp_path):
+    with pytest.raises(DataError, match=r"does not exist.*vae-scale shard"):
+        ShardSplit(tmp_path / "nothing", "train", batch_size=2)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"index.json is missing"):
+        ShardSplit(tmp_path / "empty", "train", batch_size=2)
+    folder = make_shards(tmp_path / "d", [4, 4])
+    os.remove(folder / "train-000001.tar")
+    with pytest.raises(DataError, match="train-000001.tar.*missing"):
+        ShardSplit(folder, "train", batch_size=2)
+
+
+def test_changed_shard_fails_checksum(tmp_path):
+    folder = make_shards(tmp_path / "d", [4, 4])
+    with open(folder / "train-000001.tar", "r+b") as f:
+        f.seek(600)
+        f.write(b"\x01")
+    with pytest.raises(DataError, match="train-000001.tar has sha256"):
+        ShardSplit(folder, "train", batch_size=2, verify=True)
+
+
+def test_truncated_tar_names_the_shard(tmp_path):
+    folder = make_shards(tmp_path / "d", [6, 6])
+    data = (folder / "train-000001.tar").read_bytes()
+    (folder / "train-000001.tar").write_bytes(data[:1500])
+    split = ShardSplit(folder, "train", batch_size=2)
+    with pytest.raises(DataError, match="train-000001.tar"):
+        list(split.eval_batches())
+
+
+def test_pickle_member_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    def add_pickle(n, sample):
+        return {**sample, "pickle": pickle.dumps(Exploit())} if n == 2 else sample
+
+    split = ShardSplit(make_shards(tmp_path / "d", [4], mutate=add_pickle), "train", batch_size=2)
+    with pytest.raises(DataError, match=r"train-000000.tar, sample s00002: refusing"):
+        list(split.eval_batches())
+    assert not marker.exists()
+
+
+def test_bad_samples_raise_or_are_skipped_and_counted(tmp_path):
+    def break_some(n, sample):
+        if n == 1:  # wrong image size
+            buf = io.BytesIO()
+            np.save(buf, np.zeros((3, 3, 1), np.uint8))
+            return {**sample, "npy": buf.getvalue()}
+        if n == 5:  # no image at all
+            return {"__key__": sample["__key__"], "cls": b"1"}
+        return sample
+
+    folder = make_shards(tmp_path / "d", [8], mutate=break_some)
+    with pytest.raises(DataError, match=r"sample s00001: image of shape \(3, 3, 1\)"):
+        list(ShardSplit(folder, "train", batch_size=8).eval_batches())
+    split = ShardSplit(folder, "train", batch_size=8, on_error="skip")
+    with pytest.warns(UserWarning, match="skipping"):
+        batches = list(split.eval_batches())
+    assert sum(len(b["key"]) for b in batches) == 6
+    assert sum(b["skipped"] for b in batches) == 2

@@ -1,0 +1,110 @@
+import json
+
+import pytest
+import torch
+from conftest import tiny_frey_config
+
+from vae_scale import checkpoint
+from vae_scale.config import ConfigError
+from vae_scale.train import TrainingDiverged, train
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_run_learns_and_writes_everything(frey_shards, tmp_path):
+    cfg = tiny_frey_config(frey_shards, tmp_path, "train.epochs=3", "train.lr=3e-3")
+    run = train(cfg)
+    rows = metrics(run)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["test/neg_elbo"] < rows[0]["test/neg_elbo"] - 1.0
+    assert rows[-1]["train/neg_elbo"] < rows[0]["train/neg_elbo"]
+    for r in rows:
+        assert r["test/neg_elbo"] == pytest.approx(r["test/recon"] + r["test/kl"])
+        assert r["test/num_samples"] == 100 and r["val/num_samples"] == 100
+        assert r["train/num_samples"] == 17 * 100  # 1765 samples -> 17 full batches
+    for name in ("recon_epoch001.png", "recon_epoch003.png", "samples_epoch003.png", "config.json"):
+        assert (run / name).is_file(), name
+    from PIL import Image
+
+    width, height = Image.open(run / "recon_epoch001.png").size
+    assert width < height  # two columns (original | recon), eight rows
+    ckpts = checkpoint.complete_checkpoints(run / "checkpoints")
+    assert len(ckpts) == 2  # keep_checkpoints
+    assert checkpoint.read_train_state(ckpts[-1])["epoch"] == 4  # finished: next would be 4
+
+
+def test_bf16_on_cpu_trains(frey_shards, tmp_path):
+    cfg = tiny_frey_config(
+        frey_shards,
+        tmp_path,
+        "train.mixed_precision=bf16",
+        "train.epochs=2",
+        "train.lr=3e-3",
+        "eval.picture_epochs=[]",
+    )
+    rows = metrics(train(cfg))
+    assert all(torch.isfinite(torch.tensor(r["test/neg_elbo"])) for r in rows)
+    assert rows[-1]["test/neg_elbo"] < rows[0]["test/neg_elbo"]
+
+
+def test_gradient_accumulation_counts_optimizer_steps(frey_shards, tmp_path):
+    cfg = tiny_frey_config(
+        frey_shards, tmp_path, "train.grad_accum_steps=4", "train.epochs=1", "data.batch_size=50"
+    )
+    rows = metrics(train(cfg))
+    # 1765 // 50 = 35 batches -> 32 (whole cycles of 4) -> 8 optimizer steps
+    assert rows[0]["global_step"] == 8 and rows[0]["train/num_samples"] == 32 * 50
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(frey_shards, tmp_path, monkeypatch):
+    cfg = tiny_frey_config(frey_shards, tmp_path, "train.epochs=2", "train.max_bad_steps=3")
+    run = train(cfg)  # a good run: checkpoint at the end of epoch 2
+    good = checkpoint.latest_checkpoint(run / "checkpoints")
+    from vae_scale.models.conv import ConvVAE
+
+    original = ConvVAE.decode
+    monkeypatch.setattr(ConvVAE, "decode", lambda self, z: original(self, z) * float("nan"))
+    cfg = tiny_frey_config(frey_shards, tmp_path, "train.epochs=3", "train.max_bad_steps=3")
+    with pytest.raises(TrainingDiverged, match="3 optimizer steps in a row"):
+        train(cfg)
+    assert checkpoint.latest_checkpoint(run / "checkpoints") == good
+    assert checkpoint.is_complete(good)
+
+
+def test_resume_none_refuses_to_overwrite(frey_shards, tmp_path):
+    cfg = tiny_frey_config(frey_shards, tmp_path, "train.epochs=1")
+    train(cfg)
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        train(cfg, resume="none")
+
+
+def test_resume_continues_where_it_stopped(frey_shards, tmp_path):
+    full = train(tiny_frey_config(frey_shards, tmp_path, "run.name=full", "train.epochs=3"))
+    train(tiny_frey_config(frey_shards, tmp_path, "run.name=split", "train.epochs=1"))
+    part = train(tiny_frey_config(frey_shards, tmp_path, "run.name=split", "train.epochs=3"))
+    a, b = metrics(full), metrics(part)
+    assert [r["epoch"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        for key in ("train/neg_elbo", "val/neg_elbo", "test/neg_elbo"):
+            assert ra[key] == rb[key], (ra["epoch"], key)  # bitwise on CPU fp32
+
+
+def test_fp16_on_cpu_is_a_clear_error(frey_shards, tmp_path):
+    cfg = tiny_frey_config(frey_shards, tmp_path, "train.mixed_precision=fp16")
+    with pytest.raises(ConfigError, match="fp16.*needs a GPU"):
+        train(cfg)
+
+
+def test_wandb_offline_run_in_run_folder(frey_shards, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc key
+    cfg = tiny_frey_config(frey_shards, tmp_path, "train.epochs=1", "wandb.mode=auto")
+    run = train(cfg)
+    runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    run_id = (run / "wandb_run_id.txt").read_text().strip()
+    assert runs[0].name.endswith(run_id)
+    assert list(runs[0].glob("*.wandb"))

@@ -1,0 +1,101 @@
+"""Checkpoints that are either complete or invisible.
+
+`accelerator.save_state` writes into a temporary folder; the main process adds a manifest
+(file sizes and sha256) and the training counters, fsyncs, then renames the folder to
+`checkpoints/step_XXXXXXXX`. Only folders with a valid manifest count, so a crash or a full disk
+mid-write leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from vae_scale.data.fetch import sha256_file
+
+MANIFEST = "manifest.json"
+TRAIN_STATE = "train_state.json"
+PREFIX = "step_"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    accelerator: Accelerator, ckpt_root: Path, step: int, train_state: dict[str, Any], keep: int
+) -> Path:
+    """Collective: every process must call it (each saves its own RNG state)."""
+    final = ckpt_root / f"{PREFIX}{step:08d}"
+    tmp = ckpt_root / f".tmp-{PREFIX}{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / TRAIN_STATE).write_text(json.dumps(train_state, indent=1))
+        files = {}
+        for path in sorted(tmp.iterdir()):
+            if path.is_file():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+                files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+        with open(tmp / MANIFEST, "rb") as f:
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_root)
+        for old in complete_checkpoints(ckpt_root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def is_complete(path: Path) -> bool:
+    """A checkpoint folder whose manifest exists and whose files have the recorded sizes."""
+    manifest = path / MANIFEST
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return all(
+        (path / name).is_file() and (path / name).stat().st_size == meta["size"]
+        for name, meta in files.items()
+    )
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first; incomplete ones are reported and ignored."""
+    if not ckpt_root.is_dir():
+        return []
+    found = []
+    for path in sorted(ckpt_root.glob(f"{PREFIX}*")):
+        if is_complete(path):
+            found.append(path)
+        else:
+            warnings.warn(f"ignoring incomplete checkpoint {path}", stacklevel=2)
+    return found
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    found = complete_checkpoints(ckpt_root)
+    return found[-1] if found else None
+
+
+def read_train_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / TRAIN_STATE).read_text())

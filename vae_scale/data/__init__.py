@@ -1,0 +1,1 @@
+"""Datasets -> shards (`sources`, `shards`) and shards -> batches (`loader`)."""

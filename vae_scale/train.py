@@ -1,0 +1,382 @@
+"""The one training loop: every dataset and model, 1 process or N, through Accelerate."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from vae_scale import checkpoint, pictures, tracking
+from vae_scale.config import Config, ConfigError
+from vae_scale.data.loader import ShardSplit, derive_seed
+from vae_scale.evaluate import evaluate_split, first_images, prepare_inputs, summarize
+from vae_scale.losses import build_likelihood, kl_weight, neg_elbo
+from vae_scale.models import build_model
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradients stayed non-finite for `train.max_bad_steps` steps in a row."""
+
+
+def lr_at(step: int, cfg: Config, total_steps: int) -> float:
+    """Learning rate as a pure function of the optimizer step (so resume needs no scheduler
+    state and N processes follow the same schedule as 1)."""
+    t = cfg.train
+    if t.warmup_steps and step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.lr_schedule == "cosine":
+        progress = min(1.0, (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps))
+        return t.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return t.lr
+
+
+def make_accelerator(cfg: Config, wandb_mode: str) -> Accelerator:
+    use_cpu = cfg.train.cpu or not torch.cuda.is_available()
+    if cfg.train.mixed_precision == "fp16" and use_cpu:
+        raise ConfigError("train.mixed_precision: 'fp16' needs a GPU; use 'bf16' or 'no' on CPU")
+    # cpu=True also matters under `accelerate launch --multi_gpu` on a CPU machine: without it
+    # every process believes it is rank 0 of 1 (see docs/known-traps).
+    return Accelerator(
+        cpu=use_cpu,
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        log_with="wandb" if wandb_mode != "disabled" else None,
+        project_dir=str(cfg.run_dir),
+        dynamo_backend="inductor" if cfg.train.compile else "no",
+    )
+
+
+def open_splits(cfg: Config, accelerator: Accelerator) -> dict[str, ShardSplit]:
+    common: dict[str, Any] = dict(
+        shard_dir=Path(cfg.data.shards_dir) / cfg.data.dataset,
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.run.seed,
+        on_error=cfg.data.on_error,
+        world_size=accelerator.num_processes,
+        rank=accelerator.process_index,
+    )
+    splits = {
+        "train": ShardSplit(
+            split="train",
+            shuffle=True,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            verify=cfg.data.verify_shards and accelerator.is_local_main_process,
+            **common,
+        ),
+    }
+    for name in ("val", "test"):
+        if name in splits["train"].index["splits"]:
+            splits[name] = ShardSplit(split=name, **common)
+    splits["train"].check_enough_shards()
+    return splits
+
+
+def train(cfg: Config, resume: str = "auto") -> Path:
+    """Train `cfg`; returns the run folder. `resume`: 'auto', 'none' or a checkpoint path."""
+    run_dir = cfg.run_dir
+    wandb_mode = tracking.resolve_mode(cfg.wandb.mode)
+    accelerator = make_accelerator(cfg, wandb_mode)
+    try:
+        return _train(cfg, accelerator, run_dir, wandb_mode, resume)
+    finally:
+        # A clean process-group teardown, also on errors (rank 0 otherwise may abort); then
+        # forget Accelerate's process-wide singletons so another train() call in this process
+        # (tests, notebooks, sweeps) can choose its own precision and device.
+        accelerator.end_training()
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def _find_resume_point(run_dir: Path, resume: str) -> Path | None:
+    ckpt_root = run_dir / "checkpoints"
+    if resume == "none":
+        if checkpoint.latest_checkpoint(ckpt_root) is not None:
+            raise ConfigError(
+                f"--resume none: {run_dir} already holds checkpoints; pass "
+                f"--resume auto to continue it, or choose another run.name"
+            )
+        return None
+    if resume == "auto":
+        return checkpoint.latest_checkpoint(ckpt_root)
+    path = Path(resume)
+    if not checkpoint.is_complete(path):
+        raise ConfigError(
+            f"--resume {path}: not a complete checkpoint folder (no valid {checkpoint.MANIFEST})"
+        )
+    return path
+
+
+def _train(
+    cfg: Config, accelerator: Accelerator, run_dir: Path, wandb_mode: str, resume: str
+) -> Path:
+    main = accelerator.is_main_process
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    resume_from = _find_resume_point(run_dir, resume)
+
+    set_seed(cfg.run.seed)  # identical initial weights on every rank
+    splits = open_splits(cfg, accelerator)
+    train_data = splits["train"]
+    image_shape = train_data.image_shape
+    model = build_model(cfg.model, image_shape, build_likelihood(cfg.loss.likelihood, image_shape))
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(
+        model.parameters(),
+        lr=cfg.train.lr,
+        betas=tuple(cfg.train.betas),
+        weight_decay=cfg.train.weight_decay,
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)  # the loader is never prepared
+    core = accelerator.unwrap_model(model)
+    device = accelerator.device
+
+    accum = cfg.train.grad_accum_steps
+    # Whole accumulation cycles only, so every epoch ends on an optimizer step.
+    steps_in = {
+        e: train_data.steps_in_epoch(e) // accum * accum for e in range(1, cfg.train.epochs + 1)
+    }
+    if steps_in[1] == 0:
+        raise ConfigError(
+            f"data.batch_size: {cfg.data.batch_size} x {accum} accumulation steps is more than "
+            f"one {accelerator.num_processes}-process epoch of {train_data.num_samples} "
+            f"training samples holds"
+        )
+    total_opt_steps = sum(steps_in.values()) // accum
+
+    state = {
+        "epoch": 1,
+        "batch_in_epoch": 0,
+        "opt_step": 0,
+        "bad_steps": 0,
+        "consecutive_bad": 0,
+        "skipped_samples": 0,
+    }
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        state.update(checkpoint.read_train_state(resume_from))
+        accelerator.print(
+            f"resumed from {resume_from} (epoch {state['epoch']}, batch "
+            f"{state['batch_in_epoch']}, step {state['opt_step']})"
+        )
+
+    global_batch = cfg.data.batch_size * accelerator.num_processes * accum
+    if main:
+        index_summary = {k: v for k, v in train_data.index.items() if k != "splits"}
+        index_summary["splits"] = {
+            k: v["num_samples"] for k, v in train_data.index["splits"].items()
+        }
+        run_config = {
+            **cfg.to_dict(),
+            "git_commit": tracking.git_commit(),
+            "dataset_index": index_summary,
+            "global_batch_size": global_batch,
+            "num_processes": accelerator.num_processes,
+            "num_parameters": sum(p.numel() for p in core.parameters()),
+        }
+        (run_dir / "config.json").write_text(json.dumps(run_config, indent=1, default=str))
+        accelerator.print(
+            f"{cfg.run.name}: {run_config['num_parameters']:,} parameters, "
+            f"{accelerator.num_processes} process(es) on {device}, global batch "
+            f"{global_batch}, {steps_in[1]} batches/epoch, wandb {wandb_mode}"
+        )
+    if wandb_mode != "disabled":
+        tags = [cfg.data.dataset, cfg.model.name, cfg.loss.likelihood]
+        accelerator.init_trackers(
+            cfg.wandb.project,
+            config=run_config if main else None,
+            init_kwargs=tracking.init_kwargs(cfg, run_dir, wandb_mode, tags) if main else {},
+        )
+
+    picture_inputs = None
+    if main and "test" in splits:
+        picture_inputs = first_images(splits["test"], cfg.eval.recon_rows)
+    ckpt_root = run_dir / "checkpoints"
+
+    def save(epoch: int, batch_in_epoch: int) -> None:
+        state.update(epoch=epoch, batch_in_epoch=batch_in_epoch)
+        checkpoint.save_checkpoint(
+            accelerator, ckpt_root, state["opt_step"], dict(state), cfg.train.keep_checkpoints
+        )
+
+    for epoch in range(state["epoch"], cfg.train.epochs + 1):
+        start = state["batch_in_epoch"] if epoch == state["epoch"] else 0
+        if start == 0:
+            # Each rank its own noise stream, a pure function of (seed, epoch, rank); a
+            # mid-epoch resume continues the stream restored by load_state instead.
+            torch.manual_seed(derive_seed(cfg.run.seed, "noise", epoch, accelerator.process_index))
+        model.train()
+        sums = torch.zeros(4, dtype=torch.float64, device=device)
+        steps = steps_in[epoch]
+        t0 = time.perf_counter()
+        batches = train_data.train_batches(epoch, start)
+        progress = tqdm(
+            batches,
+            total=steps,
+            initial=start,
+            disable=not main,
+            desc=f"epoch {epoch}/{cfg.train.epochs}",
+            leave=False,
+        )
+        for i, batch in enumerate(progress, start=start):
+            if i >= steps:
+                break
+            x = prepare_inputs(batch["image"], device, cfg.data.binarize)
+            if cfg.train.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            state["skipped_samples"] += batch["skipped"]
+            with accelerator.accumulate(model):
+                out = model(x)
+                beta = kl_weight(
+                    state["opt_step"], cfg.loss.beta, cfg.loss.kl_warmup_steps, cfg.loss.beta_start
+                )
+                terms = neg_elbo(
+                    core.likelihood, out.x_params, x, out.mu, out.logvar, beta, cfg.loss.free_bits
+                )
+                accelerator.backward(terms.loss)
+                if accelerator.sync_gradients:
+                    _optimizer_step(accelerator, model, optimizer, cfg, state, total_opt_steps)
+            sums += torch.stack(
+                [
+                    terms.neg_elbo.detach().sum(),
+                    terms.recon.detach().sum(),
+                    terms.kl.detach().sum(),
+                    torch.tensor(float(x.shape[0]), device=device),
+                ]
+            ).double()
+            if accelerator.sync_gradients and state["opt_step"] % cfg.train.log_every_steps == 0:
+                loss = accelerator.reduce(terms.neg_elbo.detach().mean(), "mean").item()
+                progress.set_postfix(neg_elbo=f"{loss:.2f}")
+                accelerator.log(
+                    {
+                        "train/step_neg_elbo": loss,
+                        "train/kl_weight": beta,
+                        "train/lr": optimizer.param_groups[0]["lr"],
+                        "global_step": state["opt_step"],
+                        "epoch": epoch,
+                    },
+                    step=state["opt_step"],
+                )
+            every = cfg.train.checkpoint_every_steps
+            if (
+                every
+                and accelerator.sync_gradients
+                and state["opt_step"] % every == 0
+                and i + 1 < steps
+            ):
+                save(epoch, i + 1)
+        epoch_time = time.perf_counter() - t0
+
+        totals = accelerator.reduce(sums, reduction="sum")
+        n = totals[3].item()
+        metrics: dict[str, Any] = {
+            "epoch": epoch,
+            "global_step": state["opt_step"],
+            "train/neg_elbo": totals[0].item() / n,
+            "train/recon": totals[1].item() / n,
+            "train/kl": totals[2].item() / n,
+            "train/num_samples": n,
+            "train/bad_steps": state["bad_steps"],
+            "train/skipped_samples": state["skipped_samples"],
+            "time/epoch_s": epoch_time,
+            "throughput/train_img_per_s": n / max(epoch_time, 1e-9),
+        }
+        if epoch % cfg.eval.every_epochs == 0 or epoch == cfg.train.epochs:
+            for name in ("val", "test"):
+                if name in splits:
+                    metrics.update(
+                        evaluate_split(
+                            accelerator, core, splits[name], cfg.run.seed, cfg.data.binarize
+                        )
+                    )
+        if main:
+            with open(run_dir / METRICS_FILE, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            accelerator.print(
+                f"epoch {epoch}: train/neg_elbo {metrics['train/neg_elbo']:.2f}  "
+                f"{summarize({k: v for k, v in metrics.items() if 'train' not in k})}"
+                f"  ({epoch_time:.1f}s)"
+            )
+            if epoch in cfg.eval.picture_epochs or epoch == cfg.train.epochs:
+                _pictures(accelerator, core, picture_inputs, epoch, run_dir, cfg, state["opt_step"])
+        accelerator.log(metrics, step=state["opt_step"])
+        save(epoch + 1, 0)
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def _optimizer_step(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: Config,
+    state: dict[str, Any],
+    total_opt_steps: int,
+) -> None:
+    """Clip, then step, unless the gradients are non-finite (then skip and count).
+
+    The gradient norm is computed after DDP's all-reduce, so every rank makes the same
+    decision. Under fp16 the grad scaler owns overflow handling; we only count its skips.
+    """
+    max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    if accelerator.scaler is None and not torch.isfinite(grad_norm):
+        skipped = True
+    else:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(state["opt_step"], cfg, total_opt_steps)
+        optimizer.step()
+        skipped = bool(optimizer.step_was_skipped)
+    optimizer.zero_grad(set_to_none=True)
+    if skipped:
+        state["bad_steps"] += 1
+        state["consecutive_bad"] += 1
+        if state["consecutive_bad"] >= cfg.train.max_bad_steps:
+            raise TrainingDiverged(
+                f"{state['consecutive_bad']} optimizer steps in a row had non-finite loss or "
+                f"gradients (train.max_bad_steps={cfg.train.max_bad_steps}); stopping. The "
+                f"last good checkpoint is kept in {cfg.run_dir / 'checkpoints'}; try a lower "
+                f"train.lr, train.grad_clip, or bf16 instead of fp16."
+            )
+    else:
+        state["consecutive_bad"] = 0
+        state["opt_step"] += 1
+
+
+def _pictures(
+    accelerator: Accelerator,
+    model: Any,
+    inputs: torch.Tensor | None,
+    epoch: int,
+    run_dir: Path,
+    cfg: Config,
+    step: int,
+) -> None:
+    model.eval()
+    images = {}
+    with torch.no_grad(), accelerator.autocast():
+        if inputs is not None:
+            x = prepare_inputs(inputs, accelerator.device, "none")
+            grid = pictures.recon_grid(x, model.reconstruct(x))
+            images["recon"] = pictures.save_grid(grid, run_dir / f"recon_epoch{epoch:03d}.png")
+        gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, "samples"))
+        grid = pictures.sample_grid(model.sample(cfg.eval.num_samples, gen))
+        images["samples"] = pictures.save_grid(grid, run_dir / f"samples_epoch{epoch:03d}.png")
+    if accelerator.trackers:
+        from PIL import Image
+
+        accelerator.get_tracker("wandb").log_images(
+            {f"pictures/{k}": [Image.open(p)] for k, p in images.items()}, step=step
+        )
