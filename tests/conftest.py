@@ -70,6 +70,10 @@ def tiny_frey_config(shards: Path, run_dir: Path, *overrides: str):
             "model.base_channels=8",
             "model.latent_dim=8",
             "train.epochs=2",
+            # Pinned so tests do not follow the shipped config's tuning.
+            "data.batch_size=100",
+            "loss.kl_warmup_steps=0",
+            "model.activation=relu",
             "eval.picture_epochs=[1]",
             "wandb.mode=disabled",
             *overrides,

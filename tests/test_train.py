@@ -2,8 +2,8 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_frey_config
 
+from conftest import tiny_frey_config
 from vae_scale import checkpoint
 from vae_scale.config import ConfigError
 from vae_scale.train import TrainingDiverged, train

@@ -42,41 +42,60 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / TRAIN_STATE).write_text(json.dumps(train_state, indent=1))
-        files = {}
-        for path in sorted(tmp.iterdir()):
-            if path.is_file():
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
-                files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
-        with open(tmp / MANIFEST, "rb") as f:
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(ckpt_root)
-        for old in complete_checkpoints(ckpt_root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _finish(tmp, final, ckpt_root, step, train_state, keep)
+    except OSError as err:  # e.g. ENOSPC: the previous checkpoint stays the latest
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(ckpt_root)
+        raise OSError(
+            err.errno,
+            f"writing checkpoint {final} failed ({err}); the previous checkpoint "
+            f"{previous} is intact and `--resume auto` will use it",
+        ) from err
     accelerator.wait_for_everyone()
     return final
 
 
-def is_complete(path: Path) -> bool:
-    """A checkpoint folder whose manifest exists and whose files have the recorded sizes."""
-    manifest = path / MANIFEST
+def _finish(
+    tmp: Path, final: Path, ckpt_root: Path, step: int, train_state: dict[str, Any], keep: int
+) -> None:
+    """Main process: counters, manifest, fsync, then the atomic rename and pruning."""
+    (tmp / TRAIN_STATE).write_text(json.dumps(train_state, indent=1))
+    files = {}
+    for path in sorted(tmp.iterdir()):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+            files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+    with open(tmp / MANIFEST, "rb") as f:
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_root)
+    for old in complete_checkpoints(ckpt_root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def is_complete(path: Path, verify_hashes: bool = False) -> bool:
+    """A checkpoint folder whose manifest exists and whose files have the recorded sizes
+    (and sha256, when `verify_hashes`)."""
     try:
-        files = json.loads(manifest.read_text())["files"]
+        files = json.loads((path / MANIFEST).read_text())["files"]
     except (OSError, ValueError, KeyError):
         return False
-    return all(
-        (path / name).is_file() and (path / name).stat().st_size == meta["size"]
-        for name, meta in files.items()
-    )
+    for name, meta in files.items():
+        file = path / name
+        if not file.is_file() or file.stat().st_size != meta["size"]:
+            return False
+        if verify_hashes and sha256_file(file) != meta["sha256"]:
+            return False
+    return True
 
 
 def complete_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -92,9 +111,14 @@ def complete_checkpoints(ckpt_root: Path) -> list[Path]:
     return found
 
 
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    found = complete_checkpoints(ckpt_root)
-    return found[-1] if found else None
+def latest_checkpoint(ckpt_root: Path, verify_hashes: bool = False) -> Path | None:
+    """The newest complete checkpoint; with `verify_hashes`, the newest whose files all match
+    their manifest (a damaged newer one is skipped with a warning)."""
+    for path in reversed(complete_checkpoints(ckpt_root)):
+        if not verify_hashes or is_complete(path, verify_hashes=True):
+            return path
+        warnings.warn(f"skipping checkpoint {path}: a file does not match its sha256", stacklevel=2)
+    return None
 
 
 def read_train_state(path: Path) -> dict[str, Any]:

@@ -3,11 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from vae_scale.config import ConfigError
 from vae_scale.data.fetch import DataError
+from vae_scale.signals import TrainingInterrupted
+
+#: `accelerate launch` (torchrun) reports any failed process as exit status 1 and stops the
+#: others as soon as one exits. A job script that must tell "checkpointed after a stop signal,
+#: requeue me" (3) from a failure names a folder here; every process writes its own exit status
+#: into <folder>/rank<RANK> (slurm/train.sbatch reads them).
+EXIT_STATUS_DIR_ENV = "VAE_SCALE_EXIT_STATUS_DIR"
+
+# `shard` options of the image datasets (celeba, folder) only.
+IMAGE_OPTIONS = (
+    "--size",
+    "--crop",
+    "--workers",
+    "--name",
+    "--labels-from-subfolders",
+    "--task-index",
+    "--num-tasks",
+    "--merge-index",
+)
 
 
 def cmd_shard(args: argparse.Namespace) -> None:
@@ -16,6 +36,14 @@ def cmd_shard(args: argparse.Namespace) -> None:
     from vae_scale.data.sources import recipes, source_dir_for
 
     recipe = recipes()[args.dataset]
+    if recipe.collect is not None:  # image files: the parallel, resumable writer
+        from vae_scale.data.folder_sharder import shard_from_cli
+
+        shard_from_cli(args, recipe, resolve_data_root(args.data_root))
+        return
+    given = [opt for opt in IMAGE_OPTIONS if getattr(args, opt[2:].replace("-", "_"))]
+    if given:
+        raise DataError(f"{', '.join(given)}: only for image datasets (celeba, folder)")
     source = source_dir_for(args.dataset, resolve_data_root(args.data_root), args.source)
     data = recipe.prepare(source, seed=args.seed, download_ok=not args.no_download)
     out_dir = Path(args.out) / args.dataset
@@ -34,6 +62,123 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     run_dir = train(cfg, resume=args.resume)
     print(f"run folder: {run_dir}")
+
+
+def _log_pictures(run, paths: dict[str, Path]) -> None:
+    if run is not None:
+        import wandb
+
+        run.log({f"pictures/{k}": wandb.Image(str(p)) for k, p in paths.items()})
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Whole-split evaluation; under `accelerate launch` each sample is counted once."""
+    import json
+
+    import torch
+    from accelerate import Accelerator
+
+    from vae_scale import tracking
+    from vae_scale.data.loader import ShardSplit
+    from vae_scale.evaluate import full_evaluation
+    from vae_scale.runs import load_run
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    try:
+        run = load_run(args.run_dir, args.checkpoint, accelerator.device)
+        cfg = run.cfg
+        data = ShardSplit(
+            Path(cfg.data.shards_dir) / cfg.data.dataset,
+            args.split,
+            batch_size=args.batch_size,
+            world_size=accelerator.num_processes,
+            rank=accelerator.process_index,
+            verify=cfg.data.verify_shards,
+        )
+        metrics = full_evaluation(
+            accelerator,
+            run.model,
+            data,
+            cfg.run.seed,
+            cfg.data.binarize,
+            cfg.loss.likelihood,
+            args.iw_samples,
+        )
+        metrics.update({"checkpoint_step": run.opt_step, "iw_samples": args.iw_samples})
+        if accelerator.is_main_process:
+            out = run.run_dir / f"eval_{args.split}.json"
+            out.write_text(json.dumps(metrics, indent=1))
+            for key, value in metrics.items():
+                if not isinstance(value, list):
+                    print(
+                        f"{key:36s} {value:.4f}"
+                        if isinstance(value, float)
+                        else f"{key:36s} {value}"
+                    )
+            print(f"wrote {out}")
+            wandb_run = tracking.reopen_run(cfg, run.run_dir)
+            if wandb_run is not None:
+                wandb_run.summary.update(
+                    {k: v for k, v in metrics.items() if not isinstance(v, list)}
+                )
+                wandb_run.finish()
+        accelerator.wait_for_everyone()
+    finally:
+        accelerator.end_training()
+
+
+def cmd_pictures(args: argparse.Namespace) -> None:
+    """sample / reconstruct / traverse from a trained run."""
+    import torch
+
+    from vae_scale import pictures, tracking
+    from vae_scale.data.loader import ShardSplit, derive_seed
+    from vae_scale.evaluate import first_images, prepare_inputs
+    from vae_scale.runs import load_run
+
+    run = load_run(args.run_dir, args.checkpoint)
+    model, cfg = run.model, run.cfg
+    gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, "cli", args.command))
+
+    def test_images(n: int) -> torch.Tensor:
+        data = ShardSplit(
+            Path(cfg.data.shards_dir) / cfg.data.dataset, args.split, batch_size=max(n, 1)
+        )
+        return prepare_inputs(first_images(data, n), "cpu", "none")
+
+    with torch.no_grad():
+        if args.command == "sample":
+            z = torch.randn((args.n, *model.latent_shape), generator=gen) * args.temperature
+            grid = pictures.sample_grid(model.likelihood.mean(model.decode(z)))
+            path = run.run_dir / f"sample_t{args.temperature:g}_n{args.n}.png"
+        elif args.command == "reconstruct":
+            x = test_images(args.n)
+            grid = pictures.recon_grid(x, model.reconstruct(x))
+            path = run.run_dir / f"reconstruct_{args.split}_n{args.n}.png"
+        else:  # traverse
+            dims = int(torch.tensor(model.latent_shape).prod())
+            if not 0 <= args.dim < dims:
+                raise ConfigError(f"--dim: expected 0..{dims - 1}, got {args.dim}")
+            mu, _ = model.encode(test_images(args.rows))
+            values = torch.linspace(-args.range, args.range, args.steps)
+            z = mu.flatten(1).repeat_interleave(args.steps, 0)
+            z[:, args.dim] = values.repeat(args.rows)
+            images = model.likelihood.mean(model.decode(z.view(-1, *model.latent_shape)))
+            grid = pictures.sample_grid(images, nrow=args.steps)
+            path = run.run_dir / f"traverse_dim{args.dim}.png"
+    pictures.save_grid(grid, path)
+    print(f"wrote {path}")
+    wandb_run = tracking.reopen_run(cfg, run.run_dir)
+    _log_pictures(wandb_run, {args.command: path})
+    if wandb_run is not None:
+        wandb_run.finish()
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from vae_scale.compare import compare_runs
+
+    out = compare_runs([Path(r) for r in args.run_dirs], Path(args.out), args.metric)
+    print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +202,23 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split")
     shard.add_argument("--force", action="store_true", help="rebuild even if up to date")
     shard.add_argument("--no-download", action="store_true", help="never use the network")
+    images = shard.add_argument_group("image datasets (celeba, folder)")
+    images.add_argument("--size", type=int, help="output images are SIZE x SIZE (default 64)")
+    images.add_argument(
+        "--crop",
+        help="centre square crop before resizing: 'square' (largest), a fraction of the width "
+        "like 148/178 (celeba's default) or 0.8, or pixels like 148 (folder default: square)",
+    )
+    images.add_argument("--workers", type=int, help="writer processes (default: all CPUs)")
+    images.add_argument("--name", help="shards go to OUT/NAME (folder default: its name)")
+    images.add_argument(
+        "--labels-from-subfolders", action="store_true", help="class = first sub-folder name"
+    )
+    images.add_argument("--task-index", type=int, help="this task's slice (SLURM array)")
+    images.add_argument("--num-tasks", type=int, help="number of slices (SLURM array)")
+    images.add_argument(
+        "--merge-index", action="store_true", help="after all tasks: check shards, write index"
+    )
     shard.set_defaults(func=cmd_shard)
 
     tr = sub.add_parser("train", help="train a config (works under `accelerate launch`)")
@@ -70,7 +232,56 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint folder",
     )
     tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a run on a split (works under accelerate "
+        "launch): neg. ELBO, IWAE NLL, bits/dim, active units, KL per dim",
+    )
+    ev.add_argument("run_dir")
+    ev.add_argument("--split", default="test")
+    ev.add_argument(
+        "--iw-samples",
+        type=int,
+        default=1000,
+        help="K of the importance-weighted bound (0: skip; the MNIST literature uses 5000)",
+    )
+    ev.add_argument("--batch-size", type=int, default=100)
+    ev.add_argument("--checkpoint", help="checkpoint folder (default: the latest complete)")
+    ev.set_defaults(func=cmd_eval)
+
+    for name, text in (
+        ("sample", "decode z ~ N(0, t^2 I) into a grid"),
+        ("reconstruct", "originals | reconstructions of the first test images"),
+        ("traverse", "vary one latent dimension around test images' means"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("run_dir")
+        p.add_argument("--checkpoint", help="checkpoint folder (default: the latest complete)")
+        p.add_argument("--split", default="test")
+        p.add_argument("--n", type=int, default=64 if name == "sample" else 8)
+        p.add_argument("--temperature", type=float, default=1.0)
+        p.add_argument("--dim", type=int, default=0)
+        p.add_argument("--rows", type=int, default=4)
+        p.add_argument("--steps", type=int, default=9)
+        p.add_argument("--range", type=float, default=3.0)
+        p.set_defaults(func=cmd_pictures)
+
+    cmp_ = sub.add_parser("compare", help="markdown table + loss-curve plot of several runs")
+    cmp_.add_argument("run_dirs", nargs="+")
+    cmp_.add_argument("--out", default="report.md")
+    cmp_.add_argument("--metric", default="neg_elbo")
+    cmp_.set_defaults(func=cmd_compare)
     return parser
+
+
+def _record_exit_status(code: int) -> int:
+    """Write `code` to $VAE_SCALE_EXIT_STATUS_DIR/rank<RANK> (when set), then return it."""
+    folder = os.environ.get(EXIT_STATUS_DIR_ENV)
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f"rank{os.environ.get('RANK', '0')}").write_text(f"{code}\n")
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,8 +290,11 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return _record_exit_status(2)
+    except TrainingInterrupted as err:
+        print(f"interrupted: {err}", file=sys.stderr)
+        return _record_exit_status(err.exit_code)
+    return _record_exit_status(0)
 
 
 if __name__ == "__main__":

@@ -1,78 +1,211 @@
-"""Evaluation over a whole split: every sample counted once across all processes."""
+"""Evaluation over a whole split: every sample counted once across all processes.
+
+Noise (reparameterization, importance samples, dynamic binarization) is drawn from a generator
+per sample, seeded by (run seed, sample key): a model gives the same numbers on 1 process or N,
+whatever the batch size and shard order.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 
 from vae_scale.data.loader import ShardSplit, derive_seed, images_to_float
-from vae_scale.losses import bits_per_dim, neg_elbo
+from vae_scale.losses import bits_per_dim, kl_normal_standard, neg_elbo
 from vae_scale.models import VAE
 
 
 def prepare_inputs(
     images: torch.Tensor,
-    device: torch.device,
+    device: torch.device | str,
     binarize: str,
-    generator: torch.Generator | None = None,
+    generators: list[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """uint8 batch -> float in [0, 1] on device; dynamic binarization samples x ~ Bernoulli."""
+    """uint8 batch -> float in [0, 1] on device; dynamic binarization samples x ~ Bernoulli
+    (from the global RNG, or from one generator per sample)."""
     x = images_to_float(images, device)
     if binarize == "dynamic":
-        if generator is None:
+        if generators is None:
             x = torch.bernoulli(x)
-        else:  # CPU generator: the same binary images on any device
-            x = torch.bernoulli(x.cpu(), generator=generator).to(device)
+        else:
+            x = torch.stack(
+                [
+                    torch.bernoulli(xi.cpu(), generator=g)
+                    for xi, g in zip(x, generators, strict=True)
+                ]
+            ).to(device)
     return x
 
 
-@torch.no_grad()
-def evaluate_split(
-    accelerator: Accelerator, model: VAE, data: ShardSplit, seed: int, binarize: str = "none"
-) -> dict[str, float]:
-    """Mean negative ELBO, recon and KL (nats per image) over all of `data`'s split.
+NOISE_BLOCK = 16
 
-    The noise is drawn from generators seeded by (seed, split, rank), so a given model and
-    world size always give the same numbers. `model` is the unwrapped module: evaluation runs
-    no collective until the final reduction, so ranks with fewer samples never block.
+
+class SampleNoise:
+    """One generator per sample of a batch, seeded by (seed, tag, key)."""
+
+    def __init__(self, keys: list[str], seed: int, tag: str):
+        self.generators = [
+            torch.Generator().manual_seed(derive_seed(seed, tag, key)) for key in keys
+        ]
+
+    def normal(self, shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
+        """(B, *shape) standard normal draws, row b from sample b's generator."""
+        return torch.stack([torch.randn(shape, generator=g) for g in self.generators]).to(device)
+
+    def normal_blocks(
+        self, count: int, shape: tuple[int, ...], device: torch.device | str
+    ) -> torch.Tensor:
+        """(B, count, *shape) draws made in fixed blocks of NOISE_BLOCK, so the values do not
+        depend on how a caller splits its draws (as long as it splits at block multiples)."""
+        blocks = -(-count // NOISE_BLOCK)
+        return torch.stack(
+            [
+                torch.cat([torch.randn((NOISE_BLOCK, *shape), generator=g) for _ in range(blocks)])
+                for g in self.generators
+            ]
+        )[:, :count].to(device)
+
+
+def likelihood_convention(likelihood: str, binarize: str) -> str:
+    """Names the data/likelihood convention in metric keys, so unlike numbers never mix."""
+    if likelihood == "bernoulli":
+        return "bce_binarized" if binarize == "dynamic" else "bce_grey"
+    return likelihood
+
+
+@torch.no_grad()
+def iwae_nll(
+    model: VAE, x: torch.Tensor, k: int, noise: SampleNoise, max_decode: int = 4096
+) -> torch.Tensor:
+    """Importance-weighted bound on -log p(x) per image (Burda et al. 2016), shape (B,).
+
+    log p(x) >= log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x), z_k ~ q(z|x); the K samples are
+    decoded in chunks of at most `max_decode` images and combined with a running logsumexp, so
+    K = 5000 fits in memory. Densities are float32.
     """
+    mu, logvar = model.encode(x)
+    mu, std = mu.float(), torch.exp(0.5 * logvar.float())
+    batch = x.shape[0]
+    chunk = max(NOISE_BLOCK, max_decode // batch // NOISE_BLOCK * NOISE_BLOCK)
+    prior = torch.distributions.Normal(0.0, 1.0)
+    posterior = torch.distributions.Normal(mu, std)
+    acc = torch.full((batch,), float("-inf"), device=x.device)
+    for start in range(0, k, chunk):
+        n = min(chunk, k - start)
+        eps = noise.normal_blocks(n, tuple(mu.shape[1:]), x.device).transpose(0, 1)
+        z = mu + eps * std
+        params = model.decode(z.flatten(0, 1).to(mu.dtype))
+        log_px = -model.likelihood.nll(params, x.repeat(n, *([1] * (x.dim() - 1))))
+        log_w = (
+            log_px.view(n, batch)
+            + prior.log_prob(z).flatten(2).sum(2)
+            - posterior.log_prob(z).flatten(2).sum(2)
+        )
+        acc = torch.logaddexp(acc, torch.logsumexp(log_w, dim=0))
+    return -(acc - math.log(k))
+
+
+@torch.no_grad()
+def split_statistics(
+    accelerator: Accelerator,
+    model: VAE,
+    data: ShardSplit,
+    seed: int,
+    binarize: str,
+    iw_samples: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Sums over the whole split, reduced over processes: neg_elbo, recon, kl, iwae, count,
+    and per latent dimension the sums of E_q[z], E_q[z]^2 and KL."""
     model.eval()
     device = accelerator.device
-    gen = torch.Generator().manual_seed(
-        derive_seed(seed, "eval", data.split, accelerator.process_index)
-    )
-    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    dims = int(torch.tensor(model.latent_shape).prod())
+    sums = {
+        name: torch.zeros(size, dtype=torch.float64, device=device)
+        for name, size in (("terms", 5), ("mu", dims), ("mu_sq", dims), ("kl_dim", dims))
+    }
     for batch in data.eval_batches():
-        x = prepare_inputs(batch["image"], device, binarize, gen)
+        noise = SampleNoise(batch["key"], seed, f"eval/{data.split}")
+        x = prepare_inputs(batch["image"], device, binarize, noise.generators)
         with accelerator.autocast():
             mu, logvar = model.encode(x)
-            eps = torch.randn(mu.shape, generator=gen).to(device)
+            eps = noise.normal(tuple(mu.shape[1:]), device)
             x_params = model.decode(model.reparameterize(mu, logvar, eps))
+            iw = iwae_nll(model, x, iw_samples, noise) if iw_samples else torch.zeros(len(x))
         terms = neg_elbo(model.likelihood, x_params, x, mu, logvar)
-        totals += torch.stack(
+        sums["terms"] += torch.stack(
             [
                 terms.neg_elbo.sum(),
                 terms.recon.sum(),
                 terms.kl.sum(),
-                torch.tensor(float(x.shape[0]), device=device),
+                iw.to(device).sum(),
+                torch.tensor(float(len(x)), device=device),
             ]
         ).double()
-    totals = accelerator.reduce(totals, reduction="sum")
-    count = totals[3].item()
-    if count == 0:
+        mu_flat = mu.float().flatten(1).double()
+        sums["mu"] += mu_flat.sum(0)
+        sums["mu_sq"] += mu_flat.pow(2).sum(0)
+        sums["kl_dim"] += kl_normal_standard(mu, logvar).flatten(1).double().sum(0)
+    sums = {name: accelerator.reduce(t, reduction="sum") for name, t in sums.items()}
+    if sums["terms"][4].item() == 0:
         raise RuntimeError(f"split {data.split!r} produced no samples")
+    return sums
+
+
+def evaluate_split(
+    accelerator: Accelerator, model: VAE, data: ShardSplit, seed: int, binarize: str = "none"
+) -> dict[str, float]:
+    """Per-epoch metrics: mean negative ELBO, recon and KL (nats per image), bits/dim."""
+    terms = split_statistics(accelerator, model, data, seed, binarize)["terms"].tolist()
+    n, split = terms[4], data.split
     metrics = {
-        f"{data.split}/neg_elbo": totals[0].item() / count,
-        f"{data.split}/recon": totals[1].item() / count,
-        f"{data.split}/kl": totals[2].item() / count,
-        f"{data.split}/num_samples": count,
+        f"{split}/neg_elbo": terms[0] / n,
+        f"{split}/recon": terms[1] / n,
+        f"{split}/kl": terms[2] / n,
+        f"{split}/num_samples": n,
     }
     if model.likelihood.discrete_8bit:
         dims = int(torch.tensor(data.image_shape).prod())
-        metrics[f"{data.split}/bpd"] = bits_per_dim(metrics[f"{data.split}/neg_elbo"], dims)
+        metrics[f"{split}/bpd"] = bits_per_dim(metrics[f"{split}/neg_elbo"], dims)
     return metrics
+
+
+def full_evaluation(
+    accelerator: Accelerator,
+    model: VAE,
+    data: ShardSplit,
+    seed: int,
+    binarize: str,
+    likelihood: str,
+    iw_samples: int = 0,
+    active_threshold: float = 0.01,
+) -> dict[str, Any]:
+    """`vae-scale eval`: neg. ELBO (+ recon, KL), the IWAE NLL bound, bits/dim, active units
+    (Cov_x(E_q[z|x]) > threshold) and the per-dimension KL profile; names state conventions."""
+    sums = split_statistics(accelerator, model, data, seed, binarize, iw_samples)
+    terms = sums["terms"].tolist()
+    n, split = terms[4], data.split
+    conv = likelihood_convention(likelihood, binarize)
+    mu_var = sums["mu_sq"] / n - (sums["mu"] / n).pow(2)
+    out: dict[str, Any] = {
+        f"{split}/neg_elbo_{conv}": terms[0] / n,
+        f"{split}/recon_{conv}": terms[1] / n,
+        f"{split}/kl": terms[2] / n,
+        f"{split}/num_samples": int(n),
+        f"{split}/active_units": int((mu_var > active_threshold).sum().item()),
+        f"{split}/latent_dims": int(mu_var.numel()),
+        f"{split}/kl_per_dim": [round(v, 6) for v in (sums["kl_dim"] / n).tolist()],
+    }
+    if iw_samples:
+        out[f"{split}/nll_iw{iw_samples}_nats"] = terms[3] / n
+    if model.likelihood.discrete_8bit:
+        dims = int(torch.tensor(data.image_shape).prod())
+        out[f"{split}/bpd"] = bits_per_dim(terms[0] / n, dims)
+        if iw_samples:
+            out[f"{split}/bpd_iw{iw_samples}"] = bits_per_dim(terms[3] / n, dims)
+    return out
 
 
 def first_images(data: ShardSplit, n: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 
@@ -55,7 +56,147 @@ class Bernoulli(Likelihood):
         return torch.sigmoid(params.float())
 
 
-LIKELIHOODS: dict[str, type[Likelihood]] = {"bernoulli": Bernoulli}
+# ------------------------------------------------------------------ 8-bit pixel likelihoods
+#
+# Pixels are 8-bit: x = k / 255 for k in 0..255. These likelihoods work on y = 2x - 1 in
+# [-1, 1] (PixelCNN++'s convention), where level k sits at 2k/255 - 1 and owns the bin
+# y +- 1/255; pixel 0 owns (-inf, -1 + 1/255] and pixel 255 owns [1 - 1/255, inf). The
+# probability of the observed level is the continuous distribution's mass over its bin, so
+# -log p is a true discrete NLL and bits/dim is meaningful (`discrete_8bit = True`).
+
+BIN_HALF_WIDTH = 1.0 / 255.0  # in y units
+EDGE = 1.0 - BIN_HALF_WIDTH / 2  # |y| beyond this is pixel 0 or 255
+LOG_SCALE_MIN, LOG_SCALE_MAX = -7.0, 5.0  # in y units; exp(-7) is ~1/9 of a bin
+
+
+def to_signed(x: Tensor) -> Tensor:
+    """Pixels in [0, 1] -> y in [-1, 1], float32."""
+    return x.float() * 2.0 - 1.0
+
+
+def _log1mexp(d: Tensor) -> Tensor:
+    """log(1 - exp(-d)) for d > 0, accurate for small and large d."""
+    return torch.log(-torch.expm1(-d))
+
+
+def discretized_logistic_log_prob(y: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
+    """log P(level of y) under Logistic(mean, exp(log_scale)) binned to 8 bits (elementwise).
+
+    With u and l the standardized bin edges, F(u) - F(l) = sigmoid(u) * sigmoid(-l) *
+    (1 - exp(l - u)) exactly, so the log needs no subtraction of nearly equal numbers and no
+    fallback branch, in either tail.
+    """
+    inv_scale = torch.exp(-log_scale)
+    upper = inv_scale * (y - mean + BIN_HALF_WIDTH)
+    lower = inv_scale * (y - mean - BIN_HALF_WIDTH)
+    log_cdf_upper = F.logsigmoid(upper)  # log F(upper): all of pixel 0's mass
+    log_sf_lower = F.logsigmoid(-lower)  # log (1 - F(lower)): all of pixel 255's mass
+    log_mid = log_cdf_upper + log_sf_lower + _log1mexp(upper - lower)
+    return torch.where(y < -EDGE, log_cdf_upper, torch.where(y > EDGE, log_sf_lower, log_mid))
+
+
+def discretized_normal_log_prob(y: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
+    """log P(level of y) under Normal(mean, exp(log_scale)) binned to 8 bits (elementwise)."""
+    inv_scale = torch.exp(-log_scale)
+    upper = inv_scale * (y - mean + BIN_HALF_WIDTH)
+    lower = inv_scale * (y - mean - BIN_HALF_WIDTH)
+    log_cdf_upper = torch.special.log_ndtr(upper)
+    log_sf_lower = torch.special.log_ndtr(-lower)
+    # Mirror bins right of the mean into the left tail, where both CDF values are small and
+    # log Phi(b) - log Phi(a) keeps its precision: Phi(u) - Phi(l) = Phi(-l) - Phi(-u).
+    right = (upper + lower) > 0
+    b = torch.where(right, -lower, upper)
+    a = torch.where(right, -upper, lower)
+    log_b = torch.special.log_ndtr(b)
+    log_mid = log_b + _log1mexp(log_b - torch.special.log_ndtr(a))
+    return torch.where(y < -EDGE, log_cdf_upper, torch.where(y > EDGE, log_sf_lower, log_mid))
+
+
+def _signed_to_image(mean: Tensor) -> Tensor:
+    return (mean.float().clamp(-1.0, 1.0) + 1.0) / 2.0
+
+
+class DiscretizedGaussian(Likelihood):
+    """Normal(mean, sigma) on 8-bit bins; the decoder predicts the mean (C channels, y units),
+    sigma is a learned per-pixel parameter of the image's shape (not a function of z)."""
+
+    name = "gaussian"
+    discrete_8bit = True
+    INIT_LOG_SCALE = -2.0  # sigma = 0.14 in y units (~17 grey levels): a fair first guess
+
+    def __init__(self, image_shape: tuple[int, int, int]):
+        super().__init__(image_shape)
+        self.log_scale = nn.Parameter(torch.full(self.image_shape, self.INIT_LOG_SCALE))
+
+    def nll(self, params: Tensor, x: Tensor) -> Tensor:
+        with _no_autocast(params.device.type):
+            log_scale = self.log_scale.float().clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
+            log_p = discretized_normal_log_prob(to_signed(x), params.float(), log_scale)
+            return -log_p.flatten(1).sum(1)
+
+    def mean(self, params: Tensor) -> Tensor:
+        return _signed_to_image(params)
+
+
+class DiscretizedLogistic(Likelihood):
+    """Logistic(mean, scale) on 8-bit bins (PixelCNN++ / VDVAE style, one component): the
+    decoder predicts 2C channels per pixel, the means then the log-scales, in y units."""
+
+    name = "logistic"
+    discrete_8bit = True
+
+    def param_channels(self, channels: int) -> int:
+        return 2 * channels
+
+    def nll(self, params: Tensor, x: Tensor) -> Tensor:
+        with _no_autocast(params.device.type):
+            mean, log_scale = params.float().chunk(2, dim=1)
+            log_scale = log_scale.clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
+            log_p = discretized_logistic_log_prob(to_signed(x), mean, log_scale)
+            return -log_p.flatten(1).sum(1)
+
+    def mean(self, params: Tensor) -> Tensor:
+        return _signed_to_image(params.chunk(2, dim=1)[0])
+
+
+class DiscretizedLogisticMixture(Likelihood):
+    """A mixture of K discretized logistics per pixel and channel (channels independent given
+    z, unlike PixelCNN++'s channel coupling). The decoder predicts 3*K*C channels laid out
+    (part, component, channel) with part = mixture logits, means, log-scales."""
+
+    name = "logistic_mixture"
+    discrete_8bit = True
+
+    def __init__(self, image_shape: tuple[int, int, int], components: int = 5):
+        super().__init__(image_shape)
+        self.components = components
+
+    def param_channels(self, channels: int) -> int:
+        return 3 * self.components * channels
+
+    def _split(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        parts = rearrange(params.float(), "b (p k c) h w -> p b k c h w", p=3, k=self.components)
+        return parts[0], parts[1], parts[2].clamp(LOG_SCALE_MIN, LOG_SCALE_MAX)
+
+    def nll(self, params: Tensor, x: Tensor) -> Tensor:
+        with _no_autocast(params.device.type):
+            logits, means, log_scales = self._split(params)
+            y = to_signed(x).unsqueeze(1)  # broadcast over components
+            log_p = discretized_logistic_log_prob(y, means, log_scales)
+            log_p = torch.logsumexp(torch.log_softmax(logits, dim=1) + log_p, dim=1)
+            return -log_p.flatten(1).sum(1)
+
+    def mean(self, params: Tensor) -> Tensor:
+        logits, means, _ = self._split(params)
+        return _signed_to_image((torch.softmax(logits, dim=1) * means).sum(1))
+
+
+LIKELIHOODS: dict[str, type[Likelihood]] = {
+    "bernoulli": Bernoulli,
+    "gaussian": DiscretizedGaussian,
+    "logistic": DiscretizedLogistic,
+    "logistic_mixture": DiscretizedLogisticMixture,
+}
 
 
 def build_likelihood(name: str, image_shape: tuple[int, int, int]) -> Likelihood:

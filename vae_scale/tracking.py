@@ -80,3 +80,16 @@ def init_kwargs(cfg: Any, run_dir: Path, mode: str, tags: list[str]) -> dict[str
             "tags": sorted(set(cfg.wandb.tags) | set(tags)),
         }
     }
+
+
+def reopen_run(cfg: Any, run_dir: Path) -> Any:
+    """The run's W&B run, reopened (same id, resume='allow') to add pictures and summary
+    metrics after training; None when W&B is disabled."""
+    mode = resolve_mode(cfg.wandb.mode)
+    if mode == "disabled":
+        return None
+    import wandb
+
+    kwargs = init_kwargs(cfg, run_dir, mode, [])["wandb"]
+    kwargs.pop("tags")
+    return wandb.init(project=cfg.wandb.project, **kwargs)

@@ -20,8 +20,10 @@ from vae_scale.data.loader import ShardSplit, derive_seed
 from vae_scale.evaluate import evaluate_split, first_images, prepare_inputs, summarize
 from vae_scale.losses import build_likelihood, kl_weight, neg_elbo
 from vae_scale.models import build_model
+from vae_scale.signals import StopFlag, TrainingInterrupted
 
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = "metrics.jsonl"  # one row per epoch
+STEPS_FILE = "steps.jsonl"  # one row every train.log_every_steps optimizer steps
 
 
 class TrainingDiverged(RuntimeError):
@@ -88,7 +90,8 @@ def train(cfg: Config, resume: str = "auto") -> Path:
     wandb_mode = tracking.resolve_mode(cfg.wandb.mode)
     accelerator = make_accelerator(cfg, wandb_mode)
     try:
-        return _train(cfg, accelerator, run_dir, wandb_mode, resume)
+        with StopFlag() as stop:
+            return _train(cfg, accelerator, run_dir, wandb_mode, resume, stop)
     finally:
         # A clean process-group teardown, also on errors (rank 0 otherwise may abort); then
         # forget Accelerate's process-wide singletons so another train() call in this process
@@ -108,17 +111,40 @@ def _find_resume_point(run_dir: Path, resume: str) -> Path | None:
             )
         return None
     if resume == "auto":
-        return checkpoint.latest_checkpoint(ckpt_root)
+        return checkpoint.latest_checkpoint(ckpt_root, verify_hashes=True)
     path = Path(resume)
-    if not checkpoint.is_complete(path):
+    if not checkpoint.is_complete(path, verify_hashes=True):
         raise ConfigError(
             f"--resume {path}: not a complete checkpoint folder (no valid {checkpoint.MANIFEST})"
         )
     return path
 
 
+def _truncate_logs(run_dir: Path, opt_step: int) -> None:
+    """Drop log rows written after the checkpoint we resume from (they will be redone)."""
+    for name in (METRICS_FILE, STEPS_FILE):
+        path = run_dir / name
+        if path.is_file():
+            rows = path.read_text().splitlines()
+            kept = [r for r in rows if r and json.loads(r)["global_step"] <= opt_step]
+            path.write_text("".join(r + "\n" for r in kept))
+
+
+def _stop_requested(accelerator: Accelerator, stop: StopFlag) -> bool:
+    """True on every rank when any rank received a stop signal."""
+    flag = float(stop.received is not None)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(torch.tensor(flag, device=accelerator.device), "max").item()
+    return flag > 0
+
+
 def _train(
-    cfg: Config, accelerator: Accelerator, run_dir: Path, wandb_mode: str, resume: str
+    cfg: Config,
+    accelerator: Accelerator,
+    run_dir: Path,
+    wandb_mode: str,
+    resume: str,
+    stop: StopFlag,
 ) -> Path:
     main = accelerator.is_main_process
     if main:
@@ -156,17 +182,22 @@ def _train(
         )
     total_opt_steps = sum(steps_in.values()) // accum
 
-    state = {
+    # What a resumed run needs beyond model/optimizer/scaler/RNG (save_state keeps those);
+    # `epoch_sums`: the current epoch's metric sums so far, summed over ranks.
+    state: dict[str, Any] = {
         "epoch": 1,
         "batch_in_epoch": 0,
         "opt_step": 0,
         "bad_steps": 0,
         "consecutive_bad": 0,
         "skipped_samples": 0,
+        "epoch_sums": [0.0] * 4,
     }
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         state.update(checkpoint.read_train_state(resume_from))
+        if main:
+            _truncate_logs(run_dir, state["opt_step"])
         accelerator.print(
             f"resumed from {resume_from} (epoch {state['epoch']}, batch "
             f"{state['batch_in_epoch']}, step {state['opt_step']})"
@@ -205,8 +236,11 @@ def _train(
         picture_inputs = first_images(splits["test"], cfg.eval.recon_rows)
     ckpt_root = run_dir / "checkpoints"
 
-    def save(epoch: int, batch_in_epoch: int) -> None:
-        state.update(epoch=epoch, batch_in_epoch=batch_in_epoch)
+    def save(epoch: int, batch_in_epoch: int, sums: torch.Tensor | None = None) -> None:
+        epoch_sums = [0.0] * 4
+        if sums is not None:  # mid-epoch: keep what the epoch's metrics have summed so far
+            epoch_sums = accelerator.reduce(sums.clone(), reduction="sum").tolist()
+        state.update(epoch=epoch, batch_in_epoch=batch_in_epoch, epoch_sums=epoch_sums)
         checkpoint.save_checkpoint(
             accelerator, ckpt_root, state["opt_step"], dict(state), cfg.train.keep_checkpoints
         )
@@ -219,6 +253,8 @@ def _train(
             torch.manual_seed(derive_seed(cfg.run.seed, "noise", epoch, accelerator.process_index))
         model.train()
         sums = torch.zeros(4, dtype=torch.float64, device=device)
+        if start > 0 and main:  # resumed mid-epoch: the global sums of the earlier batches
+            sums += torch.tensor(state["epoch_sums"], dtype=torch.float64, device=device)
         steps = steps_in[epoch]
         t0 = time.perf_counter()
         batches = train_data.train_batches(epoch, start)
@@ -256,27 +292,32 @@ def _train(
                     torch.tensor(float(x.shape[0]), device=device),
                 ]
             ).double()
-            if accelerator.sync_gradients and state["opt_step"] % cfg.train.log_every_steps == 0:
+            if not accelerator.sync_gradients:
+                continue
+            if state["opt_step"] % cfg.train.log_every_steps == 0:
                 loss = accelerator.reduce(terms.neg_elbo.detach().mean(), "mean").item()
                 progress.set_postfix(neg_elbo=f"{loss:.2f}")
-                accelerator.log(
-                    {
-                        "train/step_neg_elbo": loss,
-                        "train/kl_weight": beta,
-                        "train/lr": optimizer.param_groups[0]["lr"],
-                        "global_step": state["opt_step"],
-                        "epoch": epoch,
-                    },
-                    step=state["opt_step"],
-                )
-            every = cfg.train.checkpoint_every_steps
-            if (
-                every
-                and accelerator.sync_gradients
-                and state["opt_step"] % every == 0
-                and i + 1 < steps
-            ):
-                save(epoch, i + 1)
+                row = {
+                    "global_step": state["opt_step"],
+                    "epoch": epoch,
+                    "train/step_neg_elbo": loss,
+                    "train/kl_weight": beta,
+                    "train/lr": optimizer.param_groups[0]["lr"],
+                }
+                if main:
+                    with open(run_dir / STEPS_FILE, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                accelerator.log(row, step=state["opt_step"])
+            if i + 1 < steps:
+                if _stop_requested(accelerator, stop):
+                    save(epoch, i + 1, sums)
+                    raise TrainingInterrupted(
+                        f"stop signal received: checkpointed at step {state['opt_step']} "
+                        f"(epoch {epoch}, batch {i + 1}); run the same command to resume"
+                    )
+                every = cfg.train.checkpoint_every_steps
+                if every and state["opt_step"] % every == 0:
+                    save(epoch, i + 1, sums)
         epoch_time = time.perf_counter() - t0
 
         totals = accelerator.reduce(sums, reduction="sum")
@@ -310,9 +351,23 @@ def _train(
                 f"  ({epoch_time:.1f}s)"
             )
             if epoch in cfg.eval.picture_epochs or epoch == cfg.train.epochs:
-                _pictures(accelerator, core, picture_inputs, epoch, run_dir, cfg, state["opt_step"])
+                _pictures(
+                    accelerator,
+                    core,
+                    picture_inputs,
+                    epoch,
+                    run_dir,
+                    cfg,
+                    state["opt_step"],
+                    splits.get("test"),
+                )
         accelerator.log(metrics, step=state["opt_step"])
         save(epoch + 1, 0)
+        if epoch < cfg.train.epochs and _stop_requested(accelerator, stop):
+            raise TrainingInterrupted(
+                f"stop signal received: checkpointed at the end of epoch {epoch}; run the "
+                f"same command to resume"
+            )
     accelerator.wait_for_everyone()
     return run_dir
 
@@ -363,6 +418,7 @@ def _pictures(
     run_dir: Path,
     cfg: Config,
     step: int,
+    test_split: ShardSplit | None = None,
 ) -> None:
     model.eval()
     images = {}
@@ -374,6 +430,8 @@ def _pictures(
         gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, "samples"))
         grid = pictures.sample_grid(model.sample(cfg.eval.num_samples, gen))
         images["samples"] = pictures.save_grid(grid, run_dir / f"samples_epoch{epoch:03d}.png")
+        # 2-D latents only: the latent manifold and the test set's posterior means by label
+        images.update(pictures.latent_pictures(model, test_split, run_dir, epoch))
     if accelerator.trackers:
         from PIL import Image
 

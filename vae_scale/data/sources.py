@@ -38,16 +38,26 @@ def seeded_split(count: int, sizes: dict[str, int], seed: int) -> dict[str, np.n
 class DatasetRecipe:
     """How `vae-scale shard NAME` finds and converts a dataset."""
 
-    prepare: Callable[..., SourceData]  # (source_dir, seed, download_ok) -> SourceData
-    default_subdir: str  # default --source: <data root>/<default_subdir>
+    prepare: Callable[..., SourceData] | None  # (source_dir, seed, download_ok) -> SourceData
+    default_subdir: str  # default --source: <data root>/<default_subdir> ("": --source needed)
     default_shard_size: int
+    # Image-file datasets go to the parallel, resumable writer (data/folder_sharder.py)
+    # instead: (source_dir, seed, labels_from_subfolders) -> folder_sharder.ImageCollection.
+    collect: Callable[..., Any] | None = None
 
 
 def recipes() -> dict[str, DatasetRecipe]:
-    from vae_scale.data import frey
+    from vae_scale.data import celeba, cifar10, folder, frey, mnist
 
     return {
         "frey": DatasetRecipe(frey.prepare, "freyface", default_shard_size=128),
+        # 800 per shard: 69 train shards, enough for 8 processes x 8 loader workers.
+        "mnist": DatasetRecipe(mnist.prepare, "mnist", default_shard_size=800),
+        # 500 per shard: 90 train shards for the full 45,000, enough for 64+ GPU workers.
+        "cifar10": DatasetRecipe(cifar10.prepare, "cifar10", default_shard_size=500),
+        # 1000 per shard (~14 MB at 64x64): 163 train shards for the full 162,770.
+        "celeba": DatasetRecipe(None, "celeba", 1000, collect=celeba.collect),
+        "folder": DatasetRecipe(None, "", 1000, collect=folder.collect),
     }
 
 

@@ -1,0 +1,330 @@
+"""DDP proven correct through the real `accelerate launch` command: 2 gloo processes on the CPU.
+
+Three launches, shared by the tests below:
+- tests/ddp_probe.py: the package's loader, model, loss and Accelerator on 2 ranks, recording
+  the keys each rank read and its parameters after one epoch of steps;
+- `vae-scale train` under tests/launch_audit.py: the real trainer with W&B offline, recording
+  which process wrote which file;
+- `vae-scale train` with more loader workers than shards: a clear error, not a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from vae_scale.data.loader import ShardSplit, epoch_shard_order
+from vae_scale.data.shards import load_index, write_dataset
+from vae_scale.data.sources import SourceData
+
+CPU_2PROC = REPO / "launch" / "cpu_2proc.yaml"
+SEED = 0
+BATCH = 50  # per process
+SHARD_SIZE = 50  # Frey: 35 full train shards + one of 15; val and test 2 shards each
+EVEN_COUNTS = (8, 40)  # toy data: 8 shards x 40 samples
+EVEN_BATCH = 20
+LAUNCH_TIMEOUT_S = 240
+
+
+def accelerate_command() -> list[str]:
+    beside = Path(sys.executable).with_name("accelerate")
+    return [str(beside) if beside.is_file() else shutil.which("accelerate") or "accelerate"]
+
+
+def launch(args: list[str], home: Path, timeout: float = LAUNCH_TIMEOUT_S):
+    """`accelerate launch --config_file launch/cpu_2proc.yaml ARGS` from the repo root."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_"))}
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
+        HOME=str(home),  # W&B's ~/.cache and ~/.config stay out of the user's home
+        WANDB_SILENT="true",
+    )
+    home.mkdir(parents=True, exist_ok=True)
+    cmd = [*accelerate_command(), "launch", "--config_file", str(CPU_2PROC), *args]
+    return subprocess.run(
+        cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def explain(proc: subprocess.CompletedProcess) -> str:
+    out, err = proc.stdout[-3000:], proc.stderr[-5000:]
+    return f"exit {proc.returncode}\n--- stdout\n{out}\n--- stderr\n{err}"
+
+
+def shard_keys(shard_dir: Path, split: str) -> dict[str, list[str]]:
+    """shard file name -> sample keys, read straight from the tar files."""
+    out = {}
+    for entry in load_index(shard_dir)["splits"][split]["shards"]:
+        with tarfile.open(shard_dir / entry["name"]) as tar:
+            names = [m.name.split(".", 1)[0] for m in tar.getmembers()]
+        out[entry["name"]] = list(dict.fromkeys(names))
+    return out
+
+
+def rank_shards(shard_dir: Path, split: str, epoch: int, world: int) -> list[list[str]]:
+    """[rank] -> shard names: split_by_node takes every world-th shard of the epoch's order."""
+    split_data = ShardSplit(shard_dir, split, batch_size=1, shuffle=True, seed=SEED)
+    order = epoch_shard_order(split_data.shards, SEED, epoch, shuffle=True)
+    return [[s["name"] for s in order[rank::world]] for rank in range(world)]
+
+
+@pytest.fixture(scope="module")
+def ddp_shards(frey_source, tmp_path_factory) -> Path:
+    """shards/ with frey/ in small shards (each rank gets part of val) and toy/ (even)."""
+    from vae_scale.data import frey
+
+    out = tmp_path_factory.mktemp("ddp_shards")
+    write_dataset(frey.prepare(frey_source, seed=0, download_ok=False), out / "frey", SHARD_SIZE)
+    num_shards, per_shard = EVEN_COUNTS
+    samples = [
+        {"__key__": f"toy_{i:04d}", "npy": np.full((4, 4, 1), i % 256, np.uint8)}
+        for i in range(num_shards * per_shard)
+    ]
+    toy = SourceData("toy", (1, 4, 4), {"train": samples}, source={"synthetic": True})
+    write_dataset(toy, out / "toy", shard_size=per_shard)
+    return out
+
+
+@pytest.fixture(scope="module")
+def probe(ddp_shards, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("probe")
+    proc = launch(
+        [
+            "tests/ddp_probe.py",
+            f"--shards={ddp_shards / 'frey'}",
+            f"--even-shards={ddp_shards / 'toy'}",
+            f"--out={out}",
+            f"--batch-size={BATCH}",
+            f"--even-batch-size={EVEN_BATCH}",
+            f"--seed={SEED}",
+        ],
+        home=out / "home",
+    )
+    assert proc.returncode == 0, explain(proc)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    params = [torch.load(out / f"params_rank{r}.pt") for r in range(2)]
+    return {"ranks": ranks, "params": params}
+
+
+@pytest.fixture(scope="module")
+def cli_run(ddp_shards, tmp_path_factory) -> dict:
+    base = tmp_path_factory.mktemp("cli")
+    audit = base / "audit"
+    audit.mkdir()
+    proc = launch(
+        [
+            "tests/launch_audit.py",
+            str(audit),
+            "train",
+            "configs/frey_conv.yaml",
+            f"data.shards_dir={ddp_shards}",
+            f"run.dir={base / 'runs'}",
+            "run.name=ddp",
+            "model.base_channels=4",
+            "model.latent_dim=4",
+            f"data.batch_size={BATCH}",
+            "data.shuffle_buffer=200",
+            "train.epochs=1",
+            "wandb.mode=offline",
+        ],
+        home=base / "home",
+    )
+    assert proc.returncode == 0, explain(proc)
+    audits = {}
+    for path in audit.glob("audit_rank*.json"):
+        record = json.loads(path.read_text())
+        audits[record["rank"]] = record
+    return {"run_dir": base / "runs" / "ddp", "audits": audits}
+
+
+def test_two_distinct_gloo_ranks(probe, cli_run):
+    ranks = probe["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    for r in ranks:
+        assert r["num_processes"] == 2 and r["backend"] == "gloo"
+        assert (r["env_rank"], r["env_world_size"]) == (str(r["rank"]), "2")
+    audits = cli_run["audits"]
+    assert sorted(audits) == [0, 1]
+    assert all(a["num_processes"] == 2 and a["exit_status"] == 0 for a in audits.values())
+    config = json.loads((cli_run["run_dir"] / "config.json").read_text())
+    assert config["num_processes"] == 2 and config["global_batch_size"] == 2 * BATCH
+
+
+def test_two_processes_equal_one_process_with_accumulation(probe, ddp_shards):
+    """2 ranks x batch B == 1 process x batch B x accumulation 2 over the same samples, in
+    the same order (rank 0's batch k, then rank 1's batch k), with the same noise per sample."""
+    from ddp_probe import reference_train
+
+    r0, r1 = (r["train_batches"] for r in probe["ranks"])
+    assert len(r0) == len(r1) > 5
+    full = ShardSplit(ddp_shards / "frey", "train", batch_size=256)
+    images = {k: im for b in full.eval_batches() for k, im in zip(b["key"], b["image"])}
+    micro_batches = [
+        (torch.stack([images[k] for k in keys]), keys) for pair in zip(r0, r1) for keys in pair
+    ]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convs: extra threads only wait on a busy CPU
+    try:
+        reference = reference_train(micro_batches, full.image_shape, SEED, accum=2)
+    finally:
+        torch.set_num_threads(threads)
+    ddp = probe["params"][0]
+    assert reference.keys() == ddp.keys()
+    from ddp_probe import tiny_model
+
+    initial = tiny_model(full.image_shape, SEED).state_dict()
+    moved = max((ddp[k] - initial[k]).abs().max().item() for k in ddp)
+    assert moved > 1e-3  # training changed the weights, so equality below means something
+    for name in ddp:
+        torch.testing.assert_close(ddp[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_parameters_identical_on_both_ranks(probe):
+    p0, p1 = probe["params"]
+    assert p0.keys() == p1.keys()
+    for name in p0:
+        assert torch.equal(p0[name], p1[name]), name
+
+
+def test_even_shards_every_sample_exactly_once(probe, ddp_shards):
+    """8 equal shards, 2 ranks x 2 loader workers, batch divides each worker's share."""
+    toy = ddp_shards / "toy"
+    keys = shard_keys(toy, "train")
+    seen = [r["even_keys"] for r in probe["ranks"]]
+    everything = [k for ks in keys.values() for k in ks]
+    assert sorted(seen[0] + seen[1]) == sorted(everything)  # each sample exactly once
+    for rank, names in enumerate(rank_shards(toy, "train", epoch=1, world=2)):
+        assert sorted(seen[rank]) == sorted(k for n in names for k in keys[n])
+    num_shards, per_shard = EVEN_COUNTS
+    assert all(
+        r["even_steps_in_epoch"] == num_shards * per_shard // 2 // EVEN_BATCH
+        for r in probe["ranks"]
+    )
+
+
+def test_uneven_shards_follow_the_documented_rule(probe, ddp_shards):
+    """Loader docstring: an epoch sees every sample of its rank's shards except each worker's
+    remainder and the batches beyond the smallest rank's count; every rank runs that count."""
+    frey_dir = ddp_shards / "frey"
+    keys = shard_keys(frey_dir, "train")
+    per_rank = rank_shards(frey_dir, "train", epoch=1, world=2)
+    available = [[k for n in names for k in keys[n]] for names in per_rank]
+    steps = min(len(a) // BATCH for a in available)
+    assert len({len(a) // BATCH for a in available}) == 2  # the case is really uneven
+    for rank, record in enumerate(probe["ranks"]):
+        seen = [k for batch in record["train_batches"] for k in batch]
+        assert record["steps_in_epoch"] == len(record["train_batches"]) == steps
+        assert all(len(batch) == BATCH for batch in record["train_batches"])
+        assert len(seen) == len(set(seen)) == steps * BATCH
+        assert set(seen) <= set(available[rank])
+    seen0, seen1 = ({k for b in r["train_batches"] for k in b} for r in probe["ranks"])
+    assert not seen0 & seen1
+
+
+def test_validation_split_read_exactly_once_across_ranks(probe, ddp_shards):
+    val_keys = [k for ks in shard_keys(ddp_shards / "frey", "val").values() for k in ks]
+    seen = [r["val_keys"] for r in probe["ranks"]]
+    assert seen[0] and seen[1]  # both ranks evaluate part of the split
+    assert sorted(seen[0] + seen[1]) == sorted(val_keys)
+    assert probe["ranks"][0]["val_metrics"]["val/num_samples"] == len(val_keys)
+
+
+def test_only_rank0_writes_the_run_folder_and_wandb(cli_run):
+    run_dir = cli_run["run_dir"].resolve()
+    rank0, rank1 = cli_run["audits"][0], cli_run["audits"][1]
+    assert rank0["wandb_init_calls"] == 1 and rank1["wandb_init_calls"] == 0
+    assert not rank1["programs"]  # no wandb-core, not even git
+    assert not rank1["mkdirs"] and not rank1["renames"]
+    # Rank 1's only file: its own RNG state, written by accelerator.save_state on every rank.
+    rank1_files = {Path(p).name for p in rank1["writes"]}
+    assert rank1_files == {"random_states_1.pkl"}, rank1["writes"]
+    assert all(Path(p).parent.name.startswith(".tmp-step_") for p in rank1["writes"])
+
+    def final(path: str) -> Path:  # checkpoints are written into .tmp-step_X, then renamed
+        p = Path(path)
+        return p.parent.with_name(p.parent.name.removeprefix(".tmp-")) / p.name
+
+    written = {0: {final(p) for p in rank0["writes"]}, 1: {final(p) for p in rank1["writes"]}}
+    for path in run_dir.rglob("*"):
+        if path.is_file() and "wandb" not in path.relative_to(run_dir).parts:
+            owners = [r for r in (0, 1) if path in written[r]]
+            expected = [1] if path.name == "random_states_1.pkl" else [0]
+            assert owners == expected, (path, owners)
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert runs[0].name.endswith((run_dir / "wandb_run_id.txt").read_text().strip())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1]  # one row per epoch, not one per rank
+
+
+def test_logged_validation_is_over_the_whole_split_once(cli_run, ddp_shards):
+    """metrics.jsonl under 2 processes: every val/test sample counted once, and the same
+    value a single process computes for the saved model."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from vae_scale.evaluate import evaluate_split
+    from vae_scale.runs import load_run
+
+    run_dir = cli_run["run_dir"]
+    index = load_index(ddp_shards / "frey")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    per_rank = rank_shards(ddp_shards / "frey", "train", epoch=1, world=2)
+    sizes = {e["name"]: e["num_samples"] for e in index["splits"]["train"]["shards"]}
+    steps = min(sum(sizes[n] for n in names) // BATCH for names in per_rank)
+    assert rows[0]["train/num_samples"] == 2 * steps * BATCH
+    for row in rows:
+        for split in ("val", "test"):
+            assert row[f"{split}/num_samples"] == index["splits"][split]["num_samples"]
+
+    model = load_run(run_dir).model  # the run's own config and latest checkpoint
+    accelerator = Accelerator(cpu=True)
+    try:
+        val = ShardSplit(ddp_shards / "frey", "val", batch_size=BATCH)
+        one = evaluate_split(accelerator, model, val, SEED)
+    finally:
+        accelerator.end_training()
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    logged = rows[-1]
+    assert one["val/num_samples"] == logged["val/num_samples"]
+    # KL uses no noise: equal up to summation order. The reconstruction term uses each
+    # rank's own noise stream, so it agrees up to Monte Carlo error only.
+    assert logged["val/kl"] == pytest.approx(one["val/kl"], rel=1e-5)
+    assert logged["val/neg_elbo"] == pytest.approx(one["val/neg_elbo"], rel=2e-3)
+
+
+def test_fewer_shards_than_ranks_times_workers_is_a_clear_error(ddp_shards, tmp_path):
+    num_train_shards = len(load_index(ddp_shards / "frey")["splits"]["train"]["shards"])
+    workers = num_train_shards // 2 + 1  # 2 ranks x workers > shards
+    try:
+        proc = launch(
+            [
+                "-m",
+                "vae_scale.cli",
+                "train",
+                "configs/frey_conv.yaml",
+                f"data.shards_dir={ddp_shards}",
+                f"run.dir={tmp_path}",
+                f"data.num_workers={workers}",
+                "wandb.mode=disabled",
+            ],
+            home=tmp_path / "home",
+            timeout=120,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("too few shards made the 2-process launch hang instead of failing")
+    assert proc.returncode != 0
+    assert f"has {num_train_shards} shards but 2 processes x {workers} loader workers" in (
+        proc.stderr
+    ), explain(proc)

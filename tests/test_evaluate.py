@@ -1,0 +1,164 @@
+"""Evaluation: IWAE bound against a closed form, active units, compare, the eval command."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_frey_config
+from vae_scale.evaluate import SampleNoise, iwae_nll
+from vae_scale.losses import Likelihood
+from vae_scale.models.base import VAE
+
+
+class FixedGaussian(Likelihood):
+    """Continuous N(x; mean, sigma^2) per pixel (for a model whose log p(x) is known)."""
+
+    def __init__(self, shape, sigma):
+        super().__init__(shape)
+        self.sigma = sigma
+
+    def nll(self, params, x):
+        dist = torch.distributions.Normal(params.float(), self.sigma)
+        return -dist.log_prob(x.float()).flatten(1).sum(1)
+
+    def mean(self, params):
+        return params
+
+
+class LinearGaussianVAE(VAE):
+    """p(z) = N(0, I), p(x|z) = N(Wz + b, s^2 I): log p(x) = log N(x; b, WW^T + s^2 I).
+    The encoder is a deliberately imperfect linear Gaussian q(z|x)."""
+
+    def __init__(self, w, b, sigma):
+        super().__init__((1, 2, 2), FixedGaussian((1, 2, 2), sigma))
+        self.w, self.b = w, b
+        post_cov = torch.linalg.inv(torch.eye(2) + w.T @ w / sigma**2)
+        self.enc = post_cov @ w.T / sigma**2 * 0.85  # 15% off the true posterior mean
+        self.logvar = torch.log(torch.diagonal(post_cov)) + 0.3
+
+    @property
+    def latent_shape(self):
+        return (2,)
+
+    def encode(self, x):
+        flat = x.flatten(1) - self.b
+        return flat @ self.enc.T, self.logvar.expand(len(x), 2)
+
+    def decode(self, z):
+        return (z @ self.w.T + self.b).view(-1, 1, 2, 2)
+
+
+def test_iwae_converges_to_closed_form_log_likelihood():
+    torch.manual_seed(0)
+    w, b, sigma = torch.randn(4, 2), torch.randn(4), 0.5
+    model = LinearGaussianVAE(w, b, sigma)
+    marginal = torch.distributions.MultivariateNormal(b, w @ w.T + sigma**2 * torch.eye(4))
+    x = marginal.sample((128,))
+    true_nll = -marginal.log_prob(x)
+    keys = [f"k{i}" for i in range(128)]
+    bounds = {
+        k: iwae_nll(model, x.view(-1, 1, 2, 2), k, SampleNoise(keys, 0, "t"), max_decode=64)
+        for k in (1, 10, 100, 2000)
+    }
+    gaps = {k: (v - true_nll).mean().item() for k, v in bounds.items()}
+    # An upper bound on -log p(x) in expectation (128 points: within sampling noise) ...
+    assert all(g > -0.05 for g in gaps.values()), gaps
+    assert gaps[1] > gaps[10] > gaps[100]  # ... tighter as K grows ...
+    assert abs(gaps[2000]) < 0.02 < 0.5 < gaps[1]  # ... and converging to the closed form
+
+
+def test_iwae_is_independent_of_chunking_and_batch_composition():
+    torch.manual_seed(1)
+    model = LinearGaussianVAE(torch.randn(4, 2), torch.randn(4), 0.5)
+    x = torch.randn(6, 1, 2, 2)
+    keys = [f"k{i}" for i in range(6)]
+    whole = iwae_nll(model, x, 50, SampleNoise(keys, 0, "t"), max_decode=10_000)
+    chunked = iwae_nll(model, x, 50, SampleNoise(keys, 0, "t"), max_decode=40)
+    alone = iwae_nll(model, x[2:3], 50, SampleNoise(keys[2:3], 0, "t"))
+    torch.testing.assert_close(whole, chunked)
+    torch.testing.assert_close(whole[2:3], alone)
+
+
+def test_eval_command_on_a_trained_run(frey_shards, tmp_path, monkeypatch):
+    from vae_scale.cli import main
+    from vae_scale.train import train
+
+    run = train(tiny_frey_config(frey_shards, tmp_path, "train.epochs=2", "train.lr=3e-3"))
+    assert main(["eval", str(run), "--iw-samples", "50"]) == 0
+    result = json.loads((run / "eval_test.json").read_text())
+    elbo, iw = result["test/neg_elbo_bce_grey"], result["test/nll_iw50_nats"]
+    assert iw <= elbo  # the importance-weighted bound is tighter
+    assert result["test/num_samples"] == 100
+    assert 0 <= result["test/active_units"] <= result["test/latent_dims"] == 8
+    assert sum(result["test/kl_per_dim"]) == pytest.approx(result["test/kl"], rel=1e-4, abs=1e-5)
+    last_epoch = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert elbo == pytest.approx(last_epoch["test/neg_elbo"], rel=1e-6)  # same noise per sample
+    for command in (
+        ["sample", str(run), "--n", "16"],
+        ["reconstruct", str(run)],
+        ["traverse", str(run), "--dim", "1"],
+    ):
+        assert main(command) == 0
+    assert {p.name for p in run.glob("*.png")} >= {
+        "sample_t1_n16.png",
+        "reconstruct_test_n8.png",
+        "traverse_dim1.png",
+    }
+
+
+def test_active_units_count_dead_dimensions(frey_shards, tmp_path):
+    from accelerate import Accelerator
+
+    from vae_scale.data.loader import ShardSplit
+    from vae_scale.evaluate import full_evaluation
+    from vae_scale.losses import Bernoulli
+
+    class HalfDead(VAE):
+        def __init__(self):
+            super().__init__((1, 28, 20), Bernoulli((1, 28, 20)))
+            self.out = nn.Parameter(torch.zeros(1, 28, 20))
+
+        @property
+        def latent_shape(self):
+            return (5,)
+
+        def encode(self, x):
+            live = torch.stack([x.mean((1, 2, 3)), x.std((1, 2, 3))], 1) * 20  # varies with x
+            dead = torch.full((len(x), 3), 0.3)  # the same for every image
+            return torch.cat([live, dead], 1), torch.zeros(len(x), 5)
+
+        def decode(self, z):
+            return self.out.expand(len(z), -1, -1, -1)
+
+    data = ShardSplit(frey_shards / "frey", "val", batch_size=32)
+    result = full_evaluation(Accelerator(cpu=True), HalfDead(), data, 0, "none", "bernoulli")
+    assert result["val/active_units"] == 2
+    kl = result["val/kl_per_dim"]
+    assert kl[2] == kl[3] == kl[4] == pytest.approx(0.5 * 0.3**2)
+
+
+def test_compare_writes_table_and_plot(frey_shards, tmp_path):
+    from vae_scale.compare import compare_runs
+    from vae_scale.train import train
+
+    a = train(tiny_frey_config(frey_shards, tmp_path, "run.name=a", "train.epochs=1"))
+    b = train(
+        tiny_frey_config(frey_shards, tmp_path, "run.name=b", "train.epochs=1", "train.lr=3e-3")
+    )
+    report = compare_runs([a, b], tmp_path / "report.md")
+    text = report.read_text()
+    assert "| train.lr | 0.001 | 0.003 |" in text
+    assert "model.latent_dim" not in text  # equal keys are not listed
+    assert "| test/neg_elbo |" in text
+    from PIL import Image
+
+    assert Image.open(report.with_suffix(".png")).size[0] > 300
+
+
+def test_bpd_uses_all_dimensions():
+    from vae_scale.losses import bits_per_dim
+
+    assert bits_per_dim(3 * 32 * 32 * math.log(2) * 4.5, 3 * 32 * 32) == pytest.approx(4.5)

@@ -1,0 +1,90 @@
+"""Compare runs without W&B: a markdown table of differing config keys and final metrics, and
+the loss curves of all runs on one axis."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _run_summary(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    config = json.loads((run_dir / "config.json").read_text())
+    sections = ("run", "data", "model", "loss", "train", "eval")
+    flat = _flatten({k: config[k] for k in sections if k in config})
+    flat.pop("run.dir", None)
+    rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines() if r]
+    final: dict[str, Any] = {}
+    if rows:
+        final = {k: v for k, v in rows[-1].items() if k.startswith(("val/", "test/"))}
+        final["epochs"] = rows[-1]["epoch"]
+    for path in sorted(run_dir.glob("eval_*.json")):
+        final.update(
+            {k: v for k, v in json.loads(path.read_text()).items() if not isinstance(v, list)}
+        )
+    return flat, rows, final
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def compare_runs(run_dirs: list[Path], out_md: Path, metric: str = "neg_elbo") -> Path:
+    """Write `out_md` (table) and `out_md` with .png (curves of train/val/test `metric`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [Path(r).name for r in run_dirs]
+    summaries = [_run_summary(Path(r)) for r in run_dirs]
+    keys = sorted(set().union(*(s[0] for s in summaries)))
+    differing = [k for k in keys if len({json.dumps(s[0].get(k)) for s in summaries}) > 1]
+    metric_keys = sorted(set().union(*(s[2] for s in summaries)))
+
+    lines = ["# Run comparison", "", "## Config keys that differ", ""]
+    lines.append("| key | " + " | ".join(names) + " |")
+    lines.append("|---|" + "---|" * len(names))
+    for key in differing:
+        lines.append(f"| {key} | " + " | ".join(_fmt(s[0].get(key, "—")) for s in summaries) + " |")
+    lines += [
+        "",
+        "## Final metrics",
+        "",
+        "| metric | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for key in metric_keys:
+        lines.append(f"| {key} | " + " | ".join(_fmt(s[2].get(key, "—")) for s in summaries) + " |")
+    plot_path = out_md.with_suffix(".png")
+    lines += ["", f"![loss curves]({plot_path.name})", ""]
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_md.write_text("\n".join(lines))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, (_, rows, _) in zip(names, summaries, strict=True):
+        for split, style in (("train", ":"), ("val", "--"), ("test", "-")):
+            points = [
+                (r["epoch"], r[f"{split}/{metric}"]) for r in rows if f"{split}/{metric}" in r
+            ]
+            if points:
+                ax.plot(*zip(*points, strict=True), style, label=f"{name} {split}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"{metric} (nats per image)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(plot_path, dpi=120)
+    plt.close(fig)
+    return out_md

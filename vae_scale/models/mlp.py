@@ -1,0 +1,78 @@
+"""The study's MNIST MLP VAE: fc 784-512-256 then two heads to (mu, log_var); the decoder
+mirrors it (z-256-512-784). Works for any (C, H, W): images are flattened in and out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from einops import rearrange
+from torch import Tensor, nn
+
+from vae_scale.config import ConfigError
+from vae_scale.losses import Likelihood
+from vae_scale.models.base import VAE
+from vae_scale.models.conv import ACTIVATIONS
+
+
+@dataclass
+class MLPVAEConfig:
+    name: str = "mlp"
+    latent_dim: int = 2
+    hidden: list[int] = field(default_factory=lambda: [512, 256])  # encoder widths
+    activation: Literal["relu", "leaky_relu", "silu"] = "relu"
+
+    def validate(self) -> None:
+        if self.latent_dim < 1:
+            raise ConfigError(
+                f"model.latent_dim: expected an integer >= 1, got {self.latent_dim!r}"
+            )
+        if not all(h >= 1 for h in self.hidden):
+            raise ConfigError(
+                f"model.hidden: expected a list of layer widths >= 1, got {self.hidden!r}"
+            )
+
+
+def mlp(widths: list[int], act: type[nn.Module]) -> nn.Sequential:
+    """Linear layers between consecutive widths, each followed by the activation."""
+    layers: list[nn.Module] = []
+    for w_in, w_out in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(w_in, w_out), act()]
+    return nn.Sequential(*layers)
+
+
+class MLPVAE(VAE):
+    def __init__(
+        self, cfg: MLPVAEConfig, image_shape: tuple[int, int, int], likelihood: Likelihood
+    ):
+        super().__init__(image_shape, likelihood)
+        channels, height, width = image_shape
+        act = ACTIVATIONS[cfg.activation]
+        in_features = channels * height * width
+        last = cfg.hidden[-1] if cfg.hidden else in_features
+        self._latent_dim = cfg.latent_dim
+        self.out_channels = likelihood.param_channels(channels)
+
+        self.encoder = mlp([in_features, *cfg.hidden], act)
+        self.to_mu = nn.Linear(last, cfg.latent_dim)
+        self.to_logvar = nn.Linear(last, cfg.latent_dim)
+        dec_hidden = list(reversed(cfg.hidden))
+        self.decoder = nn.Sequential(
+            mlp([cfg.latent_dim, *dec_hidden], act),
+            # logits (or likelihood parameters); the sigmoid lives in the likelihood
+            nn.Linear(
+                dec_hidden[-1] if dec_hidden else cfg.latent_dim, self.out_channels * height * width
+            ),
+        )
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self._latent_dim,)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.encoder(rearrange(x, "b c h w -> b (c h w)"))
+        return self.to_mu(h), self.to_logvar(h)
+
+    def decode(self, z: Tensor) -> Tensor:
+        _, h, w = self.image_shape
+        return rearrange(self.decoder(z), "b (c h w) -> b c h w", c=self.out_channels, h=h, w=w)

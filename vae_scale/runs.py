@@ -1,0 +1,59 @@
+"""A finished (or running) run folder: its resolved config and its trained model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from vae_scale import checkpoint
+from vae_scale.config import SECTIONS, Config, ConfigError, config_from_dict
+from vae_scale.losses import build_likelihood
+from vae_scale.models import VAE, build_model
+
+
+@dataclass
+class TrainedRun:
+    run_dir: Path
+    cfg: Config
+    model: VAE
+    checkpoint: Path
+    image_shape: tuple[int, int, int]
+    opt_step: int
+
+
+def load_run_config(run_dir: Path) -> tuple[Config, dict]:
+    """The config a run was trained with (from its config.json), and that whole file."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: {run_dir} is not a vae_scale run folder")
+    raw = json.loads(path.read_text())
+    sections = {name: raw[name] for name in (*SECTIONS, "model") if name in raw}
+    return config_from_dict(sections), raw
+
+
+def load_run(
+    run_dir: str | Path, ckpt: str | Path | None = None, device: torch.device | str = "cpu"
+) -> TrainedRun:
+    """Rebuild the model of `run_dir` and load its latest complete checkpoint (or `ckpt`).
+
+    Weights come from `model.safetensors`: loading never unpickles anything.
+    """
+    run_dir = Path(run_dir)
+    cfg, raw = load_run_config(run_dir)
+    ckpt_path = (
+        Path(ckpt)
+        if ckpt
+        else checkpoint.latest_checkpoint(run_dir / "checkpoints", verify_hashes=True)
+    )
+    if ckpt_path is None or not checkpoint.is_complete(ckpt_path):
+        raise ConfigError(f"{run_dir}: no complete checkpoint to load")
+    image_shape = tuple(raw["dataset_index"]["image_shape"])
+    model = build_model(cfg.model, image_shape, build_likelihood(cfg.loss.likelihood, image_shape))
+    model.load_state_dict(load_file(ckpt_path / "model.safetensors"))
+    model.to(device).eval()
+    step = checkpoint.read_train_state(ckpt_path)["opt_step"]
+    return TrainedRun(run_dir, cfg, model, ckpt_path, image_shape, step)
