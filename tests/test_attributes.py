@@ -83,3 +83,99 @@ def test_attribute_position_names_the_choices():
         attribute_position(index, "Smiles")
     with pytest.raises(DataError, match="no attributes"):
         attribute_position({"dataset": "frey", "params": {}}, "Smiling")
+
+
+# ---------------------------------------------------------------------------- the commands
+
+
+@pytest.fixture(scope="module")
+def tiny_attr_run(tmp_path_factory):
+    """A tiny ResNet VAE trained one epoch on 16x16 shards of 28 synthetic faces that carry
+    two attributes (the sharder and training path of celeba, in seconds)."""
+    from PIL import Image
+
+    from conftest import REPO
+    from vae_scale.config import load_config
+    from vae_scale.data.folder_sharder import (
+        ImageCollection,
+        ImageItem,
+        Preprocess,
+        shard_collection,
+    )
+    from vae_scale.train import train
+
+    root = tmp_path_factory.mktemp("attr_faces")
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(28):
+        low = rng.uniform(0, 255, (3, 3, 3)).astype(np.uint8)
+        Image.fromarray(low).resize((20, 20), Image.Resampling.BICUBIC).save(root / f"{i:02d}.png")
+        items.append(ImageItem(key=f"{i:02d}", path=f"{i:02d}.png", attrs=f"{i % 2}{i // 14}"))
+    collection = ImageCollection(
+        name="faces",
+        root=root,
+        splits={"train": items[:16], "val": items[16:20], "test": items[20:]},
+        source={"synthetic": True},
+        attr_names=("Smiling", "Male"),
+    )
+    shards = root / "shards"
+    shard_collection(collection, shards / "faces", Preprocess(16, "square"), 8, workers=1)
+    cfg = load_config(
+        REPO / "configs" / "celeba64_resnet.yaml",
+        [
+            "data.dataset=faces",
+            f"data.shards_dir={shards}",
+            f"run.dir={root / 'runs'}",
+            "run.name=tiny",
+            "data.batch_size=8",
+            "data.num_workers=0",
+            "model.widths=[4,8]",
+            "model.blocks_per_stage=0",
+            "model.groups=4",
+            "model.latent_dim=4",
+            "train.epochs=1",
+            "train.mixed_precision='no'",
+            "train.channels_last=false",
+            "train.warmup_steps=0",
+            "loss.kl_warmup_steps=0",
+            "eval.num_samples=4",
+            "eval.recon_rows=2",
+            "wandb.mode=disabled",
+        ],
+    )
+    return train(cfg)
+
+
+def test_edit_and_interpolate_commands_write_grids_and_log_them(tiny_attr_run, monkeypatch):
+    from PIL import Image
+
+    from vae_scale import cli, tracking
+
+    logged: list[dict] = []
+
+    class FakeRun:  # what tracking.reopen_run returns when W&B is on
+        def log(self, row):
+            logged.append(row)
+
+        def finish(self):
+            pass
+
+    monkeypatch.setattr(tracking, "reopen_run", lambda cfg, run_dir: FakeRun())
+    run = str(tiny_attr_run)
+    cell = 16 * 4 + 2  # 16x16 images are upscaled x4 for viewing; 2 px padding
+    assert cli.main(["edit", run, "--attribute", "Smiling", "--n", "3"]) == 0
+    with Image.open(tiny_attr_run / "edit_Smiling_test_n3.png") as grid:
+        # 3 faces, each: the original + 5 steps (-2..+2) along the vector
+        assert grid.size == (6 * cell + 2, 3 * cell + 2)
+    assert cli.main(["interpolate", run, "--n", "2", "--steps", "4"]) == 0
+    with Image.open(tiny_attr_run / "interpolate_test_n2.png") as grid:
+        # 2 pairs, each: face A, 4 points from A's to B's latent, face B
+        assert grid.size == (6 * cell + 2, 2 * cell + 2)
+    assert [sorted(row) for row in logged] == [["pictures/edit_Smiling"], ["pictures/interpolate"]]
+
+
+def test_edit_names_the_attributes_of_the_dataset(tiny_attr_run, capsys):
+    from vae_scale import cli
+
+    assert cli.main(["edit", str(tiny_attr_run), "--attribute", "Smiles"]) == 2
+    assert "unknown attribute 'Smiles'; the dataset has: Smiling, Male" in capsys.readouterr().err

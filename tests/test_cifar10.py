@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO, real_data_root
-from vae_scale import checkpoint
+from vae_scale import checkpoint, cli
 from vae_scale.config import ConfigError, load_config
 from vae_scale.data import cifar10
 from vae_scale.data.fetch import DataError
@@ -19,9 +19,10 @@ from vae_scale.data.shards import load_index, write_dataset
 from vae_scale.losses import build_likelihood, neg_elbo
 from vae_scale.models import build_model
 from vae_scale.models.resnet import PreActBlock, ResNetVAE, ResNetVAEConfig
-from vae_scale.train import TrainingDiverged, train
+from vae_scale.train import train
 
 TRAIN_PER_BATCH, TEST_COUNT = 60, 50
+CIFAR_CONFIG = REPO / "configs" / "cifar10_resnet.yaml"
 
 
 def make_images(labels: np.ndarray, seed: int) -> np.ndarray:
@@ -240,11 +241,9 @@ def test_resnet_config_errors_name_the_key():
             build_likelihood("logistic", (3, 36, 36)),
         )
     with pytest.raises(ConfigError, match=r"model.widths\[1\]: 24 channels .* model.groups=16"):
-        load_config(
-            REPO / "configs" / "cifar10_resnet.yaml", ["model.widths=[32,24]", "model.groups=16"]
-        )
+        load_config(CIFAR_CONFIG, ["model.widths=[32,24]", "model.groups=16"])
     with pytest.raises(ConfigError, match="model.latent: expected one of"):
-        load_config(REPO / "configs" / "cifar10_resnet.yaml", ["model.latent=grid"])
+        load_config(CIFAR_CONFIG, ["model.latent=grid"])
 
 
 def test_fp32_and_bf16_loss_agree_on_one_batch():
@@ -303,32 +302,34 @@ def test_compiled_model_matches_eager_loss_and_gradients():
 # ---------------------------------------------------------------------------- training
 
 
+def tiny_overrides(shards: Path, run_dir: Path, *overrides: str) -> list[str]:
+    """The shipped config shrunk to seconds on the CPU (as command-line overrides)."""
+    return [
+        f"data.shards_dir={shards}",
+        f"run.dir={run_dir}",
+        "run.name=tiny",
+        "data.batch_size=12",
+        "data.num_workers=0",
+        "data.shuffle_buffer=100",
+        "model.widths=[8,16]",
+        "model.blocks_per_stage=1",
+        "model.latent_channels=4",
+        "model.groups=4",
+        "train.epochs=2",
+        "train.lr=3e-3",
+        "train.warmup_steps=0",
+        "train.lr_schedule=constant",
+        "train.log_every_steps=5",
+        "eval.picture_epochs=[]",
+        "eval.recon_rows=4",
+        "eval.num_samples=4",
+        "wandb.mode=disabled",
+        *overrides,
+    ]
+
+
 def tiny_cifar_config(shards: Path, run_dir: Path, *overrides: str):
-    return load_config(
-        REPO / "configs" / "cifar10_resnet.yaml",
-        [
-            f"data.shards_dir={shards}",
-            f"run.dir={run_dir}",
-            "run.name=tiny",
-            "data.batch_size=12",
-            "data.num_workers=0",
-            "data.shuffle_buffer=100",
-            "model.widths=[8,16]",
-            "model.blocks_per_stage=1",
-            "model.latent_channels=4",
-            "model.groups=4",
-            "train.epochs=2",
-            "train.lr=3e-3",
-            "train.warmup_steps=0",
-            "train.lr_schedule=constant",
-            "train.log_every_steps=5",
-            "eval.picture_epochs=[]",
-            "eval.recon_rows=4",
-            "eval.num_samples=4",
-            "wandb.mode=disabled",
-            *overrides,
-        ],
-    )
+    return load_config(CIFAR_CONFIG, tiny_overrides(shards, run_dir, *overrides))
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -357,15 +358,20 @@ def test_short_cifar_run_bpd_falls_and_pictures_are_written(fp32_run):
     assert (run / "recon_epoch002.png").is_file() and (run / "samples_epoch002.png").is_file()
 
 
-def test_nan_guard_stops_a_resnet_run(cifar_shards, tmp_path, monkeypatch):
-    """The decoder turns NaN from the first step: the run stops with the guard's message
-    and saves no checkpoint (keeping the last good one is tested with the Frey model)."""
+def test_nan_guard_stops_a_resnet_run(cifar_shards, tmp_path, monkeypatch, capsys):
+    """The decoder turns NaN from the first step: `vae-scale train` stops with the guard's
+    message (no traceback), exit status 2, and saves no checkpoint (keeping the last good
+    one is tested with the Frey model)."""
     shards, _ = cifar_shards
     original = ResNetVAE.decode
     monkeypatch.setattr(ResNetVAE, "decode", lambda self, z: original(self, z) * float("nan"))
-    cfg = tiny_cifar_config(shards, tmp_path, "train.max_bad_steps=3")
-    with pytest.raises(TrainingDiverged, match="3 optimizer steps in a row"):
-        train(cfg)
+    overrides = tiny_overrides(shards, tmp_path, "train.max_bad_steps=3")
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["train", str(CIFAR_CONFIG), *overrides])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: 3 optimizer steps in a row had non-finite loss or gradients" in err
+    assert "Traceback" not in err
     assert checkpoint.latest_checkpoint(tmp_path / "tiny" / "checkpoints") is None
 
 

@@ -78,3 +78,8 @@ def test_missing_model_name_and_cross_section_check():
                 "loss": {"likelihood": "gaussian"},
             }
         )
+
+
+def test_unquoted_no_is_the_mixed_precision_choice():
+    cfg = load_config(FREY, ["train.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no"

@@ -328,3 +328,28 @@ def test_fewer_shards_than_ranks_times_workers_is_a_clear_error(ddp_shards, tmp_
     assert f"has {num_train_shards} shards but 2 processes x {workers} loader workers" in (
         proc.stderr
     ), explain(proc)
+
+
+def test_two_process_eval_equals_one_process_eval(cli_run, monkeypatch, tmp_path):
+    """`vae-scale eval` under 2 processes: each test sample counted once, and the same
+    numbers as one process (noise is seeded per sample, not per rank or batch)."""
+    from vae_scale.cli import main
+
+    run_dir = cli_run["run_dir"]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    assert main(["eval", str(run_dir), "--iw-samples", "32", "--batch-size", "30"]) == 0
+    one = json.loads((run_dir / "eval_test.json").read_text())
+    proc = launch(
+        ["-m", "vae_scale.cli", "eval", str(run_dir), "--iw-samples", "32", "--batch-size", "30"],
+        home=tmp_path / "home",
+    )
+    assert proc.returncode == 0, explain(proc)
+    two = json.loads((run_dir / "eval_test.json").read_text())
+    assert one["test/num_samples"] == two["test/num_samples"] == 100
+    assert (one.pop("num_processes"), two.pop("num_processes")) == (1, 2)
+    for key, value in one.items():
+        if isinstance(value, float):
+            assert two[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+        else:
+            assert two[key] == value, key

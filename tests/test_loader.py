@@ -183,3 +183,16 @@ def test_bad_samples_raise_or_are_skipped_and_counted(tmp_path):
         batches = list(split.eval_batches())
     assert sum(len(b["key"]) for b in batches) == 6
     assert sum(b["skipped"] for b in batches) == 2
+
+
+def test_fast_npy_reader_equals_np_load_and_rejects_truncated_payloads():
+    from vae_scale.data.loader import load_npy
+
+    rng = np.random.default_rng(0)
+    for shape in [(28, 28, 1), (28, 28, 1), (32, 32, 3), (28, 20, 1)]:  # 2nd: cached header
+        array = rng.integers(0, 256, shape, dtype=np.uint8)
+        buf = io.BytesIO()
+        np.save(buf, array)
+        assert np.array_equal(load_npy(buf.getvalue()), array)
+    with pytest.raises(ValueError, match="npy payload"):
+        load_npy(buf.getvalue()[:-5])

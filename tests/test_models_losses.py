@@ -12,7 +12,8 @@ from vae_scale.models.conv import ConvVAEConfig
 def test_conv_vae_shapes_on_28x20_and_mirrored_channels():
     model = build_model(ConvVAEConfig(latent_dim=7), (1, 28, 20), Bernoulli((1, 28, 20)))
     x = torch.rand(3, 1, 28, 20)
-    x_params, z, mu, logvar = model(x)
+    x_params, z, mu, logvar, kl_groups = model(x)
+    assert kl_groups is None  # one latent: KL against N(0, I) from (mu, logvar)
     assert x_params.shape == (3, 1, 28, 20)
     assert z.shape == mu.shape == logvar.shape == (3, 7)
     convs = [m for m in model.encoder if isinstance(m, torch.nn.Conv2d)]

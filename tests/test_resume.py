@@ -179,3 +179,19 @@ def test_damaged_or_incomplete_checkpoints_are_skipped(frey_shards, tmp_path):
     (second / "model.safetensors").write_bytes(bytes(data))
     with pytest.warns(UserWarning):
         assert checkpoint.latest_checkpoint(run / "checkpoints", verify_hashes=True) == first
+
+
+def test_full_disk_is_a_clear_cli_error(monkeypatch, capsys):
+    import vae_scale.train
+    from vae_scale.cli import main
+
+    def disk_full(cfg, resume="auto"):
+        raise OSError(
+            errno.ENOSPC, "writing checkpoint X failed; the previous checkpoint Y is intact"
+        )
+
+    monkeypatch.setattr(vae_scale.train, "train", disk_full)
+    assert main(["train", str(REPO / "configs" / "frey_conv.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "error: disk full" in err and "previous checkpoint Y is intact" in err
+    assert "Traceback" not in err

@@ -15,27 +15,28 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
+from safetensors.torch import save_file
 
 from vae_scale.data.fetch import sha256_file
+from vae_scale.fsutil import fsync
 
 MANIFEST = "manifest.json"
 TRAIN_STATE = "train_state.json"
 PREFIX = "step_"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(
-    accelerator: Accelerator, ckpt_root: Path, step: int, train_state: dict[str, Any], keep: int
+    accelerator: Accelerator,
+    ckpt_root: Path,
+    step: int,
+    train_state: dict[str, Any],
+    keep: int,
+    extra_files: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Collective: every process must call it (each saves its own RNG state)."""
+    """Collective: every process must call it (each saves its own RNG state). `extra_files`:
+    file name -> tensors that the main process adds as safetensors (e.g. EMA weights)."""
     final = ckpt_root / f"{PREFIX}{step:08d}"
     tmp = ckpt_root / f".tmp-{PREFIX}{step:08d}"
     if accelerator.is_main_process:
@@ -44,6 +45,9 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            for name, tensors in (extra_files or {}).items():
+                save_file(tensors, tmp / name)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             _finish(tmp, final, ckpt_root, step, train_state, keep)
@@ -67,17 +71,15 @@ def _finish(
     files = {}
     for path in sorted(tmp.iterdir()):
         if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+            fsync(path)
             files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
-    with open(tmp / MANIFEST, "rb") as f:
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    fsync(tmp / MANIFEST)
+    fsync(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
+    fsync(ckpt_root)
     for old in complete_checkpoints(ckpt_root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -57,10 +58,14 @@ def cmd_shard(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from vae_scale.config import load_config
-    from vae_scale.train import train
+    from vae_scale.train import TrainingDiverged, train
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = train(cfg, resume=args.resume)
+    try:
+        run_dir = train(cfg, resume=args.resume)
+    except TrainingDiverged as err:  # a message, not a traceback: the checkpoints are intact
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(_record_exit_status(2)) from None
     print(f"run folder: {run_dir}")
 
 
@@ -104,7 +109,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
             cfg.loss.likelihood,
             args.iw_samples,
         )
-        metrics.update({"checkpoint_step": run.opt_step, "iw_samples": args.iw_samples})
+        metrics.update(
+            {
+                "checkpoint_step": run.opt_step,
+                "iw_samples": args.iw_samples,
+                "num_processes": accelerator.num_processes,
+            }
+        )
         if accelerator.is_main_process:
             out = run.run_dir / f"eval_{args.split}.json"
             out.write_text(json.dumps(metrics, indent=1))
@@ -128,10 +139,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_pictures(args: argparse.Namespace) -> None:
-    """sample / reconstruct / traverse from a trained run."""
+    """sample / reconstruct / traverse / edit / interpolate from a trained run."""
     import torch
 
-    from vae_scale import pictures, tracking
+    from vae_scale import attributes, pictures, tracking
     from vae_scale.data.loader import ShardSplit, derive_seed
     from vae_scale.evaluate import first_images, prepare_inputs
     from vae_scale.runs import load_run
@@ -146,6 +157,7 @@ def cmd_pictures(args: argparse.Namespace) -> None:
         )
         return prepare_inputs(first_images(data, n), "cpu", "none")
 
+    key = args.command  # the W&B picture name
     with torch.no_grad():
         if args.command == "sample":
             z = torch.randn((args.n, *model.latent_shape), generator=gen) * args.temperature
@@ -155,6 +167,25 @@ def cmd_pictures(args: argparse.Namespace) -> None:
             x = test_images(args.n)
             grid = pictures.recon_grid(x, model.reconstruct(x))
             path = run.run_dir / f"reconstruct_{args.split}_n{args.n}.png"
+        elif args.command == "edit":
+            direction = attributes.split_attribute_vector(
+                model,
+                ShardSplit(Path(cfg.data.shards_dir) / cfg.data.dataset, args.attr_split, 100),
+                args.attribute,
+                args.max_images or None,
+            )
+            steps = torch.linspace(-args.range, args.range, args.steps).tolist()
+            rows = attributes.edit_rows(model, test_images(args.n), direction, steps)
+            grid = pictures.rows_grid(rows)
+            key = f"edit_{args.attribute}"
+            path = run.run_dir / f"{key}_{args.split}_n{args.n}.png"
+        elif args.command == "interpolate":
+            faces = test_images(2 * args.n)  # pairs: (0, 1), (2, 3), ...
+            if len(faces) < 2 * args.n:
+                raise ConfigError(f"--n {args.n}: {args.split} has only {len(faces)} images")
+            rows = attributes.interpolation_rows(model, faces[0::2], faces[1::2], args.steps)
+            grid = pictures.rows_grid(rows)
+            path = run.run_dir / f"interpolate_{args.split}_n{args.n}.png"
         else:  # traverse
             dims = int(torch.tensor(model.latent_shape).prod())
             if not 0 <= args.dim < dims:
@@ -169,7 +200,7 @@ def cmd_pictures(args: argparse.Namespace) -> None:
     pictures.save_grid(grid, path)
     print(f"wrote {path}")
     wandb_run = tracking.reopen_run(cfg, run.run_dir)
-    _log_pictures(wandb_run, {args.command: path})
+    _log_pictures(wandb_run, {key: path})
     if wandb_run is not None:
         wandb_run.finish()
 
@@ -254,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("sample", "decode z ~ N(0, t^2 I) into a grid"),
         ("reconstruct", "originals | reconstructions of the first test images"),
         ("traverse", "vary one latent dimension around test images' means"),
+        ("edit", "move test faces along an attribute vector (--attribute Smiling; celeba)"),
+        ("interpolate", "decode straight latent lines between pairs of test images"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("run_dir")
@@ -265,7 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--rows", type=int, default=4)
         p.add_argument("--steps", type=int, default=9)
         p.add_argument("--range", type=float, default=3.0)
-        p.set_defaults(func=cmd_pictures)
+        if name == "edit":
+            p.add_argument("--attribute", required=True, help="e.g. Smiling, Eyeglasses, Male")
+            p.add_argument("--attr-split", default="train", help="split the vector comes from")
+            p.add_argument(
+                "--max-images", type=int, default=5000, help="images of --attr-split (0: all)"
+            )
+        # edit: rows = faces, steps -2..+2; interpolate: rows = pairs, steps = latent points
+        defaults = {"edit": {"steps": 5, "range": 2.0}, "interpolate": {"n": 6, "steps": 8}}
+        p.set_defaults(func=cmd_pictures, **defaults.get(name, {}))
 
     cmp_ = sub.add_parser("compare", help="markdown table + loss-curve plot of several runs")
     cmp_.add_argument("run_dirs", nargs="+")
@@ -290,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return _record_exit_status(2)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: disk full: {err.strerror}", file=sys.stderr)  # names what is intact
         return _record_exit_status(2)
     except TrainingInterrupted as err:
         print(f"interrupted: {err}", file=sys.stderr)

@@ -97,6 +97,14 @@ class TrainConfig:
     grad_accum_steps: int = 1
     grad_clip: float = 0.0  # max gradient norm (0 = off)
     max_bad_steps: int = 20  # stop after this many consecutive non-finite steps
+    # Skip updates whose gradient norm exceeds this (0 = off; VDVAE's spike guard). After
+    # max_consecutive_skips skips in a row the next update is applied, clipped, with a warning,
+    # so a threshold below the typical norm can never stall training.
+    skip_threshold: float = 0.0
+    max_consecutive_skips: int = 10
+    # Exponential moving average of the weights, used for evaluation, pictures and `vae-scale
+    # eval`/`sample` (0 = off). The decay warms up as min(ema_decay, (1 + n) / (10 + n)).
+    ema_decay: float = 0.0
     compile: bool = False
     channels_last: bool = False
     cpu: bool = False  # force CPU even when a GPU is present
@@ -125,6 +133,19 @@ class TrainConfig:
         _check(
             self.max_bad_steps >= 1, "train.max_bad_steps", "an integer >= 1", self.max_bad_steps
         )
+        _check(
+            self.skip_threshold >= 0,
+            "train.skip_threshold",
+            "a number >= 0 (0 = off)",
+            self.skip_threshold,
+        )
+        _check(
+            self.max_consecutive_skips >= 0,
+            "train.max_consecutive_skips",
+            "an integer >= 0",
+            self.max_consecutive_skips,
+        )
+        _check(0 <= self.ema_decay < 1, "train.ema_decay", "a number in [0, 1)", self.ema_decay)
         _check(
             self.log_every_steps >= 1,
             "train.log_every_steps",
@@ -215,6 +236,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation is Any:
         return value
     if origin is Literal:
+        if value is False and "no" in args:  # YAML 1.1 reads an unquoted `no` as false
+            value = "no"
         if value not in args:
             raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
         return value

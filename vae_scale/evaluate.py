@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 
 from vae_scale.data.loader import ShardSplit, derive_seed, images_to_float
-from vae_scale.losses import bits_per_dim, kl_normal_standard, neg_elbo
+from vae_scale.losses import bits_per_dim, kl_per_dim, neg_elbo
 from vae_scale.models import VAE
 
 
@@ -82,28 +82,18 @@ def iwae_nll(
 ) -> torch.Tensor:
     """Importance-weighted bound on -log p(x) per image (Burda et al. 2016), shape (B,).
 
-    log p(x) >= log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x), z_k ~ q(z|x); the K samples are
-    decoded in chunks of at most `max_decode` images and combined with a running logsumexp, so
-    K = 5000 fits in memory. Densities are float32.
+    log p(x) >= log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x); the weights come from
+    `model.log_weights` (so hierarchical posteriors work too); the K samples are decoded in
+    chunks of at most `max_decode` images and combined with a running logsumexp, so K = 5000
+    fits in memory. Densities are float32.
     """
-    mu, logvar = model.encode(x)
-    mu, std = mu.float(), torch.exp(0.5 * logvar.float())
     batch = x.shape[0]
     chunk = max(NOISE_BLOCK, max_decode // batch // NOISE_BLOCK * NOISE_BLOCK)
-    prior = torch.distributions.Normal(0.0, 1.0)
-    posterior = torch.distributions.Normal(mu, std)
     acc = torch.full((batch,), float("-inf"), device=x.device)
     for start in range(0, k, chunk):
         n = min(chunk, k - start)
-        eps = noise.normal_blocks(n, tuple(mu.shape[1:]), x.device).transpose(0, 1)
-        z = mu + eps * std
-        params = model.decode(z.flatten(0, 1).to(mu.dtype))
-        log_px = -model.likelihood.nll(params, x.repeat(n, *([1] * (x.dim() - 1))))
-        log_w = (
-            log_px.view(n, batch)
-            + prior.log_prob(z).flatten(2).sum(2)
-            - posterior.log_prob(z).flatten(2).sum(2)
-        )
+        eps = noise.normal_blocks(n, tuple(model.latent_shape), x.device).transpose(0, 1)
+        log_w = model.log_weights(x, eps)
         acc = torch.logaddexp(acc, torch.logsumexp(log_w, dim=0))
     return -(acc - math.log(k))
 
@@ -118,23 +108,23 @@ def split_statistics(
     iw_samples: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Sums over the whole split, reduced over processes: neg_elbo, recon, kl, iwae, count,
-    and per latent dimension the sums of E_q[z], E_q[z]^2 and KL."""
+    per latent dimension the sums of E_q[z], E_q[z]^2 and KL, and each latent group's KL
+    (`groups`, in `model.latent_group_names` order; empty for one latent)."""
     model.eval()
     device = accelerator.device
     dims = int(torch.tensor(model.latent_shape).prod())
-    sums = {
-        name: torch.zeros(size, dtype=torch.float64, device=device)
-        for name, size in (("terms", 5), ("mu", dims), ("mu_sq", dims), ("kl_dim", dims))
-    }
+    names = model.latent_group_names
+    sizes = (("terms", 5), ("mu", dims), ("mu_sq", dims), ("kl_dim", dims), ("groups", len(names)))
+    sums = {name: torch.zeros(size, dtype=torch.float64, device=device) for name, size in sizes}
     for batch in data.eval_batches():
         noise = SampleNoise(batch["key"], seed, f"eval/{data.split}")
         x = prepare_inputs(batch["image"], device, binarize, noise.generators)
         with accelerator.autocast():
-            mu, logvar = model.encode(x)
-            eps = noise.normal(tuple(mu.shape[1:]), device)
-            x_params = model.decode(model.reparameterize(mu, logvar, eps))
+            out = model(x, noise.normal(tuple(model.latent_shape), device))
             iw = iwae_nll(model, x, iw_samples, noise) if iw_samples else torch.zeros(len(x))
-        terms = neg_elbo(model.likelihood, x_params, x, mu, logvar)
+        terms = neg_elbo(
+            model.likelihood, out.x_params, x, out.mu, out.logvar, kl_groups=out.kl_groups
+        )
         sums["terms"] += torch.stack(
             [
                 terms.neg_elbo.sum(),
@@ -144,26 +134,39 @@ def split_statistics(
                 torch.tensor(float(len(x)), device=device),
             ]
         ).double()
-        mu_flat = mu.float().flatten(1).double()
+        mu_flat = out.mu.float().flatten(1).double()
         sums["mu"] += mu_flat.sum(0)
         sums["mu_sq"] += mu_flat.pow(2).sum(0)
-        sums["kl_dim"] += kl_normal_standard(mu, logvar).flatten(1).double().sum(0)
+        sums["kl_dim"] += kl_per_dim(out.mu, out.logvar, out.kl_groups).double().sum(0)
+        if names:
+            sums["groups"] += torch.stack([terms.kl_groups[g].sum() for g in names]).double()
     sums = {name: accelerator.reduce(t, reduction="sum") for name, t in sums.items()}
     if sums["terms"][4].item() == 0:
         raise RuntimeError(f"split {data.split!r} produced no samples")
     return sums
 
 
+def group_kls(model: VAE, sums: dict[str, torch.Tensor], split: str) -> dict[str, float]:
+    """Mean KL per latent group, e.g. test/kl_group0_1x1 (hierarchical models only)."""
+    n = sums["terms"][4].item()
+    return {
+        f"{split}/kl_{g}": v / n
+        for g, v in zip(model.latent_group_names, sums["groups"].tolist(), strict=True)
+    }
+
+
 def evaluate_split(
     accelerator: Accelerator, model: VAE, data: ShardSplit, seed: int, binarize: str = "none"
 ) -> dict[str, float]:
     """Per-epoch metrics: mean negative ELBO, recon and KL (nats per image), bits/dim."""
-    terms = split_statistics(accelerator, model, data, seed, binarize)["terms"].tolist()
+    sums = split_statistics(accelerator, model, data, seed, binarize)
+    terms = sums["terms"].tolist()
     n, split = terms[4], data.split
     metrics = {
         f"{split}/neg_elbo": terms[0] / n,
         f"{split}/recon": terms[1] / n,
         f"{split}/kl": terms[2] / n,
+        **group_kls(model, sums, split),
         f"{split}/num_samples": n,
     }
     if model.likelihood.discrete_8bit:
@@ -193,6 +196,7 @@ def full_evaluation(
         f"{split}/neg_elbo_{conv}": terms[0] / n,
         f"{split}/recon_{conv}": terms[1] / n,
         f"{split}/kl": terms[2] / n,
+        **group_kls(model, sums, split),
         f"{split}/num_samples": int(n),
         f"{split}/active_units": int((mu_var > active_threshold).sum().item()),
         f"{split}/latent_dims": int(mu_var.numel()),

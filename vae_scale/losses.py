@@ -212,6 +212,24 @@ def kl_normal_standard(mu: Tensor, logvar: Tensor) -> Tensor:
         return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
 
 
+def kl_normal(mu_q: Tensor, logvar_q: Tensor, mu_p: Tensor, logvar_p: Tensor) -> Tensor:
+    """KL(N(mu_q, exp(logvar_q)) || N(mu_p, exp(logvar_p))) per dimension, float32 (a
+    hierarchical model's learned priors)."""
+    with _no_autocast(mu_q.device.type):
+        mu_q, logvar_q, mu_p, logvar_p = (t.float() for t in (mu_q, logvar_q, mu_p, logvar_p))
+        return 0.5 * (
+            logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).pow(2)) / logvar_p.exp() - 1.0
+        )
+
+
+def kl_per_dim(mu: Tensor, logvar: Tensor, kl_groups: dict[str, Tensor] | None = None) -> Tensor:
+    """(B, D) KL per latent dimension: against N(0, I), or, for a model that computes its own
+    KLs (latent groups with learned priors), its groups' KLs side by side."""
+    if kl_groups:
+        return torch.cat([kl.float().flatten(1) for kl in kl_groups.values()], dim=1)
+    return kl_normal_standard(mu, logvar).flatten(1)
+
+
 def kl_weight(step: int, beta: float, warmup_steps: int, beta_start: float = 0.0) -> float:
     """Linear KL warm-up from `beta_start` to `beta` over `warmup_steps` optimizer steps."""
     if warmup_steps <= 0 or step >= warmup_steps:
@@ -227,6 +245,7 @@ class ELBOTerms:
     neg_elbo: Tensor
     recon: Tensor
     kl: Tensor
+    kl_groups: dict[str, Tensor] | None = None  # per latent group, for hierarchical models
 
 
 def neg_elbo(
@@ -237,22 +256,25 @@ def neg_elbo(
     logvar: Tensor,
     kl_weight: float = 1.0,
     free_bits: float = 0.0,
+    kl_groups: dict[str, Tensor] | None = None,
 ) -> ELBOTerms:
     """Negative ELBO = recon NLL + KL, in nats per image.
 
     `loss` is the batch mean of recon + kl_weight * KL, where KL may be floored per latent
     dimension at `free_bits` nats (batch-averaged, as in Kingma et al. 2016); the reported
-    `neg_elbo` and `kl` are always the true, unweighted values.
+    `neg_elbo` and `kl` are always the true, unweighted values. `kl_groups` (name -> per
+    dimension KL, from a hierarchical model's output) replaces the N(0, I) KL of (mu, logvar).
     """
     recon = likelihood.nll(x_params, x)
-    kl_dims = kl_normal_standard(mu, logvar).flatten(1)
+    kl_dims = kl_per_dim(mu, logvar, kl_groups)
     kl = kl_dims.sum(1)
     if free_bits > 0:
         kl_for_loss = torch.clamp(kl_dims.mean(0), min=free_bits).sum().expand_as(kl)
     else:
         kl_for_loss = kl
     loss = (recon + kl_weight * kl_for_loss).mean()
-    return ELBOTerms(loss=loss, neg_elbo=recon + kl, recon=recon, kl=kl)
+    groups = {k: v.float().flatten(1).sum(1) for k, v in kl_groups.items()} if kl_groups else None
+    return ELBOTerms(loss=loss, neg_elbo=recon + kl, recon=recon, kl=kl, kl_groups=groups)
 
 
 def bits_per_dim(nats_per_image: Tensor | float, num_dims: int) -> Tensor | float:

@@ -29,6 +29,11 @@ def sample_grid(samples: torch.Tensor, nrow: int = 8) -> torch.Tensor:
     return make_grid(_upscale(samples.float().cpu()), nrow=nrow, padding=2, pad_value=1.0)
 
 
+def rows_grid(rows: torch.Tensor) -> torch.Tensor:
+    """(rows, columns, C, H, W) -> grid with one picture row per entry (edits, paths)."""
+    return sample_grid(rearrange(rows, "r k c h w -> (r k) c h w"), nrow=rows.shape[1])
+
+
 def save_grid(grid: torch.Tensor, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(grid, path)

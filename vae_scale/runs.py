@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file
 
 from vae_scale import checkpoint
 from vae_scale.config import SECTIONS, Config, ConfigError, config_from_dict
+from vae_scale.ema import EMA_FILE
 from vae_scale.losses import build_likelihood
 from vae_scale.models import VAE, build_model
 
@@ -36,11 +38,16 @@ def load_run_config(run_dir: Path) -> tuple[Config, dict]:
 
 
 def load_run(
-    run_dir: str | Path, ckpt: str | Path | None = None, device: torch.device | str = "cpu"
+    run_dir: str | Path,
+    ckpt: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    weights: Literal["ema", "raw"] = "ema",
 ) -> TrainedRun:
     """Rebuild the model of `run_dir` and load its latest complete checkpoint (or `ckpt`).
 
-    Weights come from `model.safetensors`: loading never unpickles anything.
+    Weights come from `ema.safetensors` when the run kept an EMA of its weights (what its
+    evaluation and pictures used) and `weights` is 'ema', else from `model.safetensors`:
+    loading never unpickles anything.
     """
     run_dir = Path(run_dir)
     cfg, raw = load_run_config(run_dir)
@@ -53,7 +60,10 @@ def load_run(
         raise ConfigError(f"{run_dir}: no complete checkpoint to load")
     image_shape = tuple(raw["dataset_index"]["image_shape"])
     model = build_model(cfg.model, image_shape, build_likelihood(cfg.loss.likelihood, image_shape))
-    model.load_state_dict(load_file(ckpt_path / "model.safetensors"))
+    weights_file = ckpt_path / EMA_FILE
+    if weights == "raw" or not weights_file.is_file():
+        weights_file = ckpt_path / "model.safetensors"
+    model.load_state_dict(load_file(weights_file))
     model.to(device).eval()
     step = checkpoint.read_train_state(ckpt_path)["opt_step"]
     return TrainedRun(run_dir, cfg, model, ckpt_path, image_shape, step)

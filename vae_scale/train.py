@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 from vae_scale import checkpoint, pictures, tracking
 from vae_scale.config import Config, ConfigError
 from vae_scale.data.loader import ShardSplit, derive_seed
+from vae_scale.ema import EMA_FILE, ema_tensors, load_ema, make_ema
 from vae_scale.evaluate import evaluate_split, first_images, prepare_inputs, summarize
 from vae_scale.losses import build_likelihood, kl_weight, neg_elbo
 from vae_scale.models import build_model
@@ -42,10 +44,25 @@ def lr_at(step: int, cfg: Config, total_steps: int) -> float:
     return t.lr
 
 
+def _cpu_has_fast_bf16() -> bool:
+    """True when oneDNN has bf16 kernels for this CPU (AVX-512 or newer, e.g. AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private op: assume fast rather than nag
+        return True
+
+
 def make_accelerator(cfg: Config, wandb_mode: str) -> Accelerator:
     use_cpu = cfg.train.cpu or not torch.cuda.is_available()
     if cfg.train.mixed_precision == "fp16" and use_cpu:
         raise ConfigError("train.mixed_precision: 'fp16' needs a GPU; use 'bf16' or 'no' on CPU")
+    if cfg.train.mixed_precision == "bf16" and use_cpu and not _cpu_has_fast_bf16():
+        # oneDNN then emulates bf16 convolutions: ~8x slower than fp32 on our AVX2 dev CPU.
+        warnings.warn(
+            "train.mixed_precision: 'bf16' on a CPU without AVX-512 (no oneDNN bf16 kernels) is "
+            "several times slower than fp32; use 'no' on this machine",
+            stacklevel=2,
+        )
     # cpu=True also matters under `accelerate launch --multi_gpu` on a CPU machine: without it
     # every process believes it is rank 0 of 1 (see docs/known-traps).
     return Accelerator(
@@ -168,6 +185,18 @@ def _train(
     model, optimizer = accelerator.prepare(model, optimizer)  # the loader is never prepared
     core = accelerator.unwrap_model(model)
     device = accelerator.device
+    ema = None
+    if cfg.train.ema_decay > 0:  # a plain copy: no DDP, compile or autocast wrappers
+        shadow = build_model(
+            cfg.model, image_shape, build_likelihood(cfg.loss.likelihood, image_shape)
+        )
+        shadow.load_state_dict(getattr(core, "_orig_mod", core).state_dict())
+        fmt = torch.channels_last if cfg.train.channels_last else torch.preserve_format
+        ema = make_ema(shadow.to(device, memory_format=fmt), cfg.train.ema_decay)
+    # What evaluation and pictures use (never the compiled wrapper: eval shapes differ).
+    eval_model = getattr(core, "_orig_mod", core) if ema is None else ema.module
+    groups = core.latent_group_names  # KLs logged one by one (hierarchical models)
+    n_sums = 4 + len(groups)
 
     accum = cfg.train.grad_accum_steps
     # Whole accumulation cycles only, so every epoch ends on an optimizer step.
@@ -191,11 +220,18 @@ def _train(
         "bad_steps": 0,
         "consecutive_bad": 0,
         "skipped_samples": 0,
-        "epoch_sums": [0.0] * 4,
+        "skipped_updates": 0,  # gradient-norm spikes skipped (train.skip_threshold)
+        "consecutive_skips": 0,
+        "forced_updates": 0,  # applied after max_consecutive_skips skips in a row
+        "ema_updates": 0,
+        "epoch_sums": [0.0] * n_sums,
     }
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         state.update(checkpoint.read_train_state(resume_from))
+        if ema is not None and not load_ema(ema, resume_from, state["ema_updates"]):
+            ema.n_averaged.zero_()  # EMA newly switched on: start from the loaded weights
+            ema.update_parameters(core)
         if main:
             _truncate_logs(run_dir, state["opt_step"])
         accelerator.print(
@@ -237,12 +273,21 @@ def _train(
     ckpt_root = run_dir / "checkpoints"
 
     def save(epoch: int, batch_in_epoch: int, sums: torch.Tensor | None = None) -> None:
-        epoch_sums = [0.0] * 4
+        epoch_sums = [0.0] * n_sums
         if sums is not None:  # mid-epoch: keep what the epoch's metrics have summed so far
             epoch_sums = accelerator.reduce(sums.clone(), reduction="sum").tolist()
         state.update(epoch=epoch, batch_in_epoch=batch_in_epoch, epoch_sums=epoch_sums)
+        extra = None
+        if ema is not None:
+            state["ema_updates"] = int(ema.n_averaged)
+            extra = {EMA_FILE: ema_tensors(ema)} if main else None
         checkpoint.save_checkpoint(
-            accelerator, ckpt_root, state["opt_step"], dict(state), cfg.train.keep_checkpoints
+            accelerator,
+            ckpt_root,
+            state["opt_step"],
+            dict(state),
+            cfg.train.keep_checkpoints,
+            extra,
         )
 
     for epoch in range(state["epoch"], cfg.train.epochs + 1):
@@ -252,7 +297,7 @@ def _train(
             # mid-epoch resume continues the stream restored by load_state instead.
             torch.manual_seed(derive_seed(cfg.run.seed, "noise", epoch, accelerator.process_index))
         model.train()
-        sums = torch.zeros(4, dtype=torch.float64, device=device)
+        sums = torch.zeros(n_sums, dtype=torch.float64, device=device)
         if start > 0 and main:  # resumed mid-epoch: the global sums of the earlier batches
             sums += torch.tensor(state["epoch_sums"], dtype=torch.float64, device=device)
         steps = steps_in[epoch]
@@ -279,23 +324,39 @@ def _train(
                     state["opt_step"], cfg.loss.beta, cfg.loss.kl_warmup_steps, cfg.loss.beta_start
                 )
                 terms = neg_elbo(
-                    core.likelihood, out.x_params, x, out.mu, out.logvar, beta, cfg.loss.free_bits
+                    core.likelihood,
+                    out.x_params,
+                    x,
+                    out.mu,
+                    out.logvar,
+                    beta,
+                    cfg.loss.free_bits,
+                    out.kl_groups,
                 )
                 accelerator.backward(terms.loss)
                 if accelerator.sync_gradients:
-                    _optimizer_step(accelerator, model, optimizer, cfg, state, total_opt_steps)
+                    stepped, grad_norm = _optimizer_step(
+                        accelerator, model, optimizer, cfg, state, total_opt_steps
+                    )
+                    if stepped and ema is not None:
+                        ema.update_parameters(core)
+            group_kls = [terms.kl_groups[g].detach() for g in groups]
             sums += torch.stack(
                 [
                     terms.neg_elbo.detach().sum(),
                     terms.recon.detach().sum(),
                     terms.kl.detach().sum(),
                     torch.tensor(float(x.shape[0]), device=device),
+                    *[kl.sum() for kl in group_kls],
                 ]
             ).double()
             if not accelerator.sync_gradients:
                 continue
             if state["opt_step"] % cfg.train.log_every_steps == 0:
-                loss = accelerator.reduce(terms.neg_elbo.detach().mean(), "mean").item()
+                means = torch.stack(
+                    [terms.neg_elbo.detach().mean(), *[k.mean() for k in group_kls]]
+                )
+                loss, *step_kls = accelerator.reduce(means, "mean").tolist()
                 progress.set_postfix(neg_elbo=f"{loss:.2f}")
                 row = {
                     "global_step": state["opt_step"],
@@ -303,6 +364,9 @@ def _train(
                     "train/step_neg_elbo": loss,
                     "train/kl_weight": beta,
                     "train/lr": optimizer.param_groups[0]["lr"],
+                    "train/grad_norm": grad_norm,
+                    "train/skipped_updates": state["skipped_updates"],
+                    **{f"train/step_kl_{g}": v for g, v in zip(groups, step_kls, strict=True)},
                 }
                 if main:
                     with open(run_dir / STEPS_FILE, "a") as f:
@@ -328,8 +392,11 @@ def _train(
             "train/neg_elbo": totals[0].item() / n,
             "train/recon": totals[1].item() / n,
             "train/kl": totals[2].item() / n,
+            **{f"train/kl_{g}": totals[4 + j].item() / n for j, g in enumerate(groups)},
             "train/num_samples": n,
             "train/bad_steps": state["bad_steps"],
+            "train/skipped_updates": state["skipped_updates"],
+            "train/forced_updates": state["forced_updates"],
             "train/skipped_samples": state["skipped_samples"],
             "time/epoch_s": epoch_time,
             "throughput/train_img_per_s": n / max(epoch_time, 1e-9),
@@ -339,7 +406,7 @@ def _train(
                 if name in splits:
                     metrics.update(
                         evaluate_split(
-                            accelerator, core, splits[name], cfg.run.seed, cfg.data.binarize
+                            accelerator, eval_model, splits[name], cfg.run.seed, cfg.data.binarize
                         )
                     )
         if main:
@@ -353,7 +420,7 @@ def _train(
             if epoch in cfg.eval.picture_epochs or epoch == cfg.train.epochs:
                 _pictures(
                     accelerator,
-                    core,
+                    eval_model,
                     picture_inputs,
                     epoch,
                     run_dir,
@@ -379,15 +446,35 @@ def _optimizer_step(
     cfg: Config,
     state: dict[str, Any],
     total_opt_steps: int,
-) -> None:
-    """Clip, then step, unless the gradients are non-finite (then skip and count).
+) -> tuple[bool, float]:
+    """Clip, then step, unless the gradients are non-finite (then skip and count), or their
+    norm exceeds train.skip_threshold (then skip and count, but at most
+    train.max_consecutive_skips times in a row: the next one is applied, clipped). Returns
+    (whether the weights changed, the gradient norm before clipping).
 
     The gradient norm is computed after DDP's all-reduce, so every rank makes the same
     decision. Under fp16 the grad scaler owns overflow handling; we only count its skips.
     """
-    max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-    if accelerator.scaler is None and not torch.isfinite(grad_norm):
+    t = cfg.train
+    # Clipping at the skip threshold too: a forced update after a run of skips is clipped.
+    limits = [c for c in (t.grad_clip, t.skip_threshold) if c > 0]
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), min(limits, default=float("inf")))
+    norm = float(grad_norm)
+    if t.skip_threshold > 0 and math.isfinite(norm) and norm > t.skip_threshold:
+        if state["consecutive_skips"] < t.max_consecutive_skips:
+            state["skipped_updates"] += 1
+            state["consecutive_skips"] += 1
+            if accelerator.scaler is not None:
+                accelerator.scaler.update()  # end this step's unscale_, as a step would
+            optimizer.zero_grad(set_to_none=True)
+            return False, norm
+        state["forced_updates"] += 1
+        accelerator.print(
+            f"warning: step {state['opt_step']}: gradient norm {norm:.4g} > "
+            f"train.skip_threshold={t.skip_threshold:g} after {state['consecutive_skips']} "
+            f"skipped updates in a row; applying it clipped (raise the threshold if this repeats)"
+        )
+    if accelerator.scaler is None and not math.isfinite(norm):
         skipped = True
     else:
         for group in optimizer.param_groups:
@@ -407,7 +494,9 @@ def _optimizer_step(
             )
     else:
         state["consecutive_bad"] = 0
+        state["consecutive_skips"] = 0
         state["opt_step"] += 1
+    return not skipped, norm
 
 
 def _pictures(

@@ -40,6 +40,7 @@ import numpy as np
 
 from vae_scale.data.fetch import DataError, sha256_file
 from vae_scale.data.sources import SourceData
+from vae_scale.fsutil import fsync
 
 # Same names and format as data/shards.py (not imported from there at module level: that pulls
 # in webdataset and torch, seconds of start-up for `vae-scale --help`).
@@ -241,14 +242,6 @@ def sample_for(task: ShardTask, item: ImageItem, image: np.ndarray) -> dict[str,
     return sample
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json_atomic(path: Path, payload: Any, indent: int | None = None) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
@@ -256,7 +249,7 @@ def _write_json_atomic(path: Path, payload: Any, indent: int | None = None) -> N
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync(path.parent)
 
 
 def sidecar_path(task: ShardTask) -> Path:
@@ -314,7 +307,7 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
             os.fsync(stream.fileno())
         if count:
             os.replace(tmp, final)
-            _fsync_dir(work)
+            fsync(work)
         else:  # every image of this chunk was bad: no shard file, the index omits it
             tmp.unlink()
             final.unlink(missing_ok=True)
@@ -469,7 +462,7 @@ def merge_index(
     if out_dir.exists():
         os.replace(out_dir, old)
     os.replace(work, out_dir)
-    _fsync_dir(out_dir.parent)
+    fsync(out_dir.parent)
     shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(out_dir / PARTS_DIR, ignore_errors=True)
     counts = ", ".join(f"{k} {v['num_samples']}" for k, v in splits.items())

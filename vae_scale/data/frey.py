@@ -27,7 +27,8 @@ def locate(source_dir: Path, download_ok: bool = True) -> Path:
     raise DataError(
         f"Frey Face file not found: looked for {path} (offline or --no-download, so not "
         f"downloaded). Get it from {URL} (sha256 {SHA256[:12]}…) into {source_dir}, or point "
-        f"--data-root / VAE_SCALE_DATA at a folder with freyface/{FILENAME}, or pass --source.")
+        f"--data-root / VAE_SCALE_DATA at a folder with freyface/{FILENAME}, or pass --source."
+    )
 
 
 def load_images(path: Path) -> np.ndarray:
@@ -43,8 +44,10 @@ def load_images(path: Path) -> np.ndarray:
         raise DataError(f"{path}: variable 'ff' not found (variables: {keys})")
     ff = mat["ff"]
     if ff.shape != (HEIGHT * WIDTH, COUNT) or ff.dtype != np.uint8:
-        raise DataError(f"{path}: variable 'ff' has shape {ff.shape} dtype {ff.dtype}, expected "
-                        f"({HEIGHT * WIDTH}, {COUNT}) uint8")
+        raise DataError(
+            f"{path}: variable 'ff' has shape {ff.shape} dtype {ff.dtype}, expected "
+            f"({HEIGHT * WIDTH}, {COUNT}) uint8"
+        )
     # Each column is one image stored row-major as 28 rows of 20 pixels.
     return np.ascontiguousarray(ff.T.reshape(COUNT, HEIGHT, WIDTH))
 

@@ -25,6 +25,7 @@ import webdataset as wds
 
 from vae_scale.data.fetch import DataError, sha256_file
 from vae_scale.data.sources import SourceData
+from vae_scale.fsutil import fsync
 
 INDEX_NAME = "index.json"
 FORMAT_VERSION = 1
@@ -44,11 +45,6 @@ def encode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def write_split(
     samples: Iterable[dict[str, Any]],
     out_dir: Path,
@@ -63,20 +59,27 @@ def write_split(
 
     def finished(fname: str) -> None:  # ShardWriter calls this after closing each shard
         path = Path(fname)
-        _fsync_file(path)
-        shards.append({"name": path.name, "num_samples": in_shard[0],
-                       "sha256": sha256_file(path)})
+        fsync(path)
+        shards.append({"name": path.name, "num_samples": in_shard[0], "sha256": sha256_file(path)})
         in_shard[0] = 0
 
     count = 0
     # mtime fixed so the same samples always give byte-identical shards (checksums repeat).
-    with wds.ShardWriter(str(out_dir / SHARD_PATTERN.format(split=split)), maxcount=shard_size,
-                         verbose=0, post=finished, mtime=0, encoder=False) as writer:
+    with wds.ShardWriter(
+        str(out_dir / SHARD_PATTERN.format(split=split)),
+        maxcount=shard_size,
+        verbose=0,
+        post=finished,
+        mtime=0,
+        encoder=False,
+    ) as writer:
         for sample in samples:
             arr = sample["npy"]
             if arr.shape != (h, w, c):
-                raise DataError(f"sample {sample['__key__']}: image shape {arr.shape}, expected "
-                                f"{(h, w, c)} (H, W, C)")
+                raise DataError(
+                    f"sample {sample['__key__']}: image shape {arr.shape}, expected "
+                    f"{(h, w, c)} (H, W, C)"
+                )
             writer.write(encode_sample(sample))  # may close the previous shard first
             in_shard[0] += 1
             count += 1
@@ -94,11 +97,16 @@ def index_matches(out_dir: Path, data: SourceData, shard_size: int) -> bool:
         index = json.loads(path.read_text())
     except json.JSONDecodeError:
         return False
-    return (index.get("format_version") == FORMAT_VERSION
-            and index.get("source") == data.source
-            and index.get("params") == {**data.params, "shard_size": shard_size}
-            and all((out_dir / s["name"]).is_file()
-                    for split in index["splits"].values() for s in split["shards"]))
+    return (
+        index.get("format_version") == FORMAT_VERSION
+        and index.get("source") == data.source
+        and index.get("params") == {**data.params, "shard_size": shard_size}
+        and all(
+            (out_dir / s["name"]).is_file()
+            for split in index["splits"].values()
+            for s in split["shards"]
+        )
+    )
 
 
 def write_dataset(data: SourceData, out_dir: Path, shard_size: int, force: bool = False) -> dict:
@@ -119,8 +127,7 @@ def write_dataset(data: SourceData, out_dir: Path, shard_size: int, force: bool 
         splits = {}
         for split, samples in data.splits.items():
             shards = write_split(samples, building, split, shard_size, data.image_shape)
-            splits[split] = {"num_samples": sum(s["num_samples"] for s in shards),
-                             "shards": shards}
+            splits[split] = {"num_samples": sum(s["num_samples"] for s in shards), "shards": shards}
             print(f"  {split}: {splits[split]['num_samples']} samples in {len(shards)} shards")
         index = {
             "format_version": FORMAT_VERSION,
@@ -133,7 +140,7 @@ def write_dataset(data: SourceData, out_dir: Path, shard_size: int, force: bool 
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (building / INDEX_NAME).write_text(json.dumps(index, indent=1))
-        _fsync_file(building / INDEX_NAME)
+        fsync(building / INDEX_NAME)
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         if out_dir.exists():
             os.replace(out_dir, old)
@@ -150,36 +157,46 @@ def load_index(shard_dir: Path) -> dict[str, Any]:
     shard_dir = Path(shard_dir)
     path = shard_dir / INDEX_NAME
     if not shard_dir.is_dir():
-        raise DataError(f"shard folder {shard_dir} does not exist: run `vae-scale shard "
-                        f"{shard_dir.name}` first (or set data.shards_dir)")
+        raise DataError(
+            f"shard folder {shard_dir} does not exist: run `vae-scale shard "
+            f"{shard_dir.name}` first (or set data.shards_dir)"
+        )
     if not path.is_file():
-        raise DataError(f"{path} is missing: {shard_dir} is not a complete shard folder; "
-                        f"re-run `vae-scale shard {shard_dir.name} --force`")
+        raise DataError(
+            f"{path} is missing: {shard_dir} is not a complete shard folder; "
+            f"re-run `vae-scale shard {shard_dir.name} --force`"
+        )
     try:
         index = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON ({err})") from err
     if index.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{path}: format_version {index.get('format_version')!r}, expected "
-                        f"{FORMAT_VERSION}; re-run `vae-scale shard {shard_dir.name} --force`")
+        raise DataError(
+            f"{path}: format_version {index.get('format_version')!r}, expected "
+            f"{FORMAT_VERSION}; re-run `vae-scale shard {shard_dir.name} --force`"
+        )
     return index
 
 
-def split_shards(shard_dir: Path, index: dict[str, Any], split: str,
-                 verify: bool = False) -> list[dict[str, Any]]:
+def split_shards(
+    shard_dir: Path, index: dict[str, Any], split: str, verify: bool = False
+) -> list[dict[str, Any]]:
     """The shard entries of `split`, each with its full `path`; all must exist (and match
     their sha256 when `verify`)."""
     if split not in index["splits"]:
-        raise DataError(f"{shard_dir / INDEX_NAME}: no split {split!r} "
-                        f"(has {sorted(index['splits'])})")
+        raise DataError(
+            f"{shard_dir / INDEX_NAME}: no split {split!r} (has {sorted(index['splits'])})"
+        )
     shards = []
     for entry in index["splits"][split]["shards"]:
         path = Path(shard_dir) / entry["name"]
         if not path.is_file():
             raise DataError(f"shard {path} listed in {INDEX_NAME} is missing")
         if verify and (got := sha256_file(path)) != entry["sha256"]:
-            raise DataError(f"shard {path} has sha256 {got}, but {INDEX_NAME} says "
-                            f"{entry['sha256']}: the file is corrupt or was changed")
+            raise DataError(
+                f"shard {path} has sha256 {got}, but {INDEX_NAME} says "
+                f"{entry['sha256']}: the file is corrupt or was changed"
+            )
         shards.append({**entry, "path": str(path)})
     if not shards:
         raise DataError(f"{shard_dir}: split {split!r} has no shards")

@@ -7,12 +7,14 @@ from typing import Any
 from vae_scale.losses import Likelihood
 from vae_scale.models.base import VAE, VAEOutput
 from vae_scale.models.conv import ConvVAE, ConvVAEConfig
+from vae_scale.models.hierarchical import HierarchicalVAE, HierarchicalVAEConfig
 from vae_scale.models.mlp import MLPVAE, MLPVAEConfig
 from vae_scale.models.resnet import ResNetVAE, ResNetVAEConfig
 
 # name -> (config dataclass, model class)
 MODELS: dict[str, tuple[type, type[VAE]]] = {
     "conv": (ConvVAEConfig, ConvVAE),
+    "hierarchical": (HierarchicalVAEConfig, HierarchicalVAE),
     "mlp": (MLPVAEConfig, MLPVAE),
     "resnet": (ResNetVAEConfig, ResNetVAE),
 }

@@ -15,6 +15,9 @@ class VAEOutput(NamedTuple):
     z: Tensor
     mu: Tensor
     logvar: Tensor
+    # name -> per-dimension KL (float32) when the model computes its KLs itself (latent groups
+    # with learned priors); None: KL(N(mu, exp(logvar)) || N(0, I)).
+    kl_groups: dict[str, Tensor] | None = None
 
 
 class VAE(nn.Module):
@@ -32,6 +35,11 @@ class VAE(nn.Module):
     @property
     def latent_shape(self) -> tuple[int, ...]:
         raise NotImplementedError
+
+    @property
+    def latent_group_names(self) -> list[str]:
+        """Keys of `VAEOutput.kl_groups` (their KLs are logged one by one); [] for one latent."""
+        return []
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -52,12 +60,31 @@ class VAE(nn.Module):
         z = self.reparameterize(mu, logvar, eps)
         return VAEOutput(self.decode(z), z, mu, logvar)
 
+    def log_weights(self, x: Tensor, eps: Tensor) -> Tensor:
+        """log p(x, z) - log q(z | x), float32, for z drawn from q(z | x) with the standard
+        normal noise `eps` (n, B, *latent_shape): shape (n, B). The IWAE bound's weights."""
+        mu, logvar = self.encode(x)
+        mu, std = mu.float(), torch.exp(0.5 * logvar.float())
+        n, batch = eps.shape[:2]
+        z = mu + eps * std
+        params = self.decode(z.flatten(0, 1))
+        log_px = -self.likelihood.nll(params, x.repeat(n, *([1] * (x.dim() - 1))))
+        prior = torch.distributions.Normal(0.0, 1.0)
+        posterior = torch.distributions.Normal(mu, std)
+        return (
+            log_px.view(n, batch)
+            + prior.log_prob(z).flatten(2).sum(2)
+            - posterior.log_prob(z).flatten(2).sum(2)
+        )
+
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """Decode n draws of z ~ N(0, I) into images in [0, 1]."""
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0
+    ) -> Tensor:
+        """Decode n draws of z ~ N(0, temperature^2 I) into images in [0, 1]."""
         device = next(self.parameters()).device
         z = torch.randn((n, *self.latent_shape), generator=generator, device="cpu").to(device)
-        return self.likelihood.mean(self.decode(z))
+        return self.likelihood.mean(self.decode(z * temperature))
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
