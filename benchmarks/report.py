@@ -319,7 +319,8 @@ def part_markdown(part: str, result: list, budget: Budget, stamp: Stamp) -> str:
             "### Model FLOPs per image and utilisation",
             when,
             "FlopCounterMode over one eager fp32 forward + backward (matmuls and "
-            "convolutions); MFU = FLOPs/image x img/s / measured dense bf16 matmul rate.",
+            "convolutions); img/s: the fastest setting of this run's train part (n/a when "
+            "run without it); MFU = FLOPs/image x img/s / measured dense bf16 matmul rate.",
             flops_table(result),
         ]
     else:
