@@ -1,6 +1,6 @@
 """All benchmarks in one run, written to benchmarks/RESULTS.md.
 
-    python -m benchmarks.run [--only data,train,flops,ddp] [--quick] [--no-write]
+    python -m benchmarks.run [--only data,train,flops,ddp] [--quick] [--threads N] [--no-write]
 
 Parts (device auto-detected: CUDA when available, else CPU):
   data   decoded samples/s of our shard reader vs the loader a user would write (torchvision
@@ -15,7 +15,8 @@ Parts (device auto-detected: CUDA when available, else CPU):
 Shards are read from shards/DATASET, else from --fallback-shards (built there with
 `vae-scale shard` when missing). Raw files for the baselines: --data-root / $VAE_SCALE_DATA.
 The device's section of RESULTS.md (one for CPU, one for CUDA) is rewritten; parts not run
-this time are kept. Run it niced on a shared machine: `nice -n 10 python -m benchmarks.run`.
+this time are kept. On a shared machine run it niced, and with `--threads 1` when the load
+exceeds the cores: `nice -n 10 python -m benchmarks.run --threads 1`.
 """
 
 from __future__ import annotations

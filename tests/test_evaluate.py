@@ -107,8 +107,7 @@ def test_iwae_tightens_with_k_on_a_trained_model():
             ]
         ).mean()
     bounds = {
-        k: iwae_nll(model, x, k, SampleNoise(keys, 0, "iw")).mean().item()
-        for k in (1, 10, 1000)
+        k: iwae_nll(model, x, k, SampleNoise(keys, 0, "iw")).mean().item() for k in (1, 10, 1000)
     }
     assert bounds[1] == pytest.approx(elbo.item(), abs=0.3)
     # Steps of ~10x in K: each gap (measured 0.35 and 0.12 nats) is many times the MC error.
