@@ -34,7 +34,7 @@ start() {
     base=$(realpath -m "$base")
     mkdir -p "$base"/{ctld,d,run,log}
     host=$(hostname -s)
-    cpus=$(nproc)
+    cpus=$(getconf _NPROCESSORS_ONLN)  # not nproc: it follows OMP_NUM_THREADS
     mem=$(free -m | awk '/^Mem:/ {print int($2 * 0.9)}')
     ctld_port=$(free_port)
     d_port=$(free_port)

@@ -344,7 +344,7 @@ def test_real_slurm_job_checkpoints_on_signal_requeues_and_completes(
         return log.read_text(errors="replace") if log.exists() else ""
 
     # The trainer is in its loop (signal handlers installed) once config.json exists.
-    _wait(lambda: (run_dir / "config.json").exists(), 600, f"job {job} to start training")
+    _wait(lambda: (run_dir / "config.json").exists(), 300, f"job {job} to start training")
     subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True, timeout=30)
 
     def finished() -> dict | None:
@@ -352,7 +352,7 @@ def test_real_slurm_job_checkpoints_on_signal_requeues_and_completes(
         done = fields.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
         return fields if done else None
 
-    fields = _wait(finished, 900, f"job {job} to finish", poll=1)
+    fields = _wait(finished, 600, f"job {job} to finish", poll=1)
     text = job_log()
     assert fields["JobState"] == "COMPLETED", text[-3000:]
     assert fields["Restarts"] == "1" and fields["ExitCode"] == "0:0", fields
