@@ -31,7 +31,6 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from accelerate.state import AcceleratorState, GradientState
@@ -46,7 +45,7 @@ SHAPES = {"frey": (1, 28, 20), "mnist": (1, 28, 28), "cifar10": (3, 32, 32), "ce
 
 
 def image_shape(cfg: Config) -> tuple[int, int, int]:
-    index = Path(cfg.data.shards_dir) / cfg.data.dataset / "index.json"
+    index = cfg.shard_dir / "index.json"
     if index.is_file():
         return tuple(json.loads(index.read_text())["image_shape"])
     if cfg.data.dataset not in SHAPES:

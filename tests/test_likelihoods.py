@@ -46,29 +46,23 @@ def as_y(levels: np.ndarray) -> torch.Tensor:
     return torch.tensor(2 * levels / 255 - 1, dtype=torch.float32)
 
 
+# family -> (our binned log-prob, the scipy distribution, the rtol it is held to)
+BINNED = {
+    "logistic": (discretized_logistic_log_prob, stats.logistic, 2e-5),
+    "normal": (discretized_normal_log_prob, stats.norm, 5e-5),
+}
+
+
+@pytest.mark.parametrize("family", sorted(BINNED))
 @pytest.mark.parametrize("mean, scale", CASES)
-def test_discretized_logistic_matches_scipy(mean, scale):
+def test_discretized_log_prob_matches_scipy(family, mean, scale):
+    log_prob, scipy_dist, rtol = BINNED[family]
     lower, upper = bin_edges(LEVELS)
-    expected = scipy_log_mass(stats.logistic(loc=mean, scale=scale), lower, upper)
-    got = discretized_logistic_log_prob(
-        as_y(LEVELS), torch.tensor(mean), torch.tensor(math.log(scale))
-    ).double()
+    expected = scipy_log_mass(scipy_dist(loc=mean, scale=scale), lower, upper)
+    got = log_prob(as_y(LEVELS), torch.tensor(mean), torch.tensor(math.log(scale))).double()
     finite = np.isfinite(expected)  # scipy underflows to -inf in the far tails; we do not
     assert finite.any()
-    np.testing.assert_allclose(got.numpy()[finite], expected[finite], rtol=2e-5, atol=1e-4)
-    assert torch.isfinite(got).all()
-
-
-@pytest.mark.parametrize("mean, scale", CASES)
-def test_discretized_normal_matches_scipy(mean, scale):
-    lower, upper = bin_edges(LEVELS)
-    expected = scipy_log_mass(stats.norm(loc=mean, scale=scale), lower, upper)
-    got = discretized_normal_log_prob(
-        as_y(LEVELS), torch.tensor(mean), torch.tensor(math.log(scale))
-    ).double()
-    finite = np.isfinite(expected)
-    assert finite.any()
-    np.testing.assert_allclose(got.numpy()[finite], expected[finite], rtol=5e-5, atol=1e-4)
+    np.testing.assert_allclose(got.numpy()[finite], expected[finite], rtol=rtol, atol=1e-4)
     assert torch.isfinite(got).all()
 
 

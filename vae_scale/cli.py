@@ -93,7 +93,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         run = load_run(args.run_dir, args.checkpoint, accelerator.device)
         cfg = run.cfg
         data = ShardSplit(
-            Path(cfg.data.shards_dir) / cfg.data.dataset,
+            cfg.shard_dir,
             args.split,
             batch_size=args.batch_size,
             world_size=accelerator.num_processes,
@@ -152,16 +152,13 @@ def cmd_pictures(args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, "cli", args.command))
 
     def test_images(n: int) -> torch.Tensor:
-        data = ShardSplit(
-            Path(cfg.data.shards_dir) / cfg.data.dataset, args.split, batch_size=max(n, 1)
-        )
+        data = ShardSplit(cfg.shard_dir, args.split, batch_size=max(n, 1))
         return prepare_inputs(first_images(data, n), "cpu", "none")
 
     key = args.command  # the W&B picture name
     with torch.no_grad():
         if args.command == "sample":
-            z = torch.randn((args.n, *model.latent_shape), generator=gen) * args.temperature
-            grid = pictures.sample_grid(model.likelihood.mean(model.decode(z)))
+            grid = pictures.sample_grid(model.sample(args.n, gen, args.temperature))
             path = run.run_dir / f"sample_t{args.temperature:g}_n{args.n}.png"
         elif args.command == "reconstruct":
             x = test_images(args.n)
@@ -170,7 +167,7 @@ def cmd_pictures(args: argparse.Namespace) -> None:
         elif args.command == "edit":
             direction = attributes.split_attribute_vector(
                 model,
-                ShardSplit(Path(cfg.data.shards_dir) / cfg.data.dataset, args.attr_split, 100),
+                ShardSplit(cfg.shard_dir, args.attr_split, 100),
                 args.attribute,
                 args.max_images or None,
             )

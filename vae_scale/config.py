@@ -210,6 +210,11 @@ class Config:
     def run_dir(self) -> Path:
         return Path(self.run.dir) / self.run.name
 
+    @property
+    def shard_dir(self) -> Path:
+        """Where `vae-scale shard` put this config's dataset."""
+        return Path(self.data.shards_dir) / self.data.dataset
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

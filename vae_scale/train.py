@@ -77,7 +77,7 @@ def make_accelerator(cfg: Config, wandb_mode: str) -> Accelerator:
 
 def open_splits(cfg: Config, accelerator: Accelerator) -> dict[str, ShardSplit]:
     common: dict[str, Any] = dict(
-        shard_dir=Path(cfg.data.shards_dir) / cfg.data.dataset,
+        shard_dir=cfg.shard_dir,
         batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers,
         seed=cfg.run.seed,
@@ -185,16 +185,17 @@ def _train(
     model, optimizer = accelerator.prepare(model, optimizer)  # the loader is never prepared
     core = accelerator.unwrap_model(model)
     device = accelerator.device
+    plain = getattr(core, "_orig_mod", core)  # without the torch.compile wrapper
     ema = None
-    if cfg.train.ema_decay > 0:  # a plain copy: no DDP, compile or autocast wrappers
+    if cfg.train.ema_decay > 0:  # built fresh: no DDP, compile or autocast wrappers
         shadow = build_model(
             cfg.model, image_shape, build_likelihood(cfg.loss.likelihood, image_shape)
         )
-        shadow.load_state_dict(getattr(core, "_orig_mod", core).state_dict())
+        shadow.load_state_dict(plain.state_dict())
         fmt = torch.channels_last if cfg.train.channels_last else torch.preserve_format
         ema = make_ema(shadow.to(device, memory_format=fmt), cfg.train.ema_decay)
     # What evaluation and pictures use (never the compiled wrapper: eval shapes differ).
-    eval_model = getattr(core, "_orig_mod", core) if ema is None else ema.module
+    eval_model = plain if ema is None else ema.module
     groups = core.latent_group_names  # KLs logged one by one (hierarchical models)
     n_sums = 4 + len(groups)
 
