@@ -3,7 +3,8 @@
 Both sides read the same images (the first `n` of the train split), in the same order, into
 batches of the same size, with the same DataLoader worker count, prefetch and pinning:
 - ours: `ShardSplit(...).eval_batches()` over the first shards of shards/DATASET (decoded
-  uint8 CHW batches; the float conversion happens on the device in the training loop);
+  uint8 CHW batches; the float conversion happens on the device in the training loop), also
+  with `cache_in_memory` at 0 workers (what `data.cache_in_memory: true` gives from epoch 2);
 - baseline: torchvision's `MNIST` / `CIFAR10` datasets over the publisher's raw files with
   `ToTensor()`, the Frey `.mat` loaded into a `TensorDataset` (what the study's code did), and
   `ImageFolder` of the CelebA JPEGs with the sharder's exact crop + resize + `ToTensor()`.
@@ -32,7 +33,7 @@ class LoaderPair:
     dataset: str
     baseline_name: str
     samples: int
-    ours: Callable[[int], Batches]  # workers -> one pass of our reader
+    ours: Callable[[int, bool], Batches]  # (workers, RAM cache) -> one pass of our reader
     baseline: Callable[[int], Batches]  # workers -> one pass of the baseline
 
 
@@ -56,9 +57,15 @@ def first_shards(shard_dir: Path, n: int, min_shards: int) -> ShardSplit:
     return split
 
 
-def ours_reader(split: ShardSplit, batch_size: int) -> Callable[[int], Batches]:
-    def make(workers: int) -> Batches:
-        reader = ShardSplit(split.shard_dir, "train", batch_size=batch_size, num_workers=workers)
+def ours_reader(split: ShardSplit, batch_size: int) -> Callable[[int, bool], Batches]:
+    def make(workers: int, cache: bool = False) -> Batches:
+        reader = ShardSplit(
+            split.shard_dir,
+            "train",
+            batch_size=batch_size,
+            num_workers=workers,
+            cache_in_memory=cache,  # filled by the warm-up pass, as by a run's first epoch
+        )
         reader.shards, reader.num_samples = split.shards, split.num_samples
         return lambda: (b["image"] for b in reader.eval_batches())
 

@@ -136,8 +136,12 @@ def run_data(budget: Budget, shards: dict[str, Path], data_root: Path, work: Pat
     rows = []
     pairs = build_pairs(shards, data_root, budget.data_samples, batch_size=100, work=work)
     for pair in pairs:
-        for workers in budget.data_workers:
-            ours = timed_passes(pair.ours(workers), budget.data_repeats)
+        # the RAM cache only works in-process (0 workers); it is for datasets that fit in RAM
+        settings = [(w, False) for w in budget.data_workers]
+        if pair.dataset in budget.data_cached:
+            settings.append((0, True))
+        for workers, cached in settings:
+            ours = timed_passes(pair.ours(workers, cached), budget.data_repeats)
             base = timed_passes(pair.baseline(workers), budget.data_repeats)
             assert ours[2] == base[2] == pair.samples, (ours[2], base[2], pair.samples)
             row = DataRow(
@@ -148,10 +152,11 @@ def run_data(budget: Budget, shards: dict[str, Path], data_root: Path, work: Pat
                 base[2] / base[0],
                 ours[2] / ours[1],
                 base[2] / base[1],
+                cached=cached,
             )
             log(
-                f"  data {pair.dataset} workers={workers}: ours {row.ours_per_s:.0f}/s, "
-                f"baseline {row.baseline_per_s:.0f}/s"
+                f"  data {pair.dataset} workers={workers}{' cached' if cached else ''}: "
+                f"ours {row.ours_per_s:.0f}/s, baseline {row.baseline_per_s:.0f}/s"
             )
             rows.append(row)
     return rows

@@ -29,13 +29,18 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from accelerate.state import AcceleratorState, GradientState
 
-from vae_scale.config import Config, load_config
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from benchmarks.steps import count_flops_per_image  # noqa: E402
+from vae_scale.config import Config, load_config  # noqa: E402
 from vae_scale.data.loader import images_to_float
 from vae_scale.losses import build_likelihood, neg_elbo
 from vae_scale.models import build_model
@@ -51,19 +56,6 @@ def image_shape(cfg: Config) -> tuple[int, int, int]:
     if cfg.data.dataset not in SHAPES:
         raise SystemExit(f"no shards at {index.parent} and no known shape for {cfg.data.dataset}")
     return SHAPES[cfg.data.dataset]
-
-
-def count_step_flops(cfg: Config, shape: tuple[int, int, int]) -> float:
-    """FLOPs of one training step's forward + backward (eager, fp32), per image."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = build_model(cfg.model, shape, build_likelihood(cfg.loss.likelihood, shape))
-    batch = 8
-    x = torch.rand(batch, *shape)
-    with FlopCounterMode(display=False) as counter:
-        out = model(x)
-        neg_elbo(model.likelihood, out.x_params, x, out.mu, out.logvar).loss.backward()
-    return counter.get_total_flops() / batch
 
 
 AUTOCAST_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -90,7 +82,9 @@ def make_step(
         x = images_to_float(images, device).contiguous(memory_format=fmt)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out = model(x)
-        loss = neg_elbo(core.likelihood, out.x_params, x, out.mu, out.logvar).loss
+        loss = neg_elbo(
+            core.likelihood, out.x_params, x, out.mu, out.logvar, kl_groups=out.kl_groups
+        ).loss
         if scaler is None:
             loss.backward()
         else:
@@ -182,7 +176,7 @@ def main() -> None:
     layouts = [True, False] if args.channels_last == "both" else [cfg.train.channels_last]
     variants = [(p, cl) for p in precisions for cl in layouts]
     shape = image_shape(cfg)
-    flops = count_step_flops(cfg, shape) if args.flops else None
+    flops = count_flops_per_image(cfg, shape) if args.flops else None
     params = sum(
         p.numel()
         for p in build_model(

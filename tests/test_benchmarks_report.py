@@ -26,15 +26,17 @@ def test_data_table_ratios_per_worker_and_headline():
         DataRow("mnist", "torchvision MNIST", 0, 3000.0, 1500.0, 3000.0, 1000.0),
         DataRow("mnist", "torchvision MNIST", 2, 4000.0, 5000.0, 2000.0, 2000.0),
         DataRow("celeba", "ImageFolder", 2, 900.0, 300.0, 600.0, 200.0),
+        DataRow("mnist", "torchvision MNIST", 0, 9000.0, 1500.0, 9000.0, 1000.0, cached=True),
     ]
     cells = rows_of(report.data_table(rows))
-    assert len(cells) == 3
+    assert len(cells) == 4
+    assert cells[3][2:4] == ["0, ours from RAM cache", "9,000"]
     assert cells[0][:3] == ["mnist", "torchvision MNIST", "0"]
     assert cells[0][3:] == ["3,000", "3,000", "1,500", "1,500", "**2.00x**", "3.00x"]
     # per worker: all-worker rate / worker count
     assert cells[1][3:7] == ["4,000", "2,000", "5,000", "2,500"]
     assert cells[1][7] == "**0.80x**" and cells[1][8] == "1.00x"
-    # the headline is the ratio at the largest worker count of each dataset
+    # the headline is the streaming ratio at the largest worker count of each dataset
     assert report.data_headline(rows) == {"mnist": 0.8, "celeba": 3.0}
 
 

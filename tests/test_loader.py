@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 
 from vae_scale.data.fetch import DataError, sha256_file
@@ -196,3 +197,48 @@ def test_fast_npy_reader_equals_np_load_and_rejects_truncated_payloads():
         assert np.array_equal(load_npy(buf.getvalue()), array)
     with pytest.raises(ValueError, match="npy payload"):
         load_npy(buf.getvalue()[:-5])
+
+
+def test_in_memory_cache_gives_the_same_batches_and_reads_each_shard_once(tmp_path, monkeypatch):
+    import vae_scale.data.loader as loader
+
+    folder = make_shards(tmp_path / "d", [10, 7, 12, 9])
+    args = dict(batch_size=4, shuffle=True, shuffle_buffer=8, seed=5)
+    plain = ShardSplit(folder, "train", **args)
+    cached = ShardSplit(folder, "train", cache_in_memory=True, **args)
+    reads = []
+    real_tar_samples = loader.tar_samples
+
+    def counting_tar_samples(src, handler):
+        reads.append(1)
+        return real_tar_samples(src, handler)
+
+    monkeypatch.setattr(loader, "tar_samples", counting_tar_samples)
+    for epoch in (1, 2, 3):
+        a, b = list(plain.train_batches(epoch)), list(cached.train_batches(epoch))
+        assert [x["key"] for x in a] == [x["key"] for x in b]
+        assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))
+    assert len(reads) == 3 * 4 + 4  # plain: every shard every epoch; cached: each shard once
+    assert sorted(k for b in cached.eval_batches() for k in b["key"]) == [
+        f"s{i:05d}" for i in range(38)
+    ]
+    assert len(reads) == 3 * 4 + 4  # evaluation of the cached split reads no file either
+
+
+def test_in_memory_cache_does_not_keep_a_damaged_shard(tmp_path):
+    folder = make_shards(tmp_path / "d", [6, 6])
+    data = (folder / "train-000001.tar").read_bytes()
+    (folder / "train-000001.tar").write_bytes(data[:1500])
+    split = ShardSplit(folder, "train", batch_size=2, on_error="skip", cache_in_memory=True)
+    for _ in range(2):  # the damage is reported on every pass, not hidden by the cache
+        with pytest.warns(UserWarning, match="train-000001.tar"):
+            keys = [k for b in split.eval_batches() for k in b["key"]]
+        assert keys[:6] == [f"s{i:05d}" for i in range(6)] and len(keys) < 12
+    assert list(split._cache) == [str(folder / "train-000000.tar")]
+
+
+def test_cache_in_memory_needs_the_loader_in_process():
+    from vae_scale.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="data.cache_in_memory"):
+        config_from_dict({"data": {"num_workers": 2, "cache_in_memory": True}})

@@ -82,6 +82,7 @@ def open_splits(cfg: Config, accelerator: Accelerator) -> dict[str, ShardSplit]:
         num_workers=cfg.data.num_workers,
         seed=cfg.run.seed,
         on_error=cfg.data.on_error,
+        cache_in_memory=cfg.data.cache_in_memory,
         world_size=accelerator.num_processes,
         rank=accelerator.process_index,
     )

@@ -12,6 +12,8 @@ Design (each point answers a trap in docs/known-traps):
   sample of its rank's shards except each worker's remainder and the batches beyond the
   smallest rank's count.
 - Only npy, images, json and cls are decoded; pickle members are refused, never unpickled.
+- Tar members come from `tar_members` (webdataset's pipeline, a faster tar walk); with
+  `cache_in_memory`, decoded shards stay in RAM so later epochs read no files at all.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from webdataset.utils import pytorch_worker_info
 
 from vae_scale.data.fetch import DataError
 from vae_scale.data.shards import load_index, split_shards
+from vae_scale.data.tar_members import tar_samples
 
 PICKLE_SUFFIXES = {"pyd", "pickle", "pkl", "pth", "pt"}
 IMAGE_SUFFIXES = ("npy", "png", "jpg", "jpeg", "webp")
@@ -75,11 +78,12 @@ def batches_per_rank(
 # ---------------------------------------------------------------------------- decoding
 
 
-def _shard_name(sample: dict[str, Any]) -> str:
-    return Path(str(sample.get("__url__", "?"))).name
+def _where(sample: dict[str, Any]) -> str:
+    """ "shard NAME, sample KEY" for error messages (built only when one is raised)."""
+    return f"shard {Path(str(sample.get('__url__', '?'))).name}, sample {sample.get('__key__')}"
 
 
-_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...]]] = {}
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
 
 
 def load_npy(data: bytes) -> np.ndarray:
@@ -90,15 +94,15 @@ def load_npy(data: bytes) -> np.ndarray:
         end = 10 + int.from_bytes(data[8:10], "little")
         cached = _NPY_HEADERS.get(data[:end])
         if cached is not None:
-            dtype, shape = cached
-            if len(data) - end != dtype.itemsize * int(np.prod(shape)):
+            dtype, shape, nbytes = cached
+            if len(data) - end != nbytes:
                 raise ValueError(
                     f"npy payload of {len(data) - end} bytes, expected {shape} {dtype}"
                 )
             return np.frombuffer(data, dtype=dtype, offset=end).reshape(shape)
         array = np.load(io.BytesIO(data), allow_pickle=False)
         if array.flags.c_contiguous and not array.dtype.hasobject:
-            _NPY_HEADERS[data[:end]] = (array.dtype, array.shape)
+            _NPY_HEADERS[data[:end]] = (array.dtype, array.shape, array.nbytes)
         return array
     return np.load(io.BytesIO(data), allow_pickle=False)
 
@@ -106,11 +110,11 @@ def load_npy(data: bytes) -> np.ndarray:
 def decode_sample(sample: dict[str, Any], image_hwc: tuple[int, int, int]) -> dict[str, Any]:
     """Raw tar members -> {"key", "image" (uint8 CHW), "cls"?, "json"?}; errors name the shard
     and key."""
-    key, shard = sample.get("__key__"), _shard_name(sample)
+    key = sample.get("__key__")
     bad = PICKLE_SUFFIXES.intersection(sample)
     if bad:
         raise DataError(
-            f"shard {shard}, sample {key}: refusing to decode pickle member(s) "
+            f"{_where(sample)}: refusing to decode pickle member(s) "
             f"{sorted(bad)} (pickle can run code; vae_scale shards hold npy/png/"
             f"json/cls only)"
         )
@@ -118,7 +122,7 @@ def decode_sample(sample: dict[str, Any], image_hwc: tuple[int, int, int]) -> di
     if suffix is None:
         members = sorted(k for k in sample if not k.startswith("__"))
         raise DataError(
-            f"shard {shard}, sample {key}: no image member (expected one of "
+            f"{_where(sample)}: no image member (expected one of "
             f"{list(IMAGE_SUFFIXES)}, found {members})"
         )
     data = sample[suffix]
@@ -131,12 +135,12 @@ def decode_sample(sample: dict[str, Any], image_hwc: tuple[int, int, int]) -> di
             with Image.open(io.BytesIO(data)) as im:
                 image = np.asarray(im.convert("L" if image_hwc[2] == 1 else "RGB"))
     except Exception as err:
-        raise DataError(f"shard {shard}, sample {key}: unreadable {suffix} ({err})") from err
+        raise DataError(f"{_where(sample)}: unreadable {suffix} ({err})") from err
     if image.ndim == 2:
         image = image[..., None]
     if image.shape != tuple(image_hwc) or image.dtype != np.uint8:
         raise DataError(
-            f"shard {shard}, sample {key}: image of shape {image.shape} "
+            f"{_where(sample)}: image of shape {image.shape} "
             f"{image.dtype}, expected {tuple(image_hwc)} uint8 (H, W, C) as in "
             f"index.json"
         )
@@ -148,25 +152,44 @@ def decode_sample(sample: dict[str, Any], image_hwc: tuple[int, int, int]) -> di
     return out
 
 
-class _Decode:
-    """Pipeline stage: decode samples; with on_error='skip', drop bad ones and count them."""
+class _ReadShards:
+    """Pipeline stage: shard urls -> decoded samples, shard by shard. With on_error='skip', bad
+    samples are dropped and counted. With a `cache` dict, a shard that decoded cleanly is kept
+    (url -> samples) and served from RAM when it comes round again in a later epoch."""
 
-    def __init__(self, image_hwc: tuple[int, int, int], on_error: str):
-        self.image_hwc, self.on_error = image_hwc, on_error
+    def __init__(
+        self,
+        image_hwc: tuple[int, int, int],
+        on_error: str,
+        cache: dict[str, list[dict[str, Any]]] | None = None,
+    ):
+        self.image_hwc, self.on_error, self.cache = image_hwc, on_error, cache
 
-    def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    def __call__(self, sources: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         skipped = 0
-        for sample in samples:
-            try:
-                decoded = decode_sample(sample, self.image_hwc)
-            except DataError as err:
-                if self.on_error != "skip":
-                    raise
-                warnings.warn(f"skipping: {err}", stacklevel=1)
-                skipped += 1
+        for source in sources:
+            cached = self.cache.get(source["url"]) if self.cache is not None else None
+            if cached is not None:
+                yield from cached
                 continue
-            decoded["skipped_before"], skipped = skipped, 0
-            yield decoded
+            kept: list[dict[str, Any]] | None = [] if self.cache is not None else None
+            tar_errors = _TarErrors(self.on_error)
+            for sample in tar_samples([source], handler=tar_errors):
+                try:
+                    decoded = decode_sample(sample, self.image_hwc)
+                except DataError as err:
+                    if self.on_error != "skip":
+                        raise
+                    warnings.warn(f"skipping: {err}", stacklevel=1)
+                    skipped += 1
+                    kept = None  # a damaged shard is re-read (and re-reported) every time
+                    continue
+                decoded["skipped_before"], skipped = skipped, 0
+                if kept is not None:
+                    kept.append({**decoded, "skipped_before": 0})
+                yield decoded
+            if kept is not None and not tar_errors.skipped:
+                self.cache[source["url"]] = kept
 
 
 class _TarErrors:
@@ -174,6 +197,7 @@ class _TarErrors:
 
     def __init__(self, on_error: str):
         self.on_error = on_error
+        self.skipped = 0  # shards whose rest was skipped
 
     def __call__(self, exn: Exception) -> bool:
         where = next((a for a in reversed(exn.args) if isinstance(a, str) and ".tar" in a), "?")
@@ -181,6 +205,7 @@ class _TarErrors:
         message = f"shard {where}: corrupt or truncated tar ({type(exn).__name__}: {detail})"
         if self.on_error == "skip":
             warnings.warn(f"skipping rest of {message}", stacklevel=1)
+            self.skipped += 1
             return True
         raise DataError(message) from exn
 
@@ -235,8 +260,12 @@ class ShardSplit:
     verify: bool = False
     world_size: int = 1
     rank: int = 0
+    # Keep decoded shards in RAM after their first read (with num_workers=0 only): for splits
+    # that fit in memory, later epochs skip the tar walk and the decoding.
+    cache_in_memory: bool = False
 
     def __post_init__(self) -> None:
+        self._cache: dict[str, list[dict[str, Any]]] | None = {} if self.cache_in_memory else None
         self.shard_dir = Path(self.shard_dir)
         self.index = load_index(self.shard_dir)
         self.shards = split_shards(self.shard_dir, self.index, self.split, verify=self.verify)
@@ -268,14 +297,12 @@ class ShardSplit:
             wds.SimpleShardList([s["path"] for s in order]),
             wds.split_by_node,
             wds.split_by_worker,
-            wds.tarfile_to_samples(handler=_TarErrors(self.on_error)),
+            # The cache lives in this process: worker processes end with the epoch.
+            _ReadShards((h, w, c), self.on_error, self._cache if self.num_workers == 0 else None),
         ]
         if self.shuffle and self.shuffle_buffer > 1:
             stages.append(_SeededShuffle(self.shuffle_buffer, self.seed, epoch))
-        stages += [
-            _Decode((h, w, c), self.on_error),
-            wds.batched(self.batch_size, collation_fn=collate, partial=not train),
-        ]
+        stages.append(wds.batched(self.batch_size, collation_fn=collate, partial=not train))
         return wds.DataPipeline(*stages)
 
     def _loader(self, epoch: int, train: bool) -> wds.WebLoader:
