@@ -4,7 +4,7 @@ Both sides read the same images (the first `n` of the train split), in the same 
 batches of the same size, with the same DataLoader worker count, prefetch and pinning:
 - ours: `ShardSplit(...).eval_batches()` over the first shards of shards/DATASET (decoded
   uint8 CHW batches; the float conversion happens on the device in the training loop), also
-  with `cache_in_memory` at 0 workers (what `data.cache_in_memory: true` gives from epoch 2);
+  with `cache_in_memory` (what `data.cache_in_memory: true` gives from epoch 2);
 - baseline: torchvision's `MNIST` / `CIFAR10` datasets over the publisher's raw files with
   `ToTensor()`, the Frey `.mat` loaded into a `TensorDataset` (what the study's code did), and
   `ImageFolder` of the CelebA JPEGs with the sharder's exact crop + resize + `ToTensor()`.

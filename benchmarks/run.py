@@ -136,10 +136,10 @@ def run_data(budget: Budget, shards: dict[str, Path], data_root: Path, work: Pat
     rows = []
     pairs = build_pairs(shards, data_root, budget.data_samples, batch_size=100, work=work)
     for pair in pairs:
-        # the RAM cache only works in-process (0 workers); it is for datasets that fit in RAM
+        # the RAM cache is for datasets that fit in memory
         settings = [(w, False) for w in budget.data_workers]
         if pair.dataset in budget.data_cached:
-            settings.append((0, True))
+            settings += [(w, True) for w in budget.data_workers]
         for workers, cached in settings:
             ours = timed_passes(pair.ours(workers, cached), budget.data_repeats)
             base = timed_passes(pair.baseline(workers), budget.data_repeats)

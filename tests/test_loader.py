@@ -237,8 +237,16 @@ def test_in_memory_cache_does_not_keep_a_damaged_shard(tmp_path):
     assert list(split._cache) == [str(folder / "train-000000.tar")]
 
 
-def test_cache_in_memory_needs_the_loader_in_process():
-    from vae_scale.config import ConfigError, config_from_dict
-
-    with pytest.raises(ConfigError, match="data.cache_in_memory"):
-        config_from_dict({"data": {"num_workers": 2, "cache_in_memory": True}})
+def test_in_memory_cache_with_loader_workers_reads_no_file_after_the_first_fill(tmp_path):
+    folder = make_shards(tmp_path / "d", [10, 7, 12, 9])
+    args = dict(batch_size=4, shuffle=True, shuffle_buffer=8, seed=5, num_workers=2)
+    plain = ShardSplit(folder, "train", **args)
+    expected = {e: [b["key"] for b in plain.train_batches(e)] for e in (1, 2)}
+    cached = ShardSplit(folder, "train", cache_in_memory=True, **args)
+    assert [b["key"] for b in cached.train_batches(1)] == expected[1]
+    for shard in folder.glob("*.tar"):  # from now on only the cache can serve the samples
+        shard.unlink()
+    assert [b["key"] for b in cached.train_batches(2)] == expected[2]
+    assert sorted(k for b in cached.eval_batches() for k in b["key"]) == [
+        f"s{i:05d}" for i in range(38)
+    ]

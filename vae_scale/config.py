@@ -48,20 +48,14 @@ class DataConfig:
     binarize: Literal["none", "dynamic"] = "none"
     on_error: Literal["raise", "skip"] = "raise"
     verify_shards: bool = True  # check every shard's sha256 against index.json at start-up
-    # Keep decoded shards in RAM after the first epoch (needs num_workers: 0; for datasets that
-    # fit in memory, e.g. Frey, MNIST): later epochs then skip reading and decoding.
+    # Keep decoded shards in RAM after their first read (for datasets that fit in memory, e.g.
+    # Frey, MNIST): later epochs read no files. With num_workers > 0 each process decodes its
+    # whole split once at start-up and the forked loader workers share it.
     cache_in_memory: bool = False
 
     def validate(self) -> None:
         _check(self.batch_size >= 1, "data.batch_size", "an integer >= 1", self.batch_size)
         _check(self.num_workers >= 0, "data.num_workers", "an integer >= 0", self.num_workers)
-        _check(
-            not (self.cache_in_memory and self.num_workers > 0),
-            "data.cache_in_memory",
-            "false when data.num_workers > 0 (worker processes end with each epoch, and their "
-            "cache with them; use num_workers: 0)",
-            self.cache_in_memory,
-        )
         _check(
             self.shuffle_buffer >= 0, "data.shuffle_buffer", "an integer >= 0", self.shuffle_buffer
         )

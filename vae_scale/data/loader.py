@@ -13,7 +13,9 @@ Design (each point answers a trap in docs/known-traps):
   smallest rank's count.
 - Only npy, images, json and cls are decoded; pickle members are refused, never unpickled.
 - Tar members come from `tar_members` (webdataset's pipeline, a faster tar walk); with
-  `cache_in_memory`, decoded shards stay in RAM so later epochs read no files at all.
+  `cache_in_memory`, decoded shards stay in RAM so later epochs read no files at all (with
+  loader workers, the split is decoded in the main process first and the forked workers
+  share it).
 """
 
 from __future__ import annotations
@@ -260,8 +262,8 @@ class ShardSplit:
     verify: bool = False
     world_size: int = 1
     rank: int = 0
-    # Keep decoded shards in RAM after their first read (with num_workers=0 only): for splits
-    # that fit in memory, later epochs skip the tar walk and the decoding.
+    # Keep decoded shards in RAM after their first read: for splits that fit in memory, later
+    # epochs skip the tar walk and the decoding.
     cache_in_memory: bool = False
 
     def __post_init__(self) -> None:
@@ -297,15 +299,24 @@ class ShardSplit:
             wds.SimpleShardList([s["path"] for s in order]),
             wds.split_by_node,
             wds.split_by_worker,
-            # The cache lives in this process: worker processes end with the epoch.
-            _ReadShards((h, w, c), self.on_error, self._cache if self.num_workers == 0 else None),
+            _ReadShards((h, w, c), self.on_error, self._cache),
         ]
         if self.shuffle and self.shuffle_buffer > 1:
             stages.append(_SeededShuffle(self.shuffle_buffer, self.seed, epoch))
         stages.append(wds.batched(self.batch_size, collation_fn=collate, partial=not train))
         return wds.DataPipeline(*stages)
 
+    def _fill_cache(self) -> None:
+        """Decode every shard of the split into the RAM cache in this process, so that loader
+        workers (forked each epoch; their own additions die with them) find it complete."""
+        c, h, w = self.image_shape
+        missing = [{"url": s["path"]} for s in self.shards if s["path"] not in self._cache]
+        for _ in _ReadShards((h, w, c), self.on_error, self._cache)(iter(missing)):
+            pass
+
     def _loader(self, epoch: int, train: bool) -> wds.WebLoader:
+        if self._cache is not None and self.num_workers > 0:
+            self._fill_cache()
         extra = {"prefetch_factor": 4} if self.num_workers > 0 else {}
         # Its own generator: a DataLoader iterator otherwise draws its base seed from the
         # global torch RNG, shifting the reparameterization noise after a mid-epoch resume.
