@@ -355,7 +355,14 @@ def test_short_run_learns_and_draws_the_2d_latent(run_shards, tmp_path):
 
     shards, bound, is_real = run_shards
     epochs = 3 if is_real else 6
-    cfg = tiny_run_config(shards, tmp_path, "run.name=short", f"train.epochs={epochs}")
+    # The study's constant lr: the config's cosine would reach 0 within these ~150 steps.
+    cfg = tiny_run_config(
+        shards,
+        tmp_path,
+        "run.name=short",
+        f"train.epochs={epochs}",
+        "train.lr_schedule=constant",
+    )
     run = train(cfg)
     rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["test/neg_elbo"] < bound, (rows[-1]["test/neg_elbo"], bound)
