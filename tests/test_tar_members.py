@@ -83,3 +83,21 @@ def test_bad_header_checksum_raises():
         list(tar_members(bytes(data)))
     with pytest.raises(tarfile.ReadError):  # tarfile agrees the archive is damaged
         tarfile_members(bytes(data)[second_header:])
+
+
+def test_non_utf8_names_go_through_tarfile():
+    members = [("caf\udce9.npy", b"abc")]  # a latin-1 byte, as tarfile's surrogateescape shows it
+    buf = io.BytesIO()
+    with tarfile.open(
+        fileobj=buf,
+        mode="w",
+        format=tarfile.USTAR_FORMAT,
+        encoding="utf-8",
+        errors="surrogateescape",
+    ) as tar:
+        info = tarfile.TarInfo(members[0][0])
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    data = buf.getvalue()
+    assert b"caf\xe9.npy" in data[:100]
+    assert [content for _, content in tar_members(data)] == [b"abc"]

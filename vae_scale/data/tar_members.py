@@ -64,7 +64,7 @@ def _plain_members(data: bytes) -> tuple[list[tuple[str, int, int]], Exception |
             raise _NotPlain
         size = _number(header[124:136])
         name = header[:100].split(b"\0", 1)[0]
-        if header[257:262] == b"ustar" and header[345] != 0:
+        if header[345] != 0:  # ustar's path prefix (read as tarfile reads it, whatever the magic)
             name = header[345:500].split(b"\0", 1)[0] + b"/" + name
         start = pos + BLOCK
         stop = start + size
@@ -73,7 +73,10 @@ def _plain_members(data: bytes) -> tuple[list[tuple[str, int, int]], Exception |
                 f"unexpected end of data in member {name.decode(errors='replace')!r}"
             )
         if kind in REGULAR:
-            members.append((name.decode("utf-8"), start, stop))
+            try:
+                members.append((name.decode("utf-8"), start, stop))
+            except UnicodeDecodeError:
+                raise _NotPlain from None  # tarfile knows the other encodings
         pos = start + -(-size // BLOCK) * BLOCK
     return members, None
 
