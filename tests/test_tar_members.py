@@ -101,3 +101,15 @@ def test_non_utf8_names_go_through_tarfile():
     data = buf.getvalue()
     assert b"caf\xe9.npy" in data[:100]
     assert [content for _, content in tar_members(data)] == [b"abc"]
+
+
+def test_signed_checksums_of_old_tars_are_accepted():
+    data = bytearray(make_tar([("\u00e9t\u00e9.cls", b"1")]))  # UTF-8 bytes >= 0x80 in the name
+    header = bytes(data[:512])
+    signed = sum(b - 256 if b > 127 else b for b in header[:148] + b" " * 8 + header[156:])
+    data[148:156] = f"{signed:06o}\0 ".encode()
+    assert (
+        list(tar_members(bytes(data)))
+        == tarfile_members(bytes(data))
+        == [("\u00e9t\u00e9.cls", b"1")]
+    )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -45,6 +46,12 @@ def _number(field: bytes) -> int:
         raise tarfile.ReadError(f"invalid number field {field!r} in a tar header") from err
 
 
+def _signed_sum(header: bytes) -> int:
+    """The checksum as some old tars computed it (bytes as signed chars); tarfile accepts both."""
+    signed = struct.unpack("148b8x356b", header)
+    return sum(signed) + 256
+
+
 def _plain_members(data: bytes) -> tuple[list[tuple[str, int, int]], Exception | None]:
     """(name, start, stop) of every regular member, and the error that ended the walk early
     (truncation, bad checksum) or None. Raises _NotPlain for headers left to tarfile."""
@@ -57,7 +64,8 @@ def _plain_members(data: bytes) -> tuple[list[tuple[str, int, int]], Exception |
         if header.count(0) == BLOCK:  # end-of-archive marker
             break
         # The checksum counts its own 8-byte field as spaces (8 * 32 = 256).
-        if _number(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
+        stored = _number(header[148:156])
+        if stored != sum(header[:148]) + 256 + sum(header[156:]) and stored != _signed_sum(header):
             return members, tarfile.ReadError(f"bad tar header checksum at byte {pos}")
         kind = header[156:157]
         if kind not in REGULAR and kind not in SKIPPED:
