@@ -93,7 +93,7 @@ class LossConfig:
 class TrainConfig:
     epochs: int = 20
     lr: float = 1e-3
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # decoupled (AdamW), as VDVAE's 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     lr_schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: int = 0
