@@ -32,7 +32,7 @@ from vae_scale.data.loader import ShardSplit
 from vae_scale.evaluate import prepare_inputs
 from vae_scale.losses import build_likelihood, neg_elbo
 from vae_scale.models import build_model
-from vae_scale.train import make_accelerator
+from vae_scale.train import cpu_has_fast_bf16, make_accelerator
 
 
 @dataclass(frozen=True)
@@ -42,15 +42,6 @@ class Setting:
     compile: bool
     inputs: tuple[str, ...]  # "synthetic" and/or "pipeline"
     skip: str = ""  # why this setting is listed but not measured on this device
-
-
-def cpu_has_fast_bf16() -> bool:
-    """AVX512-BF16 or AMX: without them PyTorch emulates bf16 on the CPU (slower than fp32)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def sync(device: torch.device) -> None:
@@ -211,7 +202,7 @@ def settings_for(cfg: Config, on_gpu: bool, compile_ok: bool, heavy: bool) -> li
     fast_bf16 = on_gpu or cpu_has_fast_bf16()
     precision = cfg.train.mixed_precision if fast_bf16 else "no"
     reference = (precision, cfg.train.channels_last if conv else None)
-    emulated = "not run: this CPU has no AVX512-BF16/AMX, bf16 is emulated (slower than fp32)"
+    emulated = "not run: no oneDNN bf16 kernels on this CPU, bf16 is emulated (slower than fp32)"
     out = []
     for setting in itertools.product(precisions, layouts):
         inputs = ("synthetic", "pipeline") if setting == reference else ("synthetic",)

@@ -44,7 +44,7 @@ def lr_at(step: int, cfg: Config, total_steps: int) -> float:
     return t.lr
 
 
-def _cpu_has_fast_bf16() -> bool:
+def cpu_has_fast_bf16() -> bool:
     """True when oneDNN has bf16 kernels for this CPU (AVX-512 or newer, e.g. AMX)."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -56,7 +56,7 @@ def make_accelerator(cfg: Config, wandb_mode: str) -> Accelerator:
     use_cpu = cfg.train.cpu or not torch.cuda.is_available()
     if cfg.train.mixed_precision == "fp16" and use_cpu:
         raise ConfigError("train.mixed_precision: 'fp16' needs a GPU; use 'bf16' or 'no' on CPU")
-    if cfg.train.mixed_precision == "bf16" and use_cpu and not _cpu_has_fast_bf16():
+    if cfg.train.mixed_precision == "bf16" and use_cpu and not cpu_has_fast_bf16():
         # oneDNN then emulates bf16 convolutions: ~8x slower than fp32 on our AVX2 dev CPU.
         warnings.warn(
             "train.mixed_precision: 'bf16' on a CPU without AVX-512 (no oneDNN bf16 kernels) is "

@@ -294,24 +294,26 @@ class ShardSplit:
 
     def _pipeline(self, epoch: int, train: bool) -> wds.DataPipeline:
         order = epoch_shard_order(self.shards, self.seed, epoch, self.shuffle)
-        c, h, w = self.image_shape
         stages: list[Any] = [
             wds.SimpleShardList([s["path"] for s in order]),
             wds.split_by_node,
             wds.split_by_worker,
-            _ReadShards((h, w, c), self.on_error, self._cache),
+            self._reader(),
         ]
         if self.shuffle and self.shuffle_buffer > 1:
             stages.append(_SeededShuffle(self.shuffle_buffer, self.seed, epoch))
         stages.append(wds.batched(self.batch_size, collation_fn=collate, partial=not train))
         return wds.DataPipeline(*stages)
 
+    def _reader(self) -> _ReadShards:
+        c, h, w = self.image_shape
+        return _ReadShards((h, w, c), self.on_error, self._cache)
+
     def _fill_cache(self) -> None:
         """Decode every shard of the split into the RAM cache in this process, so that loader
         workers (forked each epoch; their own additions die with them) find it complete."""
-        c, h, w = self.image_shape
         missing = [{"url": s["path"]} for s in self.shards if s["path"] not in self._cache]
-        for _ in _ReadShards((h, w, c), self.on_error, self._cache)(iter(missing)):
+        for _ in self._reader()(iter(missing)):
             pass
 
     def _loader(self, epoch: int, train: bool) -> wds.WebLoader:

@@ -23,7 +23,6 @@ import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_iterator, url_opener
 
 BLOCK = 512
@@ -127,6 +126,3 @@ def tar_samples(
 ) -> Iterator[dict[str, Any]]:
     """Shard urls -> samples {"__key__", "__url__", suffix: bytes, ...}."""
     return group_by_keys(_expand(url_opener(src, handler=handler), handler), handler=handler)
-
-
-tar_to_samples = wds.pipelinefilter(tar_samples)
