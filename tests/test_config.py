@@ -33,6 +33,7 @@ def test_frey_config_is_the_study_setup():
         ("model.name=transformer", "model.name"),
         ("loss.likelihood=poisson", "loss.likelihood"),
         ("eval.picture_epochs=[0]", "eval.picture_epochs"),
+        ("eval.refine_steps=-1", "eval.refine_steps"),
     ],
 )
 def test_bad_values_name_the_key(override, culprit):

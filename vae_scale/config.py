@@ -177,9 +177,14 @@ class EvalConfig:
     picture_epochs: list[int] = field(default_factory=lambda: [1, 20])
     recon_rows: int = 8  # originals | reconstructions, one image pair per row
     num_samples: int = 64
+    # > 0: at the picture epochs, the test neg. ELBO also with each image's posterior refined
+    # by this many Adam steps (test/neg_elbo_refined), and the gap this closes
+    # (test/amortization_gap): how much of the test loss is the encoder, not the decoder.
+    refine_steps: int = 0
 
     def validate(self) -> None:
         _check(self.every_epochs >= 1, "eval.every_epochs", "an integer >= 1", self.every_epochs)
+        _check(self.refine_steps >= 0, "eval.refine_steps", "an integer >= 0", self.refine_steps)
         _check(
             all(e >= 1 for e in self.picture_epochs),
             "eval.picture_epochs",

@@ -199,6 +199,11 @@ def _train(
     # What evaluation and pictures use (never the compiled wrapper: eval shapes differ).
     eval_model = plain if ema is None else ema.module
     groups = core.latent_group_names  # KLs logged one by one (hierarchical models)
+    if cfg.eval.refine_steps and groups:
+        raise ConfigError(
+            f"eval.refine_steps: posterior refinement needs one Gaussian latent (mlp, conv, "
+            f"resnet); model {cfg.model.name!r} has latent groups {groups}"
+        )
     n_sums = 4 + len(groups)
 
     accum = cfg.train.grad_accum_steps
@@ -404,12 +409,20 @@ def _train(
             "time/epoch_s": epoch_time,
             "throughput/train_img_per_s": n / max(epoch_time, 1e-9),
         }
+        picture_epoch = epoch in cfg.eval.picture_epochs or epoch == cfg.train.epochs
         if epoch % cfg.eval.every_epochs == 0 or epoch == cfg.train.epochs:
             for name in ("val", "test"):
                 if name in splits:
+                    # refinement costs ~100 evaluations: test split, picture epochs only
+                    refine = cfg.eval.refine_steps if name == "test" and picture_epoch else 0
                     metrics.update(
                         evaluate_split(
-                            accelerator, eval_model, splits[name], cfg.run.seed, cfg.data.binarize
+                            accelerator,
+                            eval_model,
+                            splits[name],
+                            cfg.run.seed,
+                            cfg.data.binarize,
+                            refine,
                         )
                     )
         if main:
@@ -420,7 +433,7 @@ def _train(
                 f"{summarize({k: v for k, v in metrics.items() if 'train' not in k})}"
                 f"  ({epoch_time:.1f}s)"
             )
-            if epoch in cfg.eval.picture_epochs or epoch == cfg.train.epochs:
+            if picture_epoch:
                 _pictures(
                     accelerator,
                     eval_model,
