@@ -245,6 +245,7 @@ def tiny_run_config(shards: Path, run_dir: Path, *overrides: str):
             f"data.shards_dir={shards}",
             f"run.dir={run_dir}",
             "eval.picture_epochs=[]",
+            "eval.refine_steps=0",  # tested in test_evaluate; here it would only add time
             "wandb.mode=disabled",
             *overrides,
         ],
