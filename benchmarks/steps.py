@@ -63,8 +63,7 @@ def training_stream(cfg: Config, shard_dir: Path) -> Iterator[dict]:
     )
     split.check_enough_shards()
     if cfg.data.cache_in_memory:
-        for _ in split.eval_batches():  # fill the RAM cache: time the steady state (epoch >= 2)
-            pass
+        split.fill_cache()  # time the steady state (epoch >= 2)
     return itertools.chain.from_iterable(split.train_batches(e) for e in itertools.count(1))
 
 

@@ -389,11 +389,15 @@ def test_gradient_spikes_are_skipped_counted_and_never_forever(monkeypatch):
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def test_posterior_refinement_is_refused_for_latent_groups(hvae_shards, tmp_path):
+def test_posterior_refinement_is_refused_for_latent_groups(hvae_shards, hvae_run, tmp_path):
+    from vae_scale.cli import main
     from vae_scale.evaluate import SampleNoise, refined_neg_elbo
 
     with pytest.raises(ConfigError, match=r"eval\.refine_steps.*latent groups"):
         train(tiny_hvae_config(hvae_shards, tmp_path, "eval.refine_steps=5"))
+    # an error before any evaluation (another test writes eval_test.json: use the val split)
+    assert main(["eval", str(hvae_run), "--split", "val", "--refine-steps", "5"]) == 2
+    assert not (hvae_run / "eval_val.json").exists()
     model = tiny_model(8)
     with pytest.raises(ValueError, match="one Gaussian latent"):
         refined_neg_elbo(model, torch.rand(2, 3, 8, 8), None, SampleNoise(["a", "b"], 0, "r"), 1)

@@ -85,19 +85,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from vae_scale import tracking
     from vae_scale.data.loader import ShardSplit
-    from vae_scale.evaluate import full_evaluation
+    from vae_scale.evaluate import check_refinable, full_evaluation
     from vae_scale.runs import load_run
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     try:
         run = load_run(args.run_dir, args.checkpoint, accelerator.device)
         cfg = run.cfg
-        if args.refine_steps < 0 or (args.refine_steps and run.model.latent_group_names):
-            raise SystemExit(
-                f"error: --refine-steps: expected an integer >= 0 for a model with one Gaussian "
-                f"latent (mlp, conv, resnet); got {args.refine_steps} for model "
-                f"{cfg.model.name!r}"
-            )
+        if args.refine_steps < 0:
+            raise ConfigError(f"--refine-steps: expected an integer >= 0, got {args.refine_steps}")
+        if args.refine_steps:
+            check_refinable(run.model, "--refine-steps")
         data = ShardSplit(
             cfg.shard_dir,
             args.split,

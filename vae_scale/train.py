@@ -19,7 +19,13 @@ from vae_scale import checkpoint, pictures, tracking
 from vae_scale.config import Config, ConfigError
 from vae_scale.data.loader import ShardSplit, derive_seed
 from vae_scale.ema import EMA_FILE, ema_tensors, load_ema, make_ema
-from vae_scale.evaluate import evaluate_split, first_images, prepare_inputs, summarize
+from vae_scale.evaluate import (
+    check_refinable,
+    evaluate_split,
+    first_images,
+    prepare_inputs,
+    summarize,
+)
 from vae_scale.losses import build_likelihood, kl_weight, neg_elbo
 from vae_scale.models import build_model
 from vae_scale.signals import StopFlag, TrainingInterrupted
@@ -199,11 +205,8 @@ def _train(
     # What evaluation and pictures use (never the compiled wrapper: eval shapes differ).
     eval_model = plain if ema is None else ema.module
     groups = core.latent_group_names  # KLs logged one by one (hierarchical models)
-    if cfg.eval.refine_steps and groups:
-        raise ConfigError(
-            f"eval.refine_steps: posterior refinement needs one Gaussian latent (mlp, conv, "
-            f"resnet); model {cfg.model.name!r} has latent groups {groups}"
-        )
+    if cfg.eval.refine_steps:
+        check_refinable(core, "eval.refine_steps")
     n_sums = 4 + len(groups)
 
     accum = cfg.train.grad_accum_steps

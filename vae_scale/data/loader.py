@@ -309,7 +309,7 @@ class ShardSplit:
         c, h, w = self.image_shape
         return _ReadShards((h, w, c), self.on_error, self._cache)
 
-    def _fill_cache(self) -> None:
+    def fill_cache(self) -> None:
         """Decode every shard of the split into the RAM cache in this process, so that loader
         workers (forked each epoch; their own additions die with them) find it complete."""
         missing = [{"url": s["path"]} for s in self.shards if s["path"] not in self._cache]
@@ -318,7 +318,7 @@ class ShardSplit:
 
     def _loader(self, epoch: int, train: bool) -> wds.WebLoader:
         if self._cache is not None and self.num_workers > 0:
-            self._fill_cache()
+            self.fill_cache()
         extra = {"prefetch_factor": 4} if self.num_workers > 0 else {}
         # Its own generator: a DataLoader iterator otherwise draws its base seed from the
         # global torch RNG, shifting the reparameterization noise after a mid-epoch resume.
