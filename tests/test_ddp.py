@@ -135,6 +135,8 @@ def cli_run(ddp_shards, tmp_path_factory) -> dict:
             f"data.batch_size={BATCH}",
             "data.shuffle_buffer=200",
             "train.epochs=1",
+            "loss.encoder_aug_weight=1",  # its second, encoder-only pass must work under DDP
+            "train.log_every_steps=5",
             "wandb.mode=offline",
         ],
         home=base / "home",
@@ -265,6 +267,15 @@ def test_only_rank0_writes_the_run_folder_and_wandb(cli_run):
     assert runs[0].name.endswith((run_dir / "wandb_run_id.txt").read_text().strip())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1]  # one row per epoch, not one per rank
+
+
+def test_encoder_augmentation_trains_under_ddp(cli_run):
+    """The encoder-only term runs outside DDP's forward; one backward must still give every
+    parameter exactly one gradient per step (DDP raises otherwise) and log its loss."""
+    steps = [json.loads(r) for r in (cli_run["run_dir"] / "steps.jsonl").read_text().splitlines()]
+    aug = [r["train/step_encoder_aug_neg_elbo"] for r in steps]
+    assert len(aug) >= 3 and all(np.isfinite(aug)) and min(aug) > 0
+    assert aug[-1] < aug[0]  # the encoder (and the decoder it is scored by) learned
 
 
 def test_logged_validation_is_over_the_whole_split_once(cli_run, ddp_shards):

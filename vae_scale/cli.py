@@ -85,7 +85,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from vae_scale import tracking
     from vae_scale.data.loader import ShardSplit
-    from vae_scale.evaluate import check_refinable, full_evaluation
+    from vae_scale.evaluate import full_evaluation
+    from vae_scale.models.base import check_single_latent
     from vae_scale.runs import load_run
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -95,7 +96,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if args.refine_steps < 0:
             raise ConfigError(f"--refine-steps: expected an integer >= 0, got {args.refine_steps}")
         if args.refine_steps:
-            check_refinable(run.model, "--refine-steps")
+            check_single_latent(run.model, "--refine-steps", "posterior refinement")
         data = ShardSplit(
             cfg.shard_dir,
             args.split,

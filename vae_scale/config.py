@@ -68,6 +68,14 @@ class LossConfig:
     kl_warmup_steps: int = 0  # linear warm-up of the KL weight from beta_start to beta
     beta_start: float = 0.0
     free_bits: float = 0.0  # nats per latent dimension (0 = off)
+    # Encoder augmentation (vae_scale/augment.py): weight of an extra neg. ELBO term on randomly
+    # deformed copies of each batch that trains only the encoder (0 = off), and the ranges of
+    # the per-image affine map (rotation degrees, zoom 1 +- scale, shear factor, shift pixels).
+    encoder_aug_weight: float = 0.0
+    encoder_aug_rotate_deg: float = 10.0
+    encoder_aug_scale: float = 0.1
+    encoder_aug_shear: float = 0.1
+    encoder_aug_shift_px: float = 1.0
 
     def validate(self) -> None:
         from vae_scale.losses import LIKELIHOODS
@@ -87,6 +95,36 @@ class LossConfig:
             self.kl_warmup_steps,
         )
         _check(self.free_bits >= 0, "loss.free_bits", "a number >= 0", self.free_bits)
+        _check(
+            self.encoder_aug_weight >= 0,
+            "loss.encoder_aug_weight",
+            "a number >= 0 (0 = off)",
+            self.encoder_aug_weight,
+        )
+        _check(
+            0 <= self.encoder_aug_rotate_deg <= 180,
+            "loss.encoder_aug_rotate_deg",
+            "degrees in [0, 180]",
+            self.encoder_aug_rotate_deg,
+        )
+        _check(
+            0 <= self.encoder_aug_scale < 1,
+            "loss.encoder_aug_scale",
+            "a number in [0, 1)",
+            self.encoder_aug_scale,
+        )
+        _check(
+            self.encoder_aug_shear >= 0,
+            "loss.encoder_aug_shear",
+            "a number >= 0",
+            self.encoder_aug_shear,
+        )
+        _check(
+            self.encoder_aug_shift_px >= 0,
+            "loss.encoder_aug_shift_px",
+            "pixels >= 0",
+            self.encoder_aug_shift_px,
+        )
 
 
 @dataclass

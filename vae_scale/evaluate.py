@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from vae_scale.config import ConfigError
 from vae_scale.data.loader import ShardSplit, derive_seed, images_to_float
 from vae_scale.losses import bits_per_dim, kl_per_dim, neg_elbo
 from vae_scale.models import VAE
+from vae_scale.models.base import check_single_latent
 
 
 def prepare_inputs(
@@ -99,16 +99,6 @@ def iwae_nll(
     return -(acc - math.log(k))
 
 
-def check_refinable(model: VAE, key: str) -> None:
-    """Refinement optimises one Gaussian (mu, log_var) per image: refuse a model with latent
-    groups, naming the setting (`key`) that asked for it."""
-    if model.latent_group_names:
-        raise ConfigError(
-            f"{key}: posterior refinement needs one Gaussian latent (mlp, conv, resnet models); "
-            f"this model has latent groups {model.latent_group_names}"
-        )
-
-
 def refined_neg_elbo(
     model: VAE,
     x: torch.Tensor,
@@ -127,7 +117,7 @@ def refined_neg_elbo(
     that refinement closes. The final estimate uses `eps`, the draw the amortized estimate
     used, so the two differ only by the posterior. Float32, weights frozen.
     """
-    check_refinable(model, "refine_steps")
+    check_single_latent(model, "refine_steps", "posterior refinement")
     with torch.no_grad():
         mu0, logvar0 = model.encode(x)
     mu = mu0.detach().float().clone().requires_grad_(True)

@@ -16,11 +16,11 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from vae_scale import checkpoint, pictures, tracking
+from vae_scale.augment import encoder_augmentation_terms
 from vae_scale.config import Config, ConfigError
 from vae_scale.data.loader import ShardSplit, derive_seed
 from vae_scale.ema import EMA_FILE, ema_tensors, load_ema, make_ema
 from vae_scale.evaluate import (
-    check_refinable,
     evaluate_split,
     first_images,
     prepare_inputs,
@@ -28,6 +28,7 @@ from vae_scale.evaluate import (
 )
 from vae_scale.losses import build_likelihood, kl_weight, neg_elbo
 from vae_scale.models import build_model
+from vae_scale.models.base import check_single_latent
 from vae_scale.signals import StopFlag, TrainingInterrupted
 
 METRICS_FILE = "metrics.jsonl"  # one row per epoch
@@ -206,7 +207,10 @@ def _train(
     eval_model = plain if ema is None else ema.module
     groups = core.latent_group_names  # KLs logged one by one (hierarchical models)
     if cfg.eval.refine_steps:
-        check_refinable(core, "eval.refine_steps")
+        check_single_latent(core, "eval.refine_steps", "posterior refinement")
+    aug_weight = cfg.loss.encoder_aug_weight
+    if aug_weight:
+        check_single_latent(core, "loss.encoder_aug_weight", "encoder augmentation")
     n_sums = 4 + len(groups)
 
     accum = cfg.train.grad_accum_steps
@@ -344,7 +348,22 @@ def _train(
                     cfg.loss.free_bits,
                     out.kl_groups,
                 )
-                accelerator.backward(terms.loss)
+                objective = terms.loss
+                if aug_weight:
+                    # the unwrapped model: its own forward, outside DDP's and compile's
+                    with accelerator.autocast():
+                        aug = encoder_augmentation_terms(
+                            plain,
+                            x,
+                            cfg.loss.encoder_aug_rotate_deg,
+                            cfg.loss.encoder_aug_scale,
+                            cfg.loss.encoder_aug_shear,
+                            cfg.loss.encoder_aug_shift_px,
+                            beta,
+                            cfg.loss.free_bits,
+                        )
+                    objective = objective + aug_weight * aug.loss
+                accelerator.backward(objective)
                 if accelerator.sync_gradients:
                     stepped, grad_norm = _optimizer_step(
                         accelerator, model, optimizer, cfg, state, total_opt_steps
@@ -365,9 +384,14 @@ def _train(
                 continue
             if state["opt_step"] % cfg.train.log_every_steps == 0:
                 means = torch.stack(
-                    [terms.neg_elbo.detach().mean(), *[k.mean() for k in group_kls]]
+                    [
+                        terms.neg_elbo.detach().mean(),
+                        *[k.mean() for k in group_kls],
+                        *([aug.neg_elbo.detach().float().mean()] if aug_weight else []),
+                    ]
                 )
                 loss, *step_kls = accelerator.reduce(means, "mean").tolist()
+                aug_row = {"train/step_encoder_aug_neg_elbo": step_kls.pop()} if aug_weight else {}
                 progress.set_postfix(neg_elbo=f"{loss:.2f}")
                 row = {
                     "global_step": state["opt_step"],
@@ -378,6 +402,7 @@ def _train(
                     "train/grad_norm": grad_norm,
                     "train/skipped_updates": state["skipped_updates"],
                     **{f"train/step_kl_{g}": v for g, v in zip(groups, step_kls, strict=True)},
+                    **aug_row,
                 }
                 if main:
                     with open(run_dir / STEPS_FILE, "a") as f:

@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from vae_scale.config import ConfigError
 from vae_scale.losses import Likelihood
 
 
@@ -91,3 +92,13 @@ class VAE(nn.Module):
         """Decode the posterior mean: the usual picture of a reconstruction."""
         mu, _ = self.encode(x)
         return self.likelihood.mean(self.decode(mu))
+
+
+def check_single_latent(model: VAE, key: str, feature: str) -> None:
+    """`feature` works on one Gaussian (mu, log_var) per image: refuse a model with latent
+    groups, naming the setting (`key`) that asked for it."""
+    if model.latent_group_names:
+        raise ConfigError(
+            f"{key}: {feature} needs one Gaussian latent (mlp, conv, resnet models); "
+            f"this model has latent groups {model.latent_group_names}"
+        )
