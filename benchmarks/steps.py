@@ -1,7 +1,9 @@
 """Training-step throughput of a config in several settings, FLOPs per image, matmul peak.
 
 One step is the body of train.py's loop: uint8 batch -> float on the device (+ channels_last),
-forward under Accelerate's autocast, negative ELBO, backward, gradient clipping, Adam step.
+forward under Accelerate's autocast, the training objective (`train.training_objective`: neg.
+ELBO, plus the encoder augmentation term where the config turns it on), backward, gradient
+clipping, Adam step.
 Its input is either one synthetic uint8 batch kept in memory, or the real training stream
 (`ShardSplit.train_batches` with the config's loader workers, shuffle buffer, pinning and RAM
 cache; a cached stream is filled first, so it is timed as from epoch 2 on): the difference
@@ -32,7 +34,7 @@ from vae_scale.data.loader import ShardSplit
 from vae_scale.evaluate import prepare_inputs
 from vae_scale.losses import build_likelihood, neg_elbo
 from vae_scale.models import build_model
-from vae_scale.train import cpu_has_fast_bf16, make_accelerator
+from vae_scale.train import cpu_has_fast_bf16, make_accelerator, training_objective
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,8 @@ def measure_setting(
             model = model.to(memory_format=torch.channels_last)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
         model, optimizer = accelerator.prepare(model, optimizer)
-        core = accelerator.unwrap_model(model)
+        plain = accelerator.unwrap_model(model)
+        plain = getattr(plain, "_orig_mod", plain)  # training_objective wants the bare VAE
         device = accelerator.device
         max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
 
@@ -109,18 +112,8 @@ def measure_setting(
             x = prepare_inputs(images, device, cfg.data.binarize)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            out = model(x)
-            terms = neg_elbo(
-                core.likelihood,
-                out.x_params,
-                x,
-                out.mu,
-                out.logvar,
-                1.0,
-                cfg.loss.free_bits,
-                out.kl_groups,
-            )
-            accelerator.backward(terms.loss)
+            _, _, objective = training_objective(accelerator, model, plain, x, cfg, 1.0)
+            accelerator.backward(objective)
             accelerator.clip_grad_norm_(model.parameters(), max_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

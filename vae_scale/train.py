@@ -26,8 +26,8 @@ from vae_scale.evaluate import (
     prepare_inputs,
     summarize,
 )
-from vae_scale.losses import build_likelihood, kl_weight, neg_elbo
-from vae_scale.models import build_model
+from vae_scale.losses import ELBOTerms, build_likelihood, kl_weight, neg_elbo
+from vae_scale.models import VAE, build_model
 from vae_scale.models.base import check_single_latent
 from vae_scale.signals import StopFlag, TrainingInterrupted
 
@@ -334,35 +334,10 @@ def _train(
                 x = x.contiguous(memory_format=torch.channels_last)
             state["skipped_samples"] += batch["skipped"]
             with accelerator.accumulate(model):
-                out = model(x)
                 beta = kl_weight(
                     state["opt_step"], cfg.loss.beta, cfg.loss.kl_warmup_steps, cfg.loss.beta_start
                 )
-                terms = neg_elbo(
-                    core.likelihood,
-                    out.x_params,
-                    x,
-                    out.mu,
-                    out.logvar,
-                    beta,
-                    cfg.loss.free_bits,
-                    out.kl_groups,
-                )
-                objective = terms.loss
-                if aug_weight:
-                    # the unwrapped model: its own forward, outside DDP's and compile's
-                    with accelerator.autocast():
-                        aug = encoder_augmentation_terms(
-                            plain,
-                            x,
-                            cfg.loss.encoder_aug_rotate_deg,
-                            cfg.loss.encoder_aug_scale,
-                            cfg.loss.encoder_aug_shear,
-                            cfg.loss.encoder_aug_shift_px,
-                            beta,
-                            cfg.loss.free_bits,
-                        )
-                    objective = objective + aug_weight * aug.loss
+                terms, aug, objective = training_objective(accelerator, model, plain, x, cfg, beta)
                 accelerator.backward(objective)
                 if accelerator.sync_gradients:
                     stepped, grad_norm = _optimizer_step(
@@ -481,6 +456,46 @@ def _train(
             )
     accelerator.wait_for_everyone()
     return run_dir
+
+
+def training_objective(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    plain: VAE,
+    x: torch.Tensor,
+    cfg: Config,
+    beta: float,
+) -> tuple[ELBOTerms, ELBOTerms | None, torch.Tensor]:
+    """What one step minimises: the batch's neg. ELBO (KL weight `beta`, free bits) and, with
+    loss.encoder_aug_weight > 0, the encoder-only term on deformed copies of the batch.
+    `model` is the prepared (DDP/compiled) model, `plain` the bare VAE inside it. Returns
+    (the batch's terms, the augmented terms or None, the scalar to backpropagate)."""
+    out = model(x)
+    terms = neg_elbo(
+        plain.likelihood,
+        out.x_params,
+        x,
+        out.mu,
+        out.logvar,
+        beta,
+        cfg.loss.free_bits,
+        out.kl_groups,
+    )
+    if not cfg.loss.encoder_aug_weight:
+        return terms, None, terms.loss
+    # outside DDP's and compile's forward: the extra pass reaches the weights through autograd
+    with accelerator.autocast():
+        aug = encoder_augmentation_terms(
+            plain,
+            x,
+            cfg.loss.encoder_aug_rotate_deg,
+            cfg.loss.encoder_aug_scale,
+            cfg.loss.encoder_aug_shear,
+            cfg.loss.encoder_aug_shift_px,
+            beta,
+            cfg.loss.free_bits,
+        )
+    return terms, aug, terms.loss + cfg.loss.encoder_aug_weight * aug.loss
 
 
 def _optimizer_step(
