@@ -208,8 +208,7 @@ def _train(
     groups = core.latent_group_names  # KLs logged one by one (hierarchical models)
     if cfg.eval.refine_steps:
         check_single_latent(core, "eval.refine_steps", "posterior refinement")
-    aug_weight = cfg.loss.encoder_aug_weight
-    if aug_weight:
+    if cfg.loss.encoder_aug_weight:
         check_single_latent(core, "loss.encoder_aug_weight", "encoder augmentation")
     n_sums = 4 + len(groups)
 
@@ -358,15 +357,12 @@ def _train(
             if not accelerator.sync_gradients:
                 continue
             if state["opt_step"] % cfg.train.log_every_steps == 0:
+                aug_mean = [] if aug is None else [aug.neg_elbo.detach().float().mean()]
                 means = torch.stack(
-                    [
-                        terms.neg_elbo.detach().mean(),
-                        *[k.mean() for k in group_kls],
-                        *([aug.neg_elbo.detach().float().mean()] if aug_weight else []),
-                    ]
+                    [terms.neg_elbo.detach().mean(), *[k.mean() for k in group_kls], *aug_mean]
                 )
-                loss, *step_kls = accelerator.reduce(means, "mean").tolist()
-                aug_row = {"train/step_encoder_aug_neg_elbo": step_kls.pop()} if aug_weight else {}
+                loss, *rest = accelerator.reduce(means, "mean").tolist()
+                step_kls, aug_loss = rest[: len(groups)], rest[len(groups) :]
                 progress.set_postfix(neg_elbo=f"{loss:.2f}")
                 row = {
                     "global_step": state["opt_step"],
@@ -377,8 +373,9 @@ def _train(
                     "train/grad_norm": grad_norm,
                     "train/skipped_updates": state["skipped_updates"],
                     **{f"train/step_kl_{g}": v for g, v in zip(groups, step_kls, strict=True)},
-                    **aug_row,
                 }
+                if aug_loss:
+                    row["train/step_encoder_aug_neg_elbo"] = aug_loss[0]
                 if main:
                     with open(run_dir / STEPS_FILE, "a") as f:
                         f.write(json.dumps(row) + "\n")
