@@ -69,6 +69,29 @@ def test_zoom_scales_the_radius_within_the_range():
     assert radius.max() - radius.min() > 3
 
 
+def elastic_shifts(count: int, alpha: float, sigma: float, seed: int) -> torch.Tensor:
+    """(count, 2) centre-of-mass shifts of a small square under the elastic distortion only."""
+    x = point_images(count, 0, 0)
+    out = random_affine(
+        x, 0, 0, 0, 0, torch.Generator().manual_seed(seed), elastic_alpha=alpha, elastic_sigma=sigma
+    )
+    return centres(out)
+
+
+def test_elastic_distortion_moves_each_image_smoothly_within_alpha():
+    shifts = elastic_shifts(300, 20.0, 4.0, seed=3)
+    # The displacement is alpha x (uniform noise blurred by a normalised Gaussian): never more
+    # than alpha per axis; blurring noise over ~4 pi sigma^2 pixels leaves a std of about
+    # alpha x 0.577 / sqrt(4 pi sigma^2) = 0.81 px.
+    assert shifts.abs().max() <= 20
+    assert 0.5 < shifts[:, 0].std() < 1.2 and 0.5 < shifts[:, 1].std() < 1.2
+    # A wider blur averages more noise: half the sigma, about twice the displacement.
+    ratio = elastic_shifts(300, 20.0, 2.0, seed=3).std() / shifts.std()
+    assert 1.6 < ratio < 2.4
+    # Off, it is the identity.
+    assert elastic_shifts(5, 0.0, 4.0, seed=3).abs().max() < 1e-4
+
+
 def tiny_mlp(seed: int = 0) -> MLPVAE:
     torch.manual_seed(seed)
     shape = (1, 28, 28)
@@ -121,6 +144,7 @@ def test_training_with_encoder_augmentation_learns_and_logs_it(frey_shards, tmp_
             tmp_path,
             "train.epochs=2",
             "loss.encoder_aug_weight=1",
+            "loss.encoder_aug_elastic_alpha=8",
             "train.log_every_steps=5",
         )
     )
@@ -142,6 +166,8 @@ def test_training_with_encoder_augmentation_learns_and_logs_it(frey_shards, tmp_
         "loss.encoder_aug_rotate_deg=200",
         "loss.encoder_aug_shift_px=-2",
         "loss.encoder_aug_shear=-0.1",
+        "loss.encoder_aug_elastic_alpha=-1",
+        "loss.encoder_aug_elastic_sigma=0",
     ],
 )
 def test_bad_augmentation_settings_name_the_key(override, frey_shards, tmp_path):

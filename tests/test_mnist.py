@@ -222,6 +222,7 @@ def test_mnist_configs_are_the_study_setup():
     assert (cfg.model.name, cfg.model.hidden, cfg.model.latent_dim) == ("mlp", [512, 256], 2)
     assert (cfg.train.lr, cfg.train.epochs, cfg.loss.likelihood) == (1e-3, 100, "bernoulli")
     assert (cfg.loss.kl_warmup_steps, cfg.loss.free_bits) == (0, 0.0)  # plain ELBO
+    assert cfg.data.train_splits == ["train", "val"]  # all 60,000 training digits, as the study
     assert load_config(REPO / "configs" / "mnist_mlp_z20.yaml").model.latent_dim == 20
     with pytest.raises(ConfigError, match="model.hidden"):
         load_config(Z2_CONFIG, ["model.hidden=[512, 0]"])
@@ -288,7 +289,7 @@ def test_dynamic_binarization_and_kl_warmup_in_a_run(tiny_mnist, tmp_path, monke
     )
     run = train_module.train(cfg)
 
-    steps = (TINY_TRAIN - TINY_VAL) // 50  # 11 batches per epoch
+    steps = TINY_TRAIN // 50  # the config trains on train + val: all 600 images, 12 batches
     assert [e for e, _, _ in seen] == [1] * steps + [2] * steps
     grey = torch.cat([g for _, g, _ in seen])
     x = torch.cat([b for _, _, b in seen])
@@ -297,7 +298,7 @@ def test_dynamic_binarization_and_kl_warmup_in_a_run(tiny_mnist, tmp_path, monke
     # E[x] = grey value: compare the mean with 5 standard errors of a Bernoulli mean
     tolerance = 5 * math.sqrt(float((grey * (1 - grey)).sum())) / grey.numel()
     assert abs(float(x.mean() - grey.mean())) < tolerance
-    # Every epoch sees all 550 training images (in another order): the same grey image is
+    # Every epoch sees all 600 training images (in another order): the same grey image is
     # binarized differently in epoch 2 than in epoch 1.
     by_epoch = {
         e: (

@@ -108,3 +108,31 @@ def test_wandb_offline_run_in_run_folder(frey_shards, tmp_path, monkeypatch):
     run_id = (run / "wandb_run_id.txt").read_text().strip()
     assert runs[0].name.endswith(run_id)
     assert list(runs[0].glob("*.wandb"))
+
+
+def test_training_on_train_and_val_reads_both_and_evaluates_test_only(frey_shards, tmp_path):
+    from vae_scale.data.loader import ShardSplit
+
+    both = ShardSplit(frey_shards / "frey", "train+val", batch_size=100)
+    keys = [k for batch in both.eval_batches() for k in batch["key"]]
+    parts = [ShardSplit(frey_shards / "frey", s, batch_size=100) for s in ("train", "val")]
+    part_keys = [k for split in parts for batch in split.eval_batches() for k in batch["key"]]
+    assert len(keys) == len(set(keys)) == 1765 + 100 and set(keys) == set(part_keys)
+
+    run = train(tiny_frey_config(frey_shards, tmp_path, "data.train_splits=[train,val]"))
+    for r in metrics(run):
+        assert r["train/num_samples"] == 18 * 100  # 1865 samples -> 18 full batches (not 17)
+        assert r["test/num_samples"] == 100
+        assert not any(k.startswith("val/") for k in r)  # val is training data now
+    from vae_scale.cli import main
+
+    for split, trained_on in (("val", True), ("test", False)):
+        assert main(["eval", str(run), "--split", split, "--iw-samples", "0"]) == 0
+        result = json.loads((run / f"eval_{split}.json").read_text())
+        assert result["trained_on_split"] is trained_on
+
+
+@pytest.mark.parametrize("splits", ["[train,test]", "[]", "[train,train]"])
+def test_test_split_is_never_trained_on(splits, frey_shards, tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.train_splits"):
+        tiny_frey_config(frey_shards, tmp_path, f"data.train_splits={splits}")

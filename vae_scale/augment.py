@@ -15,6 +15,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -29,10 +30,16 @@ def random_affine(
     shear: float,
     shift_px: float,
     generator: torch.Generator | None = None,
+    elastic_alpha: float = 0.0,
+    elastic_sigma: float = 4.0,
 ) -> Tensor:
     """Each image of `x` (B, C, H, W) under its own random affine map: rotation uniform in
     +-rotate_deg, zoom in 1 +- scale, shear factor in +-shear, shift in +-shift_px pixels per
-    axis; bilinear, zeros outside. All zeros gives back `x`."""
+    axis; bilinear, zeros outside. All zeros gives back `x`.
+
+    `elastic_alpha` > 0 adds an elastic distortion on top (Simard et al. 2003): a per-pixel
+    displacement drawn uniform in [-1, 1], smoothed by a Gaussian of `elastic_sigma` pixels
+    and scaled by `elastic_alpha` pixels."""
     batch, _, height, width = x.shape
 
     def uniform(*shape: int) -> Tensor:
@@ -57,7 +64,21 @@ def random_affine(
     )
     theta = torch.cat([linear, shift[:, :, None]], dim=2)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    if elastic_alpha > 0:
+        field = smooth_gaussian(uniform(batch * 2, 1, height, width), elastic_sigma)
+        field = rearrange(field, "(b xy) 1 h w -> b h w xy", xy=2)
+        grid = grid + field * elastic_alpha * torch.tensor([2 / width, 2 / height], device=x.device)
     return F.grid_sample(x.float(), grid, align_corners=False, padding_mode="zeros").to(x.dtype)
+
+
+def smooth_gaussian(images: Tensor, sigma: float) -> Tensor:
+    """(N, 1, H, W) images blurred by a Gaussian of `sigma` pixels (separable, zero padded)."""
+    radius = max(1, math.ceil(3 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    images = F.conv2d(images, kernel.view(1, 1, -1, 1), padding=(radius, 0))
+    return F.conv2d(images, kernel.view(1, 1, 1, -1), padding=(0, radius))
 
 
 class _FrozenDecode(nn.Module):
@@ -80,6 +101,8 @@ def encoder_augmentation_terms(
     shift_px: float,
     kl_weight: float = 1.0,
     free_bits: float = 0.0,
+    elastic_alpha: float = 0.0,
+    elastic_sigma: float = 4.0,
 ) -> ELBOTerms:
     """Neg. ELBO of deformed copies of `x` whose gradient reaches only the encoder.
 
@@ -89,7 +112,15 @@ def encoder_augmentation_terms(
     backward. `model` is the unwrapped VAE with one Gaussian latent.
     """
     with torch.no_grad():
-        x_aug = random_affine(x, rotate_deg, scale, shear, shift_px)
+        x_aug = random_affine(
+            x,
+            rotate_deg,
+            scale,
+            shear,
+            shift_px,
+            elastic_alpha=elastic_alpha,
+            elastic_sigma=elastic_sigma,
+        )
     mu, logvar = model.encode(x_aug)
     z = model.reparameterize(mu, logvar)
     frozen = {f"vae.{name}": p.detach() for name, p in model.named_parameters()}

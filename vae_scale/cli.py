@@ -105,6 +105,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
             rank=accelerator.process_index,
             verify=cfg.data.verify_shards,
         )
+        if args.split in cfg.data.train_splits:
+            accelerator.print(
+                f"note: this run trained on the {args.split!r} split (data.train_splits "
+                f"{cfg.data.train_splits}): these are training-set numbers"
+            )
         metrics = full_evaluation(
             accelerator,
             run.model,
@@ -121,6 +126,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                 "iw_samples": args.iw_samples,
                 "refine_steps": args.refine_steps,
                 "num_processes": accelerator.num_processes,
+                "trained_on_split": args.split in cfg.data.train_splits,
             }
         )
         if accelerator.is_main_process:

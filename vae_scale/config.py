@@ -52,8 +52,20 @@ class DataConfig:
     # Frey, MNIST): later epochs read no files. With num_workers > 0 each process decodes its
     # whole split once at start-up and the forked loader workers share it.
     cache_in_memory: bool = False
+    # The shard splits training reads. ["train", "val"] is the final fit on all the labelled
+    # training data once settings are chosen (the 60,000 MNIST digits the study trained on);
+    # val is then not evaluated. The test split is never trained on.
+    train_splits: list[str] = field(default_factory=lambda: ["train"])
 
     def validate(self) -> None:
+        _check(
+            bool(self.train_splits)
+            and set(self.train_splits) <= {"train", "val"}
+            and len(set(self.train_splits)) == len(self.train_splits),
+            "data.train_splits",
+            'a non-empty list of distinct splits from "train", "val" (test is never trained on)',
+            self.train_splits,
+        )
         _check(self.batch_size >= 1, "data.batch_size", "an integer >= 1", self.batch_size)
         _check(self.num_workers >= 0, "data.num_workers", "an integer >= 0", self.num_workers)
         _check(
@@ -70,12 +82,16 @@ class LossConfig:
     free_bits: float = 0.0  # nats per latent dimension (0 = off)
     # Encoder augmentation (vae_scale/augment.py): weight of an extra neg. ELBO term on randomly
     # deformed copies of each batch that trains only the encoder (0 = off), and the ranges of
-    # the per-image affine map (rotation degrees, zoom 1 +- scale, shear factor, shift pixels).
+    # the per-image affine map (rotation degrees, zoom 1 +- scale, shear factor, shift pixels),
+    # plus an optional elastic distortion (Simard et al. 2003: alpha pixels, smoothed over
+    # sigma pixels; alpha 0 = off).
     encoder_aug_weight: float = 0.0
     encoder_aug_rotate_deg: float = 10.0
     encoder_aug_scale: float = 0.1
     encoder_aug_shear: float = 0.1
     encoder_aug_shift_px: float = 1.0
+    encoder_aug_elastic_alpha: float = 0.0
+    encoder_aug_elastic_sigma: float = 4.0
 
     def validate(self) -> None:
         from vae_scale.losses import LIKELIHOODS
@@ -124,6 +140,18 @@ class LossConfig:
             "loss.encoder_aug_shift_px",
             "pixels >= 0",
             self.encoder_aug_shift_px,
+        )
+        _check(
+            self.encoder_aug_elastic_alpha >= 0,
+            "loss.encoder_aug_elastic_alpha",
+            "pixels >= 0 (0 = off)",
+            self.encoder_aug_elastic_alpha,
+        )
+        _check(
+            self.encoder_aug_elastic_sigma > 0,
+            "loss.encoder_aug_elastic_sigma",
+            "pixels > 0",
+            self.encoder_aug_elastic_sigma,
         )
 
 

@@ -95,7 +95,7 @@ def open_splits(cfg: Config, accelerator: Accelerator) -> dict[str, ShardSplit]:
     )
     splits = {
         "train": ShardSplit(
-            split="train",
+            split="+".join(cfg.data.train_splits),
             shuffle=True,
             shuffle_buffer=cfg.data.shuffle_buffer,
             verify=cfg.data.verify_shards and accelerator.is_local_main_process,
@@ -103,7 +103,7 @@ def open_splits(cfg: Config, accelerator: Accelerator) -> dict[str, ShardSplit]:
         ),
     }
     for name in ("val", "test"):
-        if name in splits["train"].index["splits"]:
+        if name in splits["train"].index["splits"] and name not in cfg.data.train_splits:
             splits[name] = ShardSplit(split=name, **common)
     splits["train"].check_enough_shards()
     return splits
@@ -491,6 +491,8 @@ def training_objective(
             cfg.loss.encoder_aug_shift_px,
             beta,
             cfg.loss.free_bits,
+            elastic_alpha=cfg.loss.encoder_aug_elastic_alpha,
+            elastic_sigma=cfg.loss.encoder_aug_elastic_sigma,
         )
     return terms, aug, terms.loss + cfg.loss.encoder_aug_weight * aug.loss
 

@@ -252,7 +252,7 @@ class ShardSplit:
     """One split of a shard folder, read by the streaming loader."""
 
     shard_dir: Path
-    split: str
+    split: str  # a split of index.json, or several joined by "+" ("train+val") read as one
     batch_size: int
     num_workers: int = 0
     seed: int = 0
@@ -270,7 +270,11 @@ class ShardSplit:
         self._cache: dict[str, list[dict[str, Any]]] | None = {} if self.cache_in_memory else None
         self.shard_dir = Path(self.shard_dir)
         self.index = load_index(self.shard_dir)
-        self.shards = split_shards(self.shard_dir, self.index, self.split, verify=self.verify)
+        self.shards = [
+            shard
+            for part in self.split.split("+")
+            for shard in split_shards(self.shard_dir, self.index, part, verify=self.verify)
+        ]
         c, h, w = self.index["image_shape"]
         self.image_shape = (c, h, w)
         self.num_samples = sum(s["num_samples"] for s in self.shards)
