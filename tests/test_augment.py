@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from conftest import tiny_frey_config
-from vae_scale.augment import encoder_augmentation_terms, random_affine
+from vae_scale.augment import Deformation, encoder_augmentation_terms, random_deform
 from vae_scale.config import ConfigError
 from vae_scale.losses import build_likelihood, neg_elbo
 from vae_scale.models.mlp import MLPVAE, MLPVAEConfig
 
+AFFINE = Deformation(rotate_deg=10, scale=0.1, shear=0.1, shift_px=1.0)
 SIZE = 29  # odd, so the centre of the image is a pixel centre
 
 
@@ -37,12 +38,12 @@ def centres(x: torch.Tensor) -> torch.Tensor:
 
 def test_no_deformation_gives_back_the_images():
     x = torch.rand(4, 3, SIZE, SIZE)
-    torch.testing.assert_close(random_affine(x, 0, 0, 0, 0), x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(random_deform(x, Deformation()), x, atol=1e-5, rtol=0)
 
 
 def test_shift_moves_each_image_within_the_range():
     x = point_images(200, 0, 0)
-    out = random_affine(x, 0, 0, 0, 2.0, torch.Generator().manual_seed(0))
+    out = random_deform(x, Deformation(shift_px=2.0), torch.Generator().manual_seed(0))
     moved = centres(out)
     assert moved.abs().max() <= 2.0 + 1e-4
     assert moved.abs().max() > 1.5  # the range is used ...
@@ -52,7 +53,7 @@ def test_shift_moves_each_image_within_the_range():
 
 def test_rotation_keeps_the_radius_and_stays_within_the_angle():
     x = point_images(200, 8, 0)
-    out = random_affine(x, 30, 0, 0, 0, torch.Generator().manual_seed(1))
+    out = random_deform(x, Deformation(rotate_deg=30), torch.Generator().manual_seed(1))
     moved = centres(out)
     radius = moved.norm(dim=1)
     angle = torch.rad2deg(torch.atan2(moved[:, 1], moved[:, 0]))
@@ -63,7 +64,7 @@ def test_rotation_keeps_the_radius_and_stays_within_the_angle():
 
 def test_zoom_scales_the_radius_within_the_range():
     x = point_images(200, 8, 0)
-    out = random_affine(x, 0, 0.25, 0, 0, torch.Generator().manual_seed(2))
+    out = random_deform(x, Deformation(scale=0.25), torch.Generator().manual_seed(2))
     radius = centres(out).norm(dim=1)
     assert radius.min() >= 8 * 0.75 - 0.2 and radius.max() <= 8 * 1.25 + 0.2
     assert radius.max() - radius.min() > 3
@@ -72,9 +73,8 @@ def test_zoom_scales_the_radius_within_the_range():
 def elastic_shifts(count: int, alpha: float, sigma: float, seed: int) -> torch.Tensor:
     """(count, 2) centre-of-mass shifts of a small square under the elastic distortion only."""
     x = point_images(count, 0, 0)
-    out = random_affine(
-        x, 0, 0, 0, 0, torch.Generator().manual_seed(seed), elastic_alpha=alpha, elastic_sigma=sigma
-    )
+    deformation = Deformation(elastic_alpha=alpha, elastic_sigma=sigma)
+    out = random_deform(x, deformation, torch.Generator().manual_seed(seed))
     return centres(out)
 
 
@@ -90,6 +90,18 @@ def test_elastic_distortion_moves_each_image_smoothly_within_alpha():
     assert 1.6 < ratio < 2.4
     # Off, it is the identity.
     assert elastic_shifts(5, 0.0, 4.0, seed=3).abs().max() < 1e-4
+
+
+def test_thickness_thickens_or_thins_each_image_within_the_range():
+    x = point_images(200, 0, 0)  # a 3x3 square: its 3x3 dilation is 5x5, its erosion 1x1
+    out = random_deform(x, Deformation(thickness=0.5), torch.Generator().manual_seed(4))
+    ink = out.sum((1, 2, 3)) / 9
+    # blend factor t: thicker 1 + t (25 - 9) / 9, thinner 1 - t (9 - 1) / 9, |t| <= 0.5
+    assert ink.max() <= 1 + 0.5 * 16 / 9 + 1e-4 and ink.min() >= 1 - 0.5 * 8 / 9 - 1e-4
+    assert (ink > 1.5).any() and (ink < 0.6).any()  # both directions, most of the range
+    centre = out[:, :, SIZE // 2, SIZE // 2]
+    torch.testing.assert_close(centre, torch.ones_like(centre), atol=1e-4, rtol=0)  # stays ink
+    assert random_deform(x, Deformation(thickness=0.0)).sub(x).abs().max() < 1e-5
 
 
 def tiny_mlp(seed: int = 0) -> MLPVAE:
@@ -110,7 +122,7 @@ def test_the_augmented_term_trains_only_the_encoder():
     encoder = {n for n, _ in model.named_parameters() if not n.startswith("decoder")}
     assert encoder and len(encoder) < len(list(model.parameters()))
 
-    encoder_augmentation_terms(model, x, 10, 0.1, 0.1, 1.0).loss.backward()
+    encoder_augmentation_terms(model, x, AFFINE).loss.backward()
     alone = grads(model)
     assert set(alone) == encoder  # the decoder got no gradient at all
     assert all(g.abs().sum() > 0 for g in alone.values())
@@ -126,7 +138,7 @@ def test_the_augmented_term_trains_only_the_encoder():
     torch.manual_seed(5)
     out = model(x)
     main = neg_elbo(model.likelihood, out.x_params, x, out.mu, out.logvar).loss
-    (main + 3.0 * encoder_augmentation_terms(model, x, 10, 0.1, 0.1, 1.0).loss).backward()
+    (main + 3.0 * encoder_augmentation_terms(model, x, AFFINE).loss).backward()
     both = grads(model)
     for name, g in both.items():
         if name in encoder:
@@ -145,6 +157,7 @@ def test_training_with_encoder_augmentation_learns_and_logs_it(frey_shards, tmp_
             "train.epochs=2",
             "loss.encoder_aug_weight=1",
             "loss.encoder_aug_elastic_alpha=8",
+            "loss.encoder_aug_thickness=0.3",
             "train.log_every_steps=5",
         )
     )
@@ -168,6 +181,7 @@ def test_training_with_encoder_augmentation_learns_and_logs_it(frey_shards, tmp_
         "loss.encoder_aug_shear=-0.1",
         "loss.encoder_aug_elastic_alpha=-1",
         "loss.encoder_aug_elastic_sigma=0",
+        "loss.encoder_aug_thickness=1.5",
     ],
 )
 def test_bad_augmentation_settings_name_the_key(override, frey_shards, tmp_path):

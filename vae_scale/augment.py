@@ -4,14 +4,17 @@ trains only the encoder.
 Why: with a small latent space (MNIST z = 2) the test loss stalls because the encoder
 over-fits the training images (its amortization gap on test images grows while the decoder
 keeps generalising; RESULTS.md). Teaching the encoder to infer the latents of slightly
-rotated, scaled, sheared and shifted digits widens what it has seen without asking the decoder
-to model deformed digits: the decoder runs with detached weights in this term, so its weights
-are trained on the real images only, and the reported neg. ELBO is that of the real images.
+rotated, scaled, sheared, shifted, warped, thickened or thinned digits widens what it has seen
+without asking the decoder to model deformed digits: the decoder runs with detached weights in
+this term, so its weights are trained on the real images only, and the reported neg. ELBO is
+that of the real images.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,35 +25,66 @@ from torch.func import functional_call
 from vae_scale.losses import ELBOTerms, neg_elbo
 from vae_scale.models import VAE
 
+if TYPE_CHECKING:
+    from vae_scale.config import LossConfig
 
-def random_affine(
-    x: Tensor,
-    rotate_deg: float,
-    scale: float,
-    shear: float,
-    shift_px: float,
-    generator: torch.Generator | None = None,
-    elastic_alpha: float = 0.0,
-    elastic_sigma: float = 4.0,
+
+@dataclass(frozen=True)
+class Deformation:
+    """Ranges of the random per-image deformation (all zero: the identity).
+
+    Affine: rotation uniform in +-rotate_deg, zoom in 1 +- scale, shear factor in +-shear,
+    shift in +-shift_px pixels per axis. Elastic (Simard et al. 2003): a per-pixel displacement
+    drawn uniform in [-1, 1], smoothed by a Gaussian of elastic_sigma pixels and scaled by
+    elastic_alpha pixels. Stroke thickness: each image blended toward its 3x3 grey dilation
+    (thicker strokes) or erosion (thinner) by a factor uniform in +-thickness.
+    """
+
+    rotate_deg: float = 0.0
+    scale: float = 0.0
+    shear: float = 0.0
+    shift_px: float = 0.0
+    elastic_alpha: float = 0.0
+    elastic_sigma: float = 4.0
+    thickness: float = 0.0
+
+    @classmethod
+    def from_loss_config(cls, loss: LossConfig) -> Deformation:
+        return cls(
+            rotate_deg=loss.encoder_aug_rotate_deg,
+            scale=loss.encoder_aug_scale,
+            shear=loss.encoder_aug_shear,
+            shift_px=loss.encoder_aug_shift_px,
+            elastic_alpha=loss.encoder_aug_elastic_alpha,
+            elastic_sigma=loss.encoder_aug_elastic_sigma,
+            thickness=loss.encoder_aug_thickness,
+        )
+
+
+def random_deform(
+    x: Tensor, deformation: Deformation, generator: torch.Generator | None = None
 ) -> Tensor:
-    """Each image of `x` (B, C, H, W) under its own random affine map: rotation uniform in
-    +-rotate_deg, zoom in 1 +- scale, shear factor in +-shear, shift in +-shift_px pixels per
-    axis; bilinear, zeros outside. All zeros gives back `x`.
-
-    `elastic_alpha` > 0 adds an elastic distortion on top (Simard et al. 2003): a per-pixel
-    displacement drawn uniform in [-1, 1], smoothed by a Gaussian of `elastic_sigma` pixels
-    and scaled by `elastic_alpha` pixels."""
+    """Each image of `x` (B, C, H, W) under its own random draw of `deformation`; bilinear,
+    zeros outside."""
+    d = deformation
     batch, _, height, width = x.shape
 
     def uniform(*shape: int) -> Tensor:
         u = torch.rand(shape, generator=generator, device="cpu").to(x.device, torch.float32)
         return 2 * u - 1
 
-    angle = uniform(batch) * math.radians(rotate_deg)
-    zoom = 1 + uniform(batch) * scale
-    shear_factor = uniform(batch) * shear
+    out = x.float()
+    if d.thickness > 0:
+        amount = rearrange(uniform(batch) * d.thickness, "b -> b 1 1 1")
+        dilated = F.max_pool2d(out, 3, stride=1, padding=1)
+        eroded = -F.max_pool2d(-out, 3, stride=1, padding=1)
+        out = out + amount.abs() * (torch.where(amount > 0, dilated, eroded) - out)
+    angle = uniform(batch) * math.radians(d.rotate_deg)
+    zoom = 1 + uniform(batch) * d.scale
+    shear_factor = uniform(batch) * d.shear
     # affine_grid works in [-1, 1] coordinates: one pixel is 2 / size
-    shift = uniform(batch, 2) * shift_px * torch.tensor([2 / width, 2 / height], device=x.device)
+    pixel = torch.tensor([2 / width, 2 / height], device=x.device)
+    shift = uniform(batch, 2) * d.shift_px * pixel
     cos, sin = torch.cos(angle), torch.sin(angle)
     linear = (
         torch.stack(
@@ -64,11 +98,11 @@ def random_affine(
     )
     theta = torch.cat([linear, shift[:, :, None]], dim=2)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    if elastic_alpha > 0:
-        field = smooth_gaussian(uniform(batch * 2, 1, height, width), elastic_sigma)
+    if d.elastic_alpha > 0:
+        field = smooth_gaussian(uniform(batch * 2, 1, height, width), d.elastic_sigma)
         field = rearrange(field, "(b xy) 1 h w -> b h w xy", xy=2)
-        grid = grid + field * elastic_alpha * torch.tensor([2 / width, 2 / height], device=x.device)
-    return F.grid_sample(x.float(), grid, align_corners=False, padding_mode="zeros").to(x.dtype)
+        grid = grid + field * d.elastic_alpha * pixel
+    return F.grid_sample(out, grid, align_corners=False, padding_mode="zeros").to(x.dtype)
 
 
 def smooth_gaussian(images: Tensor, sigma: float) -> Tensor:
@@ -95,14 +129,9 @@ class _FrozenDecode(nn.Module):
 def encoder_augmentation_terms(
     model: VAE,
     x: Tensor,
-    rotate_deg: float,
-    scale: float,
-    shear: float,
-    shift_px: float,
+    deformation: Deformation,
     kl_weight: float = 1.0,
     free_bits: float = 0.0,
-    elastic_alpha: float = 0.0,
-    elastic_sigma: float = 4.0,
 ) -> ELBOTerms:
     """Neg. ELBO of deformed copies of `x` whose gradient reaches only the encoder.
 
@@ -112,15 +141,7 @@ def encoder_augmentation_terms(
     backward. `model` is the unwrapped VAE with one Gaussian latent.
     """
     with torch.no_grad():
-        x_aug = random_affine(
-            x,
-            rotate_deg,
-            scale,
-            shear,
-            shift_px,
-            elastic_alpha=elastic_alpha,
-            elastic_sigma=elastic_sigma,
-        )
+        x_aug = random_deform(x, deformation)
     mu, logvar = model.encode(x_aug)
     z = model.reparameterize(mu, logvar)
     frozen = {f"vae.{name}": p.detach() for name, p in model.named_parameters()}

@@ -84,7 +84,8 @@ class LossConfig:
     # deformed copies of each batch that trains only the encoder (0 = off), and the ranges of
     # the per-image affine map (rotation degrees, zoom 1 +- scale, shear factor, shift pixels),
     # plus an optional elastic distortion (Simard et al. 2003: alpha pixels, smoothed over
-    # sigma pixels; alpha 0 = off).
+    # sigma pixels; alpha 0 = off) and stroke thickness change (+-fraction toward a 3x3
+    # dilation/erosion; 0 = off). vae_scale.augment.Deformation documents each.
     encoder_aug_weight: float = 0.0
     encoder_aug_rotate_deg: float = 10.0
     encoder_aug_scale: float = 0.1
@@ -92,6 +93,7 @@ class LossConfig:
     encoder_aug_shift_px: float = 1.0
     encoder_aug_elastic_alpha: float = 0.0
     encoder_aug_elastic_sigma: float = 4.0
+    encoder_aug_thickness: float = 0.0
 
     def validate(self) -> None:
         from vae_scale.losses import LIKELIHOODS
@@ -152,6 +154,12 @@ class LossConfig:
             "loss.encoder_aug_elastic_sigma",
             "pixels > 0",
             self.encoder_aug_elastic_sigma,
+        )
+        _check(
+            0 <= self.encoder_aug_thickness <= 1,
+            "loss.encoder_aug_thickness",
+            "a fraction in [0, 1] (0 = off)",
+            self.encoder_aug_thickness,
         )
 
 

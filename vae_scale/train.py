@@ -16,7 +16,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from vae_scale import checkpoint, pictures, tracking
-from vae_scale.augment import encoder_augmentation_terms
+from vae_scale.augment import Deformation, encoder_augmentation_terms
 from vae_scale.config import Config, ConfigError
 from vae_scale.data.loader import ShardSplit, derive_seed
 from vae_scale.ema import EMA_FILE, ema_tensors, load_ema, make_ema
@@ -483,16 +483,7 @@ def training_objective(
     # outside DDP's and compile's forward: the extra pass reaches the weights through autograd
     with accelerator.autocast():
         aug = encoder_augmentation_terms(
-            plain,
-            x,
-            cfg.loss.encoder_aug_rotate_deg,
-            cfg.loss.encoder_aug_scale,
-            cfg.loss.encoder_aug_shear,
-            cfg.loss.encoder_aug_shift_px,
-            beta,
-            cfg.loss.free_bits,
-            elastic_alpha=cfg.loss.encoder_aug_elastic_alpha,
-            elastic_sigma=cfg.loss.encoder_aug_elastic_sigma,
+            plain, x, Deformation.from_loss_config(cfg.loss), beta, cfg.loss.free_bits
         )
     return terms, aug, terms.loss + cfg.loss.encoder_aug_weight * aug.loss
 
