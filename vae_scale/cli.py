@@ -105,7 +105,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
             rank=accelerator.process_index,
             verify=cfg.data.verify_shards,
         )
-        if args.split in cfg.data.train_splits:
+        trained_on_split = args.split in cfg.data.train_splits
+        if trained_on_split:
             accelerator.print(
                 f"note: this run trained on the {args.split!r} split (data.train_splits "
                 f"{cfg.data.train_splits}): these are training-set numbers"
@@ -126,7 +127,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                 "iw_samples": args.iw_samples,
                 "refine_steps": args.refine_steps,
                 "num_processes": accelerator.num_processes,
-                "trained_on_split": args.split in cfg.data.train_splits,
+                "trained_on_split": trained_on_split,
             }
         )
         if accelerator.is_main_process:
