@@ -147,6 +147,28 @@ def test_the_augmented_term_trains_only_the_encoder():
             torch.testing.assert_close(g, main_only[name], rtol=0, atol=0, msg=name)
 
 
+def test_copies_average_the_term_over_independently_deformed_copies():
+    model = tiny_mlp()
+    x = torch.rand(8, 1, 28, 28)
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+    kl_real = neg_elbo(model.likelihood, model.decode(mu), x, mu, logvar).kl
+
+    # identity deformation: every copy is the image itself (same posterior, same KL)
+    same = encoder_augmentation_terms(model, x, Deformation(), copies=3)
+    assert same.kl.shape == (24,)
+    torch.testing.assert_close(same.kl.view(3, 8), kl_real.expand(3, 8))
+    assert same.loss.item() == pytest.approx(same.neg_elbo.mean().item(), rel=1e-6)
+
+    # deformed: the three copies of one image get different draws, so different posteriors
+    torch.manual_seed(1)
+    deformed = encoder_augmentation_terms(model, x, AFFINE, copies=3).kl.view(3, 8)
+    assert (deformed[0] - deformed[1]).abs().min() > 0
+    assert (deformed[1] - deformed[2]).abs().min() > 0
+    # one copy is the default and keeps the batch size
+    assert encoder_augmentation_terms(model, x, AFFINE).kl.shape == (8,)
+
+
 def test_training_with_encoder_augmentation_learns_and_logs_it(frey_shards, tmp_path):
     from vae_scale.train import train
 
@@ -158,6 +180,7 @@ def test_training_with_encoder_augmentation_learns_and_logs_it(frey_shards, tmp_
             "loss.encoder_aug_weight=1",
             "loss.encoder_aug_elastic_alpha=8",
             "loss.encoder_aug_thickness=0.3",
+            "loss.encoder_aug_copies=2",
             "train.log_every_steps=5",
         )
     )
@@ -182,6 +205,7 @@ def test_training_with_encoder_augmentation_learns_and_logs_it(frey_shards, tmp_
         "loss.encoder_aug_elastic_alpha=-1",
         "loss.encoder_aug_elastic_sigma=0",
         "loss.encoder_aug_thickness=1.5",
+        "loss.encoder_aug_copies=0",
     ],
 )
 def test_bad_augmentation_settings_name_the_key(override, frey_shards, tmp_path):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -132,8 +132,10 @@ def encoder_augmentation_terms(
     deformation: Deformation,
     kl_weight: float = 1.0,
     free_bits: float = 0.0,
+    copies: int = 1,
 ) -> ELBOTerms:
-    """Neg. ELBO of deformed copies of `x` whose gradient reaches only the encoder.
+    """Neg. ELBO of `copies` independently deformed copies of each image of `x` (a batch of
+    copies * B), whose gradient reaches only the encoder.
 
     The decoder (and any learned likelihood parameter) runs on detached copies of its weights,
     so one backward of `main_loss + weight * terms.loss` leaves the decoder's gradient exactly
@@ -141,7 +143,7 @@ def encoder_augmentation_terms(
     backward. `model` is the unwrapped VAE with one Gaussian latent.
     """
     with torch.no_grad():
-        x_aug = random_deform(x, deformation)
+        x_aug = random_deform(repeat(x, "b ... -> (copies b) ...", copies=copies), deformation)
     mu, logvar = model.encode(x_aug)
     z = model.reparameterize(mu, logvar)
     frozen = {f"vae.{name}": p.detach() for name, p in model.named_parameters()}

@@ -85,8 +85,10 @@ class LossConfig:
     # the per-image affine map (rotation degrees, zoom 1 +- scale, shear factor, shift pixels),
     # plus an optional elastic distortion (Simard et al. 2003: alpha pixels, smoothed over
     # sigma pixels; alpha 0 = off) and stroke thickness change (+-fraction toward a 3x3
-    # dilation/erosion; 0 = off). vae_scale.augment.Deformation documents each.
+    # dilation/erosion; 0 = off). vae_scale.augment.Deformation documents each. copies: how many
+    # independently deformed copies of each image the term averages over per step.
     encoder_aug_weight: float = 0.0
+    encoder_aug_copies: int = 1
     encoder_aug_rotate_deg: float = 10.0
     encoder_aug_scale: float = 0.1
     encoder_aug_shear: float = 0.1
@@ -118,6 +120,12 @@ class LossConfig:
             "loss.encoder_aug_weight",
             "a number >= 0 (0 = off)",
             self.encoder_aug_weight,
+        )
+        _check(
+            self.encoder_aug_copies >= 1,
+            "loss.encoder_aug_copies",
+            "an integer >= 1",
+            self.encoder_aug_copies,
         )
         _check(
             0 <= self.encoder_aug_rotate_deg <= 180,

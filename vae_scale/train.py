@@ -483,7 +483,12 @@ def training_objective(
     # outside DDP's and compile's forward: the extra pass reaches the weights through autograd
     with accelerator.autocast():
         aug = encoder_augmentation_terms(
-            plain, x, Deformation.from_loss_config(cfg.loss), beta, cfg.loss.free_bits
+            plain,
+            x,
+            Deformation.from_loss_config(cfg.loss),
+            beta,
+            cfg.loss.free_bits,
+            copies=cfg.loss.encoder_aug_copies,
         )
     return terms, aug, terms.loss + cfg.loss.encoder_aug_weight * aug.loss
 
