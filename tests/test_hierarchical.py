@@ -397,6 +397,8 @@ def test_posterior_refinement_is_refused_for_latent_groups(hvae_shards, hvae_run
         train(tiny_hvae_config(hvae_shards, tmp_path, "eval.refine_steps=5"))
     with pytest.raises(ConfigError, match=r"loss\.encoder_aug_weight.*latent groups"):
         train(tiny_hvae_config(hvae_shards, tmp_path, "loss.encoder_aug_weight=1"))
+    with pytest.raises(ConfigError, match=r"loss\.z_samples.*latent groups"):
+        train(tiny_hvae_config(hvae_shards, tmp_path, "loss.z_samples=2"))
     # an error before any evaluation (another test writes eval_test.json: use the val split)
     assert main(["eval", str(hvae_run), "--split", "val", "--refine-steps", "5"]) == 2
     assert not (hvae_run / "eval_val.json").exists()

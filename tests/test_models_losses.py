@@ -83,3 +83,27 @@ def test_kl_warmup_and_free_bits():
 
 def test_bits_per_dim():
     assert bits_per_dim(3072 * math.log(2), 3072) == pytest.approx(1.0)
+
+
+def test_several_posterior_draws_encode_once_and_average_the_same_elbo():
+    from einops import repeat
+
+    from vae_scale.models.mlp import MLPVAE, MLPVAEConfig
+
+    torch.manual_seed(0)
+    model = MLPVAE(MLPVAEConfig(latent_dim=2, hidden=[16]), (1, 6, 5), Bernoulli((1, 6, 5)))
+    x = torch.rand(4, 1, 6, 5)
+    eps = torch.randn(3, 4, 2)  # draw k of image i: eps[k, i]
+    out = model(x, eps=eps.flatten(0, 1), samples=3)
+    assert out.x_params.shape == (12, 1, 6, 5) and out.z.shape == (12, 2)
+    mu, logvar = model.encode(x)
+    torch.testing.assert_close(out.mu, mu.repeat(3, 1))  # draw-major rows, one encoding
+    torch.testing.assert_close(out.logvar, logvar.repeat(3, 1))
+    terms = neg_elbo(
+        model.likelihood, out.x_params, repeat(x, "b ... -> (k b) ...", k=3), out.mu, out.logvar
+    )
+    # the loss is the mean over the three single-draw losses with the same noise
+    singles = [model(x, eps=eps[k]) for k in range(3)]
+    one_draw = [neg_elbo(model.likelihood, o.x_params, x, o.mu, o.logvar).loss for o in singles]
+    assert terms.loss.item() == pytest.approx(torch.stack(one_draw).mean().item(), rel=1e-6)
+    assert len({round(v.item(), 4) for v in one_draw}) == 3  # the draws really differ

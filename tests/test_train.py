@@ -58,6 +58,20 @@ def test_gradient_accumulation_counts_optimizer_steps(frey_shards, tmp_path):
     assert rows[0]["global_step"] == 8 and rows[0]["train/num_samples"] == 32 * 50
 
 
+def test_several_posterior_draws_per_image_train_on_the_same_scale(frey_shards, tmp_path):
+    rows = metrics(
+        train(tiny_frey_config(frey_shards, tmp_path, "loss.z_samples=3", "train.lr=3e-3"))
+    )
+    assert rows[-1]["test/neg_elbo"] < rows[0]["test/neg_elbo"]
+    for r in rows:
+        # per image, averaged over the draws: images counted once, loss not 3x the test loss
+        assert r["train/num_samples"] == 17 * 100
+        assert 0.8 < r["train/neg_elbo"] / r["test/neg_elbo"] < 1.25
+        assert r["train/neg_elbo"] == pytest.approx(r["train/recon"] + r["train/kl"])
+    with pytest.raises(ConfigError, match=r"loss\.z_samples"):
+        tiny_frey_config(frey_shards, tmp_path, "loss.z_samples=0")
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(frey_shards, tmp_path, monkeypatch):
     cfg = tiny_frey_config(frey_shards, tmp_path, "train.epochs=2", "train.max_bad_steps=3")
     run = train(cfg)  # a good run: checkpoint at the end of epoch 2

@@ -80,6 +80,9 @@ class LossConfig:
     kl_warmup_steps: int = 0  # linear warm-up of the KL weight from beta_start to beta
     beta_start: float = 0.0
     free_bits: float = 0.0  # nats per latent dimension (0 = off)
+    # Posterior draws per image in the training loss, averaged: the same ELBO, a gradient with
+    # less reparameterization noise, for one more decoder pass per draw (the encoder runs once).
+    z_samples: int = 1
     # Encoder augmentation (vae_scale/augment.py): weight of an extra neg. ELBO term on randomly
     # deformed copies of each batch that trains only the encoder (0 = off), and the ranges of
     # the per-image affine map (rotation degrees, zoom 1 +- scale, shear factor, shift pixels),
@@ -115,6 +118,7 @@ class LossConfig:
             self.kl_warmup_steps,
         )
         _check(self.free_bits >= 0, "loss.free_bits", "a number >= 0", self.free_bits)
+        _check(self.z_samples >= 1, "loss.z_samples", "an integer >= 1", self.z_samples)
         _check(
             self.encoder_aug_weight >= 0,
             "loss.encoder_aug_weight",

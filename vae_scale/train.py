@@ -13,6 +13,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
+from einops import repeat
 from tqdm.auto import tqdm
 
 from vae_scale import checkpoint, pictures, tracking
@@ -210,6 +211,8 @@ def _train(
         check_single_latent(core, "eval.refine_steps", "posterior refinement")
     if cfg.loss.encoder_aug_weight:
         check_single_latent(core, "loss.encoder_aug_weight", "encoder augmentation")
+    if cfg.loss.z_samples > 1:
+        check_single_latent(core, "loss.z_samples", "several posterior draws per image")
     n_sums = 4 + len(groups)
 
     accum = cfg.train.grad_accum_steps
@@ -345,11 +348,12 @@ def _train(
                     if stepped and ema is not None:
                         ema.update_parameters(core)
             group_kls = [terms.kl_groups[g].detach() for g in groups]
+            draws = cfg.loss.z_samples  # rows per image in `terms`: sum their per-image means
             sums += torch.stack(
                 [
-                    terms.neg_elbo.detach().sum(),
-                    terms.recon.detach().sum(),
-                    terms.kl.detach().sum(),
+                    terms.neg_elbo.detach().sum() / draws,
+                    terms.recon.detach().sum() / draws,
+                    terms.kl.detach().sum() / draws,
                     torch.tensor(float(x.shape[0]), device=device),
                     *[kl.sum() for kl in group_kls],
                 ]
@@ -463,15 +467,18 @@ def training_objective(
     cfg: Config,
     beta: float,
 ) -> tuple[ELBOTerms, ELBOTerms | None, torch.Tensor]:
-    """What one step minimises: the batch's neg. ELBO (KL weight `beta`, free bits) and, with
-    loss.encoder_aug_weight > 0, the encoder-only term on deformed copies of the batch.
-    `model` is the prepared (DDP/compiled) model, `plain` the bare VAE inside it. Returns
-    (the batch's terms, the augmented terms or None, the scalar to backpropagate)."""
-    out = model(x)
+    """What one step minimises: the batch's neg. ELBO (KL weight `beta`, free bits), averaged
+    over loss.z_samples posterior draws per image (the terms then have one row per draw,
+    draw-major), and, with loss.encoder_aug_weight > 0, the encoder-only term on deformed
+    copies of the batch. `model` is the prepared (DDP/compiled) model, `plain` the bare VAE
+    inside it. Returns (the batch's terms, the augmented terms or None, the scalar to
+    backpropagate)."""
+    draws = cfg.loss.z_samples
+    out = model(x, samples=draws) if draws > 1 else model(x)
     terms = neg_elbo(
         plain.likelihood,
         out.x_params,
-        x,
+        repeat(x, "b ... -> (k b) ...", k=draws) if draws > 1 else x,
         out.mu,
         out.logvar,
         beta,

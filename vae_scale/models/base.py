@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from einops import repeat
 from torch import Tensor, nn
 
 from vae_scale.config import ConfigError
@@ -56,8 +57,14 @@ class VAE(nn.Module):
             eps = torch.randn_like(std)
         return (mu.float() + eps * std).to(mu.dtype)
 
-    def forward(self, x: Tensor, eps: Tensor | None = None) -> VAEOutput:
+    def forward(self, x: Tensor, eps: Tensor | None = None, samples: int = 1) -> VAEOutput:
+        """Encode once, decode `samples` posterior draws per image. With samples > 1 every
+        output has samples * B rows, draw-major (row k * B + i is draw k of image i), so it
+        pairs with `repeat(x, "b ... -> (k b) ...")`."""
         mu, logvar = self.encode(x)
+        if samples > 1:
+            mu = repeat(mu, "b ... -> (k b) ...", k=samples)
+            logvar = repeat(logvar, "b ... -> (k b) ...", k=samples)
         z = self.reparameterize(mu, logvar, eps)
         return VAEOutput(self.decode(z), z, mu, logvar)
 
