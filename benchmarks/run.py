@@ -22,6 +22,7 @@ exceeds the cores: `nice -n 10 python -m benchmarks.run --threads 1`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import shlex
@@ -72,10 +73,9 @@ FULL = Budget(
     ddp_epochs=3,
     ddp_runs=3,
 )
-QUICK = Budget(
+QUICK = dataclasses.replace(
+    FULL,
     data_samples={"frey": 1765, "mnist": 1600, "cifar10": 1000, "celeba": 2000},
-    data_repeats=3,
-    data_workers=(0, 1, 2),
     cpu_resnet_batch=4,
     warmup=1,
     repeats=3,
@@ -299,7 +299,7 @@ def section_header(kind: str, command: str, text: str) -> str:
 
 def _git_commit() -> str:
     """Short commit, marked when the working tree has uncommitted changes."""
-    from vae_scale.tracking import git_commit
+    from vae_scale.training.tracking import git_commit
 
     commit = (git_commit() or "?")[:12]
     status = subprocess.run(

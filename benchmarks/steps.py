@@ -1,9 +1,10 @@
 """Training-step throughput of a config in several settings, FLOPs per image, matmul peak.
 
-One step is the body of train.py's loop: uint8 batch -> float on the device (+ channels_last),
-forward under Accelerate's autocast, the training objective (`train.training_objective`: neg.
-ELBO, plus the encoder augmentation term where the config turns it on), backward, gradient
-clipping, Adam step.
+One step is the training loop's own `training.step.train_step` on the loop's own model,
+optimizer and EMA (`training.setup.build_models`): uint8 batch -> float on the device
+(+ channels_last), forward under Accelerate's autocast, the training objective (neg. ELBO, plus
+the encoder augmentation term where the config turns it on), backward, the update policy
+(clipping, skips) and the AdamW step.
 Its input is either one synthetic uint8 batch kept in memory, or the real training stream
 (`ShardSplit.train_batches` with the config's loader workers, shuffle buffer, pinning and RAM
 cache; a cached stream is filled first, so it is timed as from epoch 2 on): the difference
@@ -26,15 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate.state import AcceleratorState, GradientState
 
 from benchmarks.report import TrainRow
+from vae_scale.compat import cpu_has_fast_bf16, reset_accelerate_state
 from vae_scale.config import Config, load_config
+from vae_scale.data.inputs import prepare_inputs
 from vae_scale.data.loader import ShardSplit
-from vae_scale.evaluate import prepare_inputs
 from vae_scale.losses import build_likelihood, neg_elbo
 from vae_scale.models import build_model
-from vae_scale.train import cpu_has_fast_bf16, make_accelerator, training_objective
+from vae_scale.training.setup import build_models, make_accelerator
+from vae_scale.training.state import TrainState
+from vae_scale.training.step import train_step
 
 
 @dataclass(frozen=True)
@@ -94,29 +97,17 @@ def measure_setting(
     """(input -> (median images/s, median images per CPU-second of this process), seconds of
     the first warm-up) for one setting (one model, one Accelerator); with compile on, the
     warm-up holds the compilation."""
-    channels_last = cfg.train.channels_last
     accelerator = make_accelerator(cfg, "disabled")
     try:
         torch.manual_seed(0)
-        model = build_model(cfg.model, shape, build_likelihood(cfg.loss.likelihood, shape))
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-        model, optimizer = accelerator.prepare(model, optimizer)
-        plain = accelerator.unwrap_model(model)
-        plain = getattr(plain, "_orig_mod", plain)  # training_objective wants the bare VAE
+        models = build_models(cfg, accelerator, shape)
         device = accelerator.device
-        max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+        state = TrainState()
 
         def step(images: torch.Tensor) -> None:
             x = prepare_inputs(images, device, cfg.data.binarize)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            _, _, objective = training_objective(accelerator, model, plain, x, cfg, 1.0)
-            accelerator.backward(objective)
-            accelerator.clip_grad_norm_(model.parameters(), max_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            m = models
+            train_step(accelerator, m.model, m.plain, m.optimizer, x, cfg, state, 10**9, m.ema)
 
         synthetic = torch.randint(0, 256, (cfg.data.batch_size, *shape), dtype=torch.uint8)
         if torch.cuda.is_available():
@@ -179,8 +170,7 @@ def measure_setting(
         return results, warmup_s
     finally:
         accelerator.end_training()
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate_state()
 
 
 def settings_for(cfg: Config, on_gpu: bool, compile_ok: bool, heavy: bool) -> list[Setting]:

@@ -35,16 +35,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from accelerate.state import AcceleratorState, GradientState
+
+from vae_scale.compat import reset_accelerate_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks.steps import count_flops_per_image  # noqa: E402
 from vae_scale.config import Config, load_config  # noqa: E402
-from vae_scale.data.loader import images_to_float
+from vae_scale.data.inputs import images_to_float
 from vae_scale.losses import build_likelihood, neg_elbo
 from vae_scale.models import build_model
-from vae_scale.train import make_accelerator
+from vae_scale.training.loop import make_accelerator
 
 SHAPES = {"frey": (1, 28, 20), "mnist": (1, 28, 28), "cifar10": (3, 32, 32), "celeba": (3, 64, 64)}
 
@@ -144,8 +145,7 @@ def measure(
         return results
     finally:
         accelerator.end_training()
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate_state()
 
 
 def main() -> None:

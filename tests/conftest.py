@@ -57,25 +57,34 @@ def frey_shards(frey_source, tmp_path_factory) -> Path:
     return out
 
 
-def tiny_frey_config(shards: Path, run_dir: Path, *overrides: str):
-    """A small conv VAE on Frey shards that trains in seconds on the CPU."""
+def tiny_overrides(shards: Path, run_dir: Path, *overrides: str) -> list[str]:
+    """Command-line overrides that put a run on test shards and a test run folder, W&B off."""
+    return [
+        f"data.shards_dir={shards}",
+        f"run.dir={run_dir}",
+        "run.name=tiny",
+        "wandb.mode=disabled",
+        *overrides,
+    ]
+
+
+def tiny_config(config: str, shards: Path, run_dir: Path, *overrides: str):
+    """A shipped config (configs/CONFIG.yaml) through `tiny_overrides`, shrunk by `overrides`
+    (each test file's preset first, then the test's own): the one tiny-config builder."""
     from vae_scale.config import load_config
 
     return load_config(
-        REPO / "configs" / "frey_conv.yaml",
-        [
-            f"data.shards_dir={shards}",
-            f"run.dir={run_dir}",
-            "run.name=tiny",
-            "model.base_channels=8",
-            "model.latent_dim=8",
-            "train.epochs=2",
-            # Pinned so tests do not follow the shipped config's tuning.
-            "data.batch_size=100",
-            "loss.kl_warmup_steps=0",
-            "model.activation=relu",
-            "eval.picture_epochs=[1]",
-            "wandb.mode=disabled",
-            *overrides,
-        ],
+        REPO / "configs" / f"{config}.yaml", tiny_overrides(shards, run_dir, *overrides)
     )
+
+
+# Pinned so tests do not follow the shipped config's tuning.
+TINY_FREY = (
+    "model.base_channels=8 model.latent_dim=8 train.epochs=2 data.batch_size=100 "
+    "loss.kl_warmup_steps=0 model.activation=relu eval.picture_epochs=[1]"
+).split()
+
+
+def tiny_frey_config(shards: Path, run_dir: Path, *overrides: str):
+    """A small conv VAE on Frey shards that trains in seconds on the CPU."""
+    return tiny_config("frey_conv", shards, run_dir, *TINY_FREY, *overrides)

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from vae_scale.attributes import (
+from vae_scale.analysis.attributes import (
     attribute_position,
     attribute_vector,
     interpolate,
     move_along,
     posterior_means,
 )
-from vae_scale.data.fetch import DataError
+from vae_scale.errors import DataError
 
 
 def test_attribute_vector_recovers_a_known_direction():
@@ -102,7 +102,7 @@ def tiny_attr_run(tmp_path_factory):
         Preprocess,
         shard_collection,
     )
-    from vae_scale.train import train
+    from vae_scale.training.loop import train
 
     root = tmp_path_factory.mktemp("attr_faces")
     rng = np.random.default_rng(0)
@@ -146,10 +146,12 @@ def tiny_attr_run(tmp_path_factory):
     return train(cfg)
 
 
+@pytest.mark.slow
 def test_edit_and_interpolate_commands_write_grids_and_log_them(tiny_attr_run, monkeypatch):
     from PIL import Image
 
-    from vae_scale import cli, tracking
+    from vae_scale import cli
+    from vae_scale.training import tracking
 
     logged: list[dict] = []
 
@@ -174,6 +176,7 @@ def test_edit_and_interpolate_commands_write_grids_and_log_them(tiny_attr_run, m
     assert [sorted(row) for row in logged] == [["pictures/edit_Smiling"], ["pictures/interpolate"]]
 
 
+@pytest.mark.slow
 def test_edit_names_the_attributes_of_the_dataset(tiny_attr_run, capsys):
     from vae_scale import cli
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import tiny_frey_config
-from vae_scale.augment import Deformation, encoder_augmentation_terms, random_deform
-from vae_scale.config import ConfigError
+from vae_scale.errors import ConfigError
 from vae_scale.losses import build_likelihood, neg_elbo
 from vae_scale.models.mlp import MLPVAE, MLPVAEConfig
+from vae_scale.training.augment import Deformation, encoder_augmentation_terms, random_deform
 
 AFFINE = Deformation(rotate_deg=10, scale=0.1, shear=0.1, shift_px=1.0)
 SIZE = 29  # odd, so the centre of the image is a pixel centre
@@ -169,18 +169,19 @@ def test_copies_average_the_term_over_independently_deformed_copies():
     assert encoder_augmentation_terms(model, x, AFFINE).kl.shape == (8,)
 
 
+@pytest.mark.slow
 def test_training_with_encoder_augmentation_learns_and_logs_it(frey_shards, tmp_path):
-    from vae_scale.train import train
+    from vae_scale.training.loop import train
 
     run = train(
         tiny_frey_config(
             frey_shards,
             tmp_path,
             "train.epochs=2",
-            "loss.encoder_aug_weight=1",
-            "loss.encoder_aug_elastic_alpha=8",
-            "loss.encoder_aug_thickness=0.3",
-            "loss.encoder_aug_copies=2",
+            "loss.encoder_aug.weight=1",
+            "loss.encoder_aug.elastic_alpha=8",
+            "loss.encoder_aug.thickness=0.3",
+            "loss.encoder_aug.copies=2",
             "train.log_every_steps=5",
         )
     )
@@ -197,15 +198,15 @@ def test_training_with_encoder_augmentation_learns_and_logs_it(frey_shards, tmp_
 @pytest.mark.parametrize(
     "override",
     [
-        "loss.encoder_aug_weight=-1",
-        "loss.encoder_aug_scale=1",
-        "loss.encoder_aug_rotate_deg=200",
-        "loss.encoder_aug_shift_px=-2",
-        "loss.encoder_aug_shear=-0.1",
-        "loss.encoder_aug_elastic_alpha=-1",
-        "loss.encoder_aug_elastic_sigma=0",
-        "loss.encoder_aug_thickness=1.5",
-        "loss.encoder_aug_copies=0",
+        "loss.encoder_aug.weight=-1",
+        "loss.encoder_aug.scale=1",
+        "loss.encoder_aug.rotate_deg=200",
+        "loss.encoder_aug.shift_px=-2",
+        "loss.encoder_aug.shear=-0.1",
+        "loss.encoder_aug.elastic_alpha=-1",
+        "loss.encoder_aug.elastic_sigma=0",
+        "loss.encoder_aug.thickness=1.5",
+        "loss.encoder_aug.copies=0",
     ],
 )
 def test_bad_augmentation_settings_name_the_key(override, frey_shards, tmp_path):

@@ -17,7 +17,6 @@ from PIL import Image
 from conftest import REPO, real_data_root
 from vae_scale.cli import main as cli_main
 from vae_scale.data import celeba, folder, folder_sharder, shards
-from vae_scale.data.fetch import DataError
 from vae_scale.data.folder_sharder import (
     Preprocess,
     crop_box,
@@ -27,6 +26,7 @@ from vae_scale.data.folder_sharder import (
     shard_collection,
 )
 from vae_scale.data.loader import ShardSplit
+from vae_scale.errors import DataError
 
 NUM_IMAGES = 40  # 32 / 4 / 4 after the seeded split; 4 per shard -> 10 shards
 SHARD_SIZE = 4
@@ -228,6 +228,7 @@ main(sys.argv[2:])
 """
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_shards_and_index(celeba_source, reference, tmp_path):
     out = tmp_path / "shards"
     args = ["shard", "celeba", "--source", str(celeba_source), "--out", str(out)]

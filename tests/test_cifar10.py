@@ -10,16 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, real_data_root
-from vae_scale import checkpoint, cli
-from vae_scale.config import ConfigError, load_config
+from conftest import REPO, real_data_root, tiny_config, tiny_overrides
+from vae_scale import cli
+from vae_scale.config import load_config
 from vae_scale.data import cifar10
-from vae_scale.data.fetch import DataError
 from vae_scale.data.shards import load_index, write_dataset
+from vae_scale.errors import ConfigError, DataError
 from vae_scale.losses import build_likelihood, neg_elbo
 from vae_scale.models import build_model
 from vae_scale.models.resnet import PreActBlock, ResNetVAE, ResNetVAEConfig
-from vae_scale.train import train
+from vae_scale.training import checkpoint
+from vae_scale.training.loop import train
 
 TRAIN_PER_BATCH, TEST_COUNT = 60, 50
 CIFAR_CONFIG = REPO / "configs" / "cifar10_resnet.yaml"
@@ -275,6 +276,7 @@ def test_fp32_and_bf16_loss_agree_on_one_batch():
     assert not torch.equal(bf16, fp32)  # autocast really ran in bf16
 
 
+@pytest.mark.slow
 def test_compiled_model_matches_eager_loss_and_gradients():
     """torch.compile's graph capture and autograd (aot_eager backend): same loss, same
     gradients. Inductor itself takes ~2 min to compile on this 2-core CPU, too slow for a
@@ -302,34 +304,17 @@ def test_compiled_model_matches_eager_loss_and_gradients():
 # ---------------------------------------------------------------------------- training
 
 
-def tiny_overrides(shards: Path, run_dir: Path, *overrides: str) -> list[str]:
-    """The shipped config shrunk to seconds on the CPU (as command-line overrides)."""
-    return [
-        f"data.shards_dir={shards}",
-        f"run.dir={run_dir}",
-        "run.name=tiny",
-        "data.batch_size=12",
-        "data.num_workers=0",
-        "data.shuffle_buffer=100",
-        "model.widths=[8,16]",
-        "model.blocks_per_stage=1",
-        "model.latent_channels=4",
-        "model.groups=4",
-        "train.epochs=2",
-        "train.lr=3e-3",
-        "train.warmup_steps=0",
-        "train.lr_schedule=constant",
-        "train.log_every_steps=5",
-        "eval.picture_epochs=[]",
-        "eval.recon_rows=4",
-        "eval.num_samples=4",
-        "wandb.mode=disabled",
-        *overrides,
-    ]
+# The shipped config shrunk to seconds on the CPU (as command-line overrides).
+TINY_CIFAR = (
+    "data.batch_size=12 data.num_workers=0 data.shuffle_buffer=100 model.widths=[8,16] "
+    "model.blocks_per_stage=1 model.latent_channels=4 model.groups=4 train.epochs=2 "
+    "train.lr=3e-3 train.warmup_steps=0 train.lr_schedule=constant "
+    "train.log_every_steps=5 eval.picture_epochs=[] eval.recon_rows=4 eval.num_samples=4"
+).split()
 
 
 def tiny_cifar_config(shards: Path, run_dir: Path, *overrides: str):
-    return load_config(CIFAR_CONFIG, tiny_overrides(shards, run_dir, *overrides))
+    return tiny_config("cifar10_resnet", shards, run_dir, *TINY_CIFAR, *overrides)
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -345,6 +330,7 @@ def fp32_run(cifar_shards, tmp_path_factory) -> Path:
     )
 
 
+@pytest.mark.slow
 def test_short_cifar_run_bpd_falls_and_pictures_are_written(fp32_run):
     run = fp32_run
     rows = metrics(run)
@@ -358,6 +344,7 @@ def test_short_cifar_run_bpd_falls_and_pictures_are_written(fp32_run):
     assert (run / "recon_epoch002.png").is_file() and (run / "samples_epoch002.png").is_file()
 
 
+@pytest.mark.slow
 def test_nan_guard_stops_a_resnet_run(cifar_shards, tmp_path, monkeypatch, capsys):
     """The decoder turns NaN from the first step: `vae-scale train` stops with the guard's
     message (no traceback), exit status 2, and saves no checkpoint (keeping the last good
@@ -365,7 +352,7 @@ def test_nan_guard_stops_a_resnet_run(cifar_shards, tmp_path, monkeypatch, capsy
     shards, _ = cifar_shards
     original = ResNetVAE.decode
     monkeypatch.setattr(ResNetVAE, "decode", lambda self, z: original(self, z) * float("nan"))
-    overrides = tiny_overrides(shards, tmp_path, "train.max_bad_steps=3")
+    overrides = tiny_overrides(shards, tmp_path, *TINY_CIFAR, "train.max_bad_steps=3")
     with pytest.raises(SystemExit) as stopped:
         cli.main(["train", str(CIFAR_CONFIG), *overrides])
     assert stopped.value.code == 2
@@ -375,11 +362,12 @@ def test_nan_guard_stops_a_resnet_run(cifar_shards, tmp_path, monkeypatch, capsy
     assert checkpoint.latest_checkpoint(tmp_path / "tiny" / "checkpoints") is None
 
 
+@pytest.mark.slow
 def test_train_with_compile_and_bf16_runs_on_cpu(cifar_shards, fp32_run, tmp_path, monkeypatch):
     """train.compile=true goes through Accelerate's dynamo wrapper; the backend is swapped
     from inductor to aot_eager only to keep the test fast (see above). bf16 autocast in the
     same run: both switches are what the CIFAR config uses on a GPU."""
-    import vae_scale.train as train_module
+    import vae_scale.training.setup as setup_module
 
     backends = []
 
@@ -389,8 +377,8 @@ def test_train_with_compile_and_bf16_runs_on_cpu(cifar_shards, fp32_run, tmp_pat
             kwargs["dynamo_backend"] = "aot_eager"
         return real_accelerator(**kwargs)
 
-    real_accelerator = train_module.Accelerator
-    monkeypatch.setattr(train_module, "Accelerator", accelerator_with_fast_backend)
+    real_accelerator = setup_module.Accelerator
+    monkeypatch.setattr(setup_module, "Accelerator", accelerator_with_fast_backend)
     shards, _ = cifar_shards
     cfg = tiny_cifar_config(
         shards, tmp_path, "train.compile=true", "train.mixed_precision=bf16", "train.epochs=1"

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from vae_scale.config import ConfigError, config_from_dict, load_config, parse_override
+from vae_scale.config import config_from_dict, load_config, parse_override
+from vae_scale.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 FREY = REPO / "configs" / "frey_conv.yaml"

@@ -1,10 +1,10 @@
 """DDP proven correct through the real `accelerate launch` command: 2 gloo processes on the CPU.
 
 Three launches, shared by the tests below:
-- tests/ddp_probe.py: the package's loader, model, loss and Accelerator on 2 ranks, recording
-  the keys each rank read and its parameters after one epoch of steps;
-- `vae-scale train` under tests/launch_audit.py: the real trainer with W&B offline, recording
-  which process wrote which file;
+- tests/helpers/ddp_probe.py: the package's loader, model, loss and Accelerator on 2 ranks,
+  recording the keys each rank read and its parameters after one epoch of steps;
+- `vae-scale train` under tests/helpers/launch_audit.py: the real trainer with W&B offline,
+  recording which process wrote which file;
 - `vae-scale train` with more loader workers than shards: a clear error, not a hang.
 """
 
@@ -26,6 +26,9 @@ from conftest import REPO
 from vae_scale.data.loader import ShardSplit, epoch_shard_order
 from vae_scale.data.shards import load_index, write_dataset
 from vae_scale.data.sources import SourceData
+
+pytestmark = pytest.mark.slow  # every test here launches real processes
+
 
 CPU_2PROC = REPO / "launch" / "cpu_2proc.yaml"
 SEED = 0
@@ -100,7 +103,7 @@ def probe(ddp_shards, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("probe")
     proc = launch(
         [
-            "tests/ddp_probe.py",
+            "tests/helpers/ddp_probe.py",
             f"--shards={ddp_shards / 'frey'}",
             f"--even-shards={ddp_shards / 'toy'}",
             f"--out={out}",
@@ -123,7 +126,7 @@ def cli_run(ddp_shards, tmp_path_factory) -> dict:
     audit.mkdir()
     proc = launch(
         [
-            "tests/launch_audit.py",
+            "tests/helpers/launch_audit.py",
             str(audit),
             "train",
             "configs/frey_conv.yaml",
@@ -135,7 +138,7 @@ def cli_run(ddp_shards, tmp_path_factory) -> dict:
             f"data.batch_size={BATCH}",
             "data.shuffle_buffer=200",
             "train.epochs=1",
-            "loss.encoder_aug_weight=1",  # its second, encoder-only pass must work under DDP
+            "loss.encoder_aug.weight=1",  # its second, encoder-only pass must work under DDP
             "train.log_every_steps=5",
             "wandb.mode=offline",
         ],
@@ -165,7 +168,7 @@ def test_two_distinct_gloo_ranks(probe, cli_run):
 def test_two_processes_equal_one_process_with_accumulation(probe, ddp_shards):
     """2 ranks x batch B == 1 process x batch B x accumulation 2 over the same samples, in
     the same order (rank 0's batch k, then rank 1's batch k), with the same noise per sample."""
-    from ddp_probe import reference_train
+    from helpers.ddp_probe import reference_train
 
     r0, r1 = (r["train_batches"] for r in probe["ranks"])
     assert len(r0) == len(r1) > 5
@@ -182,7 +185,7 @@ def test_two_processes_equal_one_process_with_accumulation(probe, ddp_shards):
         torch.set_num_threads(threads)
     ddp = probe["params"][0]
     assert reference.keys() == ddp.keys()
-    from ddp_probe import tiny_model
+    from helpers.ddp_probe import tiny_model
 
     initial = tiny_model(full.image_shape, SEED).state_dict()
     moved = max((ddp[k] - initial[k]).abs().max().item() for k in ddp)
@@ -282,10 +285,10 @@ def test_logged_validation_is_over_the_whole_split_once(cli_run, ddp_shards):
     """metrics.jsonl under 2 processes: every val/test sample counted once, and the same
     value a single process computes for the saved model."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
 
-    from vae_scale.evaluate import evaluate_split
-    from vae_scale.runs import load_run
+    from vae_scale.analysis.evaluate import EvalOptions, evaluate_split
+    from vae_scale.analysis.runs import load_run
+    from vae_scale.compat import reset_accelerate_state
 
     run_dir = cli_run["run_dir"]
     index = load_index(ddp_shards / "frey")
@@ -302,11 +305,10 @@ def test_logged_validation_is_over_the_whole_split_once(cli_run, ddp_shards):
     accelerator = Accelerator(cpu=True)
     try:
         val = ShardSplit(ddp_shards / "frey", "val", batch_size=BATCH)
-        one = evaluate_split(accelerator, model, val, SEED)
+        one = evaluate_split(accelerator, model, val, EvalOptions(SEED))
     finally:
         accelerator.end_training()
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate_state()
     logged = rows[-1]
     assert one["val/num_samples"] == logged["val/num_samples"]
     # KL uses no noise: equal up to summation order. The reconstruction term uses each

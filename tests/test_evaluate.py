@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from conftest import tiny_frey_config
-from vae_scale.evaluate import SampleNoise, iwae_nll, refined_neg_elbo
+from vae_scale.analysis.evaluate import SampleNoise, iwae_nll, refined_neg_elbo
 from vae_scale.losses import Likelihood
 from vae_scale.models.base import VAE
 
@@ -174,9 +174,10 @@ def test_refinement_is_per_image_and_leaves_the_model_alone():
     assert batch.mean() < amortized.mean()
 
 
+@pytest.mark.slow
 def test_eval_command_on_a_trained_run(frey_shards, tmp_path, monkeypatch):
     from vae_scale.cli import main
-    from vae_scale.train import train
+    from vae_scale.training.loop import train
 
     run = train(tiny_frey_config(frey_shards, tmp_path, "train.epochs=2", "train.lr=3e-3"))
     assert main(["eval", str(run), "--iw-samples", "50", "--refine-steps", "30"]) == 0
@@ -204,8 +205,9 @@ def test_eval_command_on_a_trained_run(frey_shards, tmp_path, monkeypatch):
     }
 
 
+@pytest.mark.slow
 def test_training_reports_refined_test_loss_at_picture_epochs(frey_shards, tmp_path):
-    from vae_scale.train import train
+    from vae_scale.training.loop import train
 
     run = train(
         tiny_frey_config(
@@ -230,8 +232,8 @@ def test_training_reports_refined_test_loss_at_picture_epochs(frey_shards, tmp_p
 def test_active_units_count_dead_dimensions(frey_shards, tmp_path):
     from accelerate import Accelerator
 
+    from vae_scale.analysis.evaluate import EvalOptions, full_evaluation
     from vae_scale.data.loader import ShardSplit
-    from vae_scale.evaluate import full_evaluation
     from vae_scale.losses import Bernoulli
 
     class HalfDead(VAE):
@@ -252,15 +254,16 @@ def test_active_units_count_dead_dimensions(frey_shards, tmp_path):
             return self.out.expand(len(z), -1, -1, -1)
 
     data = ShardSplit(frey_shards / "frey", "val", batch_size=32)
-    result = full_evaluation(Accelerator(cpu=True), HalfDead(), data, 0, "none", "bernoulli")
+    result = full_evaluation(Accelerator(cpu=True), HalfDead(), data, EvalOptions())
     assert result["val/active_units"] == 2
     kl = result["val/kl_per_dim"]
     assert kl[2] == kl[3] == kl[4] == pytest.approx(0.5 * 0.3**2)
 
 
+@pytest.mark.slow
 def test_compare_writes_table_and_plot(frey_shards, tmp_path):
-    from vae_scale.compare import compare_runs
-    from vae_scale.train import train
+    from vae_scale.analysis.compare import compare_runs
+    from vae_scale.training.loop import train
 
     a = train(tiny_frey_config(frey_shards, tmp_path, "run.name=a", "train.epochs=1"))
     b = train(
@@ -276,7 +279,36 @@ def test_compare_writes_table_and_plot(frey_shards, tmp_path):
     assert Image.open(report.with_suffix(".png")).size[0] > 300
 
 
-def test_bpd_uses_all_dimensions():
-    from vae_scale.losses import bits_per_dim
+def test_bpd_uses_all_dimensions(tmp_path):
+    """The real per-epoch evaluation of a 3-channel split: bits/dim divide the negative ELBO
+    by C*H*W (a red, green and blue value per pixel), not by H*W or one channel's count."""
+    import numpy as np
+    from accelerate import Accelerator
 
-    assert bits_per_dim(3 * 32 * 32 * math.log(2) * 4.5, 3 * 32 * 32) == pytest.approx(4.5)
+    from vae_scale.analysis.evaluate import EvalOptions, evaluate_split
+    from vae_scale.compat import reset_accelerate_state
+    from vae_scale.config import MLPVAEConfig
+    from vae_scale.data.loader import ShardSplit
+    from vae_scale.data.shards import write_dataset
+    from vae_scale.data.sources import SourceData
+    from vae_scale.losses import build_likelihood
+    from vae_scale.models import build_model
+
+    shape = (3, 4, 6)  # C, H, W: every axis a different size
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (20, 4, 6, 3), dtype=np.uint8)
+    samples = [{"__key__": f"{i:04d}", "npy": im} for i, im in enumerate(images)]
+    data = SourceData("rgb", shape, {"test": samples}, source={"test": "synthetic"})
+    write_dataset(data, tmp_path / "rgb", shard_size=8)
+    split = ShardSplit(tmp_path / "rgb", "test", batch_size=7)
+    torch.manual_seed(0)
+    model = build_model(MLPVAEConfig(hidden=[8]), shape, build_likelihood("logistic", shape))
+    try:
+        metrics = evaluate_split(Accelerator(cpu=True), model, split, EvalOptions())
+    finally:
+        reset_accelerate_state()
+    assert metrics["test/num_samples"] == 20
+    nats = metrics["test/neg_elbo"]
+    assert metrics["test/bpd"] == pytest.approx(nats / (3 * 4 * 6 * math.log(2)))
+    # a 3-channel model of random pixels costs about 8 bits per value, so the count is C*H*W
+    assert 6 < metrics["test/bpd"] < 12

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from vae_scale.data import frey
-from vae_scale.data.fetch import DataError
 from vae_scale.data.loader import ShardSplit
 from vae_scale.data.shards import load_index, write_dataset
+from vae_scale.errors import DataError
 
 
 def read_all(shard_dir: Path, split: str) -> dict[str, bytes]:

@@ -8,15 +8,16 @@ import pytest
 import torch
 from test_cifar10 import make_cifar_folder
 
-from conftest import REPO
-from vae_scale import checkpoint
-from vae_scale.config import ConfigError, load_config
+from conftest import REPO, tiny_config
+from vae_scale.config import load_config
 from vae_scale.data import cifar10
 from vae_scale.data.shards import write_dataset
+from vae_scale.errors import ConfigError
 from vae_scale.losses import build_likelihood, neg_elbo
 from vae_scale.models import build_model
 from vae_scale.models.hierarchical import HierarchicalVAE, HierarchicalVAEConfig
-from vae_scale.train import train
+from vae_scale.training import checkpoint
+from vae_scale.training.loop import train
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -42,7 +43,6 @@ def tiny(size: int = 32, groups: list[int] | None = None, **kw) -> HierarchicalV
         latent_channels=2,
         **kw,
     )
-    cfg.validate()
     return cfg
 
 
@@ -225,39 +225,20 @@ def hvae_shards(tmp_path_factory) -> Path:
     return out
 
 
+# (train.skip_threshold=0: spike skipping is tested on its own below)
+TINY_HVAE = (
+    "data.batch_size=12 data.num_workers=0 data.shuffle_buffer=100 "
+    "model.widths=[8,8,8,8,8] model.latent_groups=[1,2,1,0,0] "
+    "model.encoder_blocks=[1,1,1,1,1] model.latent_channels=2 loss.likelihood=logistic "
+    "loss.kl_warmup_steps=0 train.epochs=2 train.lr=3e-3 train.warmup_steps=0 "
+    "train.weight_decay=0 train.mixed_precision=no train.ema_decay=0.5 "
+    "train.grad_clip=0 train.skip_threshold=0 train.log_every_steps=3 eval.every_epochs=1 "
+    "eval.picture_epochs=[] eval.recon_rows=4 eval.num_samples=4"
+).split()
+
+
 def tiny_hvae_config(shards: Path, run_dir: Path, *overrides: str):
-    return load_config(
-        REPO / "configs" / "cifar10_hvae.yaml",
-        [
-            f"data.shards_dir={shards}",
-            f"run.dir={run_dir}",
-            "run.name=tiny",
-            "data.batch_size=12",
-            "data.num_workers=0",
-            "data.shuffle_buffer=100",
-            "model.widths=[8,8,8,8,8]",
-            "model.latent_groups=[1,2,1,0,0]",
-            "model.encoder_blocks=[1,1,1,1,1]",
-            "model.latent_channels=2",
-            "loss.likelihood=logistic",
-            "loss.kl_warmup_steps=0",
-            "train.epochs=2",
-            "train.lr=3e-3",
-            "train.warmup_steps=0",
-            "train.weight_decay=0",
-            'train.mixed_precision="no"',
-            "train.ema_decay=0.5",
-            "train.grad_clip=0",
-            "train.skip_threshold=0",  # tested on its own below
-            "train.log_every_steps=3",
-            "eval.every_epochs=1",
-            "eval.picture_epochs=[]",
-            "eval.recon_rows=4",
-            "eval.num_samples=4",
-            "wandb.mode=disabled",
-            *overrides,
-        ],
-    )
+    return tiny_config("cifar10_hvae", shards, run_dir, *TINY_HVAE, *overrides)
 
 
 def rows(run: Path, name: str = "metrics.jsonl") -> list[dict]:
@@ -269,6 +250,7 @@ def hvae_run(hvae_shards, tmp_path_factory) -> Path:
     return train(tiny_hvae_config(hvae_shards, tmp_path_factory.mktemp("runs")))
 
 
+@pytest.mark.slow
 def test_short_run_learns_and_logs_every_group(hvae_run):
     epochs = rows(hvae_run)
     assert [r["epoch"] for r in epochs] == [1, 2]
@@ -285,14 +267,15 @@ def test_short_run_learns_and_logs_every_group(hvae_run):
     assert (hvae_run / "samples_epoch002.png").is_file()
 
 
+@pytest.mark.slow
 def test_ema_is_checkpointed_and_is_what_eval_and_sampling_use(hvae_run):
     from accelerate import Accelerator
     from safetensors.torch import load_file
 
+    from vae_scale.analysis.evaluate import EvalOptions, full_evaluation
+    from vae_scale.analysis.runs import load_run
     from vae_scale.cli import main
     from vae_scale.data.loader import ShardSplit
-    from vae_scale.evaluate import full_evaluation
-    from vae_scale.runs import load_run
 
     ckpt = checkpoint.latest_checkpoint(hvae_run / "checkpoints")
     raw, ema = load_file(ckpt / "model.safetensors"), load_file(ckpt / "ema.safetensors")
@@ -311,7 +294,7 @@ def test_ema_is_checkpointed_and_is_what_eval_and_sampling_use(hvae_run):
     run = load_run(hvae_run, weights="raw")
     data = ShardSplit(Path(run.cfg.data.shards_dir) / "cifar10", "test", batch_size=25)
     accelerator = Accelerator(cpu=True)
-    with_raw = full_evaluation(accelerator, run.model, data, 0, "none", "logistic")
+    with_raw = full_evaluation(accelerator, run.model, data, EvalOptions())
     assert with_raw["test/neg_elbo_logistic"] != pytest.approx(elbo, rel=1e-4)
 
     for t in ("0", "1"):
@@ -322,6 +305,7 @@ def test_ema_is_checkpointed_and_is_what_eval_and_sampling_use(hvae_run):
     assert cold.tobytes() != warm.tobytes()
 
 
+@pytest.mark.slow
 def test_resume_with_ema_is_exact(hvae_shards, hvae_run, tmp_path):
     """One epoch, stop, resume for the second: the same EMA weights and metrics as the
     uninterrupted run (the EMA and its update count live in the checkpoint)."""
@@ -342,10 +326,11 @@ def test_gradient_spikes_are_skipped_counted_and_never_forever(monkeypatch):
     """With a threshold below every gradient norm, VDVAE's rule would skip every update;
     here every (max_consecutive_skips + 1)-th update is applied, clipped to the threshold."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
 
-    import vae_scale.train as train_module
+    from vae_scale.compat import reset_accelerate_state
     from vae_scale.config import config_from_dict
+    from vae_scale.training.optim import optimizer_step
+    from vae_scale.training.state import TrainState
 
     cfg = config_from_dict(
         {
@@ -357,19 +342,12 @@ def test_gradient_spikes_are_skipped_counted_and_never_forever(monkeypatch):
     layer = torch.nn.Linear(3, 1)
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
     layer, optimizer = accelerator.prepare(layer, optimizer)
-    state = {
-        "opt_step": 0,
-        "bad_steps": 0,
-        "consecutive_bad": 0,
-        "skipped_updates": 0,
-        "consecutive_skips": 0,
-        "forced_updates": 0,
-    }
+    state = TrainState()
     pattern = []
     for _ in range(9):
         before = layer.weight.detach().clone()
         layer(torch.ones(1, 3)).sum().mul(100).backward()
-        stepped, norm = train_module._optimizer_step(accelerator, layer, optimizer, cfg, state, 9)
+        stepped, norm = optimizer_step(accelerator, layer, optimizer, cfg.train, state, 9)
         assert norm > 1e-3
         moved = (layer.weight.detach() - before).norm().item()
         assert stepped == (moved > 0)
@@ -377,26 +355,27 @@ def test_gradient_spikes_are_skipped_counted_and_never_forever(monkeypatch):
             assert moved <= 0.1 * 1e-3 * 1.001
         pattern.append(stepped)
     assert pattern == [False, False, True] * 3
-    assert (state["skipped_updates"], state["forced_updates"], state["opt_step"]) == (6, 3, 3)
+    assert (state.skipped_updates, state.forced_updates, state.opt_step) == (6, 3, 3)
     # below the threshold nothing is skipped, and 0 consecutive skips means "never skip"
-    cfg.train.skip_threshold, state["consecutive_skips"] = 1e9, 0
+    cfg.train.skip_threshold, state.consecutive_skips = 1e9, 0
     layer(torch.ones(1, 3)).sum().backward()
-    assert train_module._optimizer_step(accelerator, layer, optimizer, cfg, state, 9)[0]
+    assert optimizer_step(accelerator, layer, optimizer, cfg.train, state, 9)[0]
     cfg.train.skip_threshold, cfg.train.max_consecutive_skips = 1e-3, 0
     layer(torch.ones(1, 3)).sum().backward()
-    assert train_module._optimizer_step(accelerator, layer, optimizer, cfg, state, 9)[0]
-    assert state["skipped_updates"] == 6
-    AcceleratorState._reset_state(reset_partial_state=True)
+    assert optimizer_step(accelerator, layer, optimizer, cfg.train, state, 9)[0]
+    assert state.skipped_updates == 6
+    reset_accelerate_state()
 
 
+@pytest.mark.slow
 def test_posterior_refinement_is_refused_for_latent_groups(hvae_shards, hvae_run, tmp_path):
+    from vae_scale.analysis.evaluate import SampleNoise, refined_neg_elbo
     from vae_scale.cli import main
-    from vae_scale.evaluate import SampleNoise, refined_neg_elbo
 
     with pytest.raises(ConfigError, match=r"eval\.refine_steps.*latent groups"):
         train(tiny_hvae_config(hvae_shards, tmp_path, "eval.refine_steps=5"))
-    with pytest.raises(ConfigError, match=r"loss\.encoder_aug_weight.*latent groups"):
-        train(tiny_hvae_config(hvae_shards, tmp_path, "loss.encoder_aug_weight=1"))
+    with pytest.raises(ConfigError, match=r"loss\.encoder_aug\.weight.*latent groups"):
+        train(tiny_hvae_config(hvae_shards, tmp_path, "loss.encoder_aug.weight=1"))
     with pytest.raises(ConfigError, match=r"loss\.z_samples.*latent groups"):
         train(tiny_hvae_config(hvae_shards, tmp_path, "loss.z_samples=2"))
     # an error before any evaluation (another test writes eval_test.json: use the val split)

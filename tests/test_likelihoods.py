@@ -8,7 +8,8 @@ import torch
 from scipy import stats
 from scipy.special import logsumexp
 
-from vae_scale.config import ConfigError, config_from_dict
+from vae_scale.config import config_from_dict
+from vae_scale.errors import ConfigError
 from vae_scale.losses import (
     LIKELIHOODS,
     DiscretizedGaussian,

@@ -9,9 +9,10 @@ import pytest
 import torch
 import webdataset as wds
 
-from vae_scale.data.fetch import DataError, sha256_file
 from vae_scale.data.loader import ShardSplit, batches_per_rank, epoch_shard_order
 from vae_scale.data.shards import encode_sample
+from vae_scale.errors import DataError
+from vae_scale.fsutil import sha256_file
 
 
 def make_shards(folder: Path, counts: list[int], shape=(4, 4, 1), mutate=None) -> Path:

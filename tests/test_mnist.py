@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 from scipy.stats import norm
 
-from conftest import REPO, real_data_root
-from vae_scale import pictures
-from vae_scale.config import ConfigError, load_config
+from conftest import REPO, real_data_root, tiny_config
+from vae_scale.analysis import pictures
+from vae_scale.config import load_config
 from vae_scale.data import mnist
-from vae_scale.data.fetch import DataError
 from vae_scale.data.loader import ShardSplit
 from vae_scale.data.shards import load_index, write_dataset
+from vae_scale.errors import ConfigError, DataError
 from vae_scale.losses import build_likelihood
 from vae_scale.models import build_model
 from vae_scale.models.mlp import MLPVAE, MLPVAEConfig
@@ -240,21 +240,19 @@ def test_manifold_latents_are_normal_quantiles():
 
 
 def tiny_run_config(shards: Path, run_dir: Path, *overrides: str):
-    return load_config(
-        Z2_CONFIG,
-        [
-            f"data.shards_dir={shards}",
-            f"run.dir={run_dir}",
-            "eval.picture_epochs=[]",
-            "eval.refine_steps=0",  # tested in test_evaluate; here it would only add time
-            "wandb.mode=disabled",
-            *overrides,
-        ],
+    return tiny_config(
+        "mnist_mlp_z2",
+        shards,
+        run_dir,
+        "eval.picture_epochs=[]",
+        "eval.refine_steps=0",  # tested in test_evaluate; here it would only add time
+        *overrides,
     )
 
 
+@pytest.mark.slow
 def test_dynamic_binarization_and_kl_warmup_in_a_run(tiny_mnist, tmp_path, monkeypatch):
-    import vae_scale.train as train_module
+    import vae_scale.training.loop as train_module
 
     seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (epoch, grey, binarized)
     epoch = [0]
@@ -352,8 +350,9 @@ def run_shards(tiny_mnist, tmp_path_factory):
     return shards, 185.0, True
 
 
+@pytest.mark.slow
 def test_short_run_learns_and_draws_the_2d_latent(run_shards, tmp_path):
-    from vae_scale.train import train
+    from vae_scale.training.loop import train
 
     shards, bound, is_real = run_shards
     epochs = 3 if is_real else 6

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from vae_scale.config import ConfigError
+from vae_scale.errors import ConfigError
 from vae_scale.losses import Bernoulli, bits_per_dim, kl_normal_standard, kl_weight, neg_elbo
 from vae_scale.models import build_model
 from vae_scale.models.conv import ConvVAEConfig

@@ -15,9 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, tiny_frey_config
-from vae_scale import checkpoint
-from vae_scale.signals import REQUEUE_EXIT_CODE
-from vae_scale.train import train
+from vae_scale.training import checkpoint
+from vae_scale.training.loop import train
+from vae_scale.training.signals import REQUEUE_EXIT_CODE
+
+pytestmark = pytest.mark.slow  # every test here launches real processes
 
 
 def cli_args(shards: Path, run_dir: Path, name: str) -> list[str]:
@@ -122,7 +124,8 @@ def test_sigterm_checkpoints_exits_for_requeue_and_resumes_exactly(
 def test_second_sigterm_exits_at_once():
     code = """
 import os, signal, sys, time
-from vae_scale.signals import StopFlag
+from vae_scale.training.signals import StopFlag
+
 with StopFlag() as stop:
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.2)
@@ -182,7 +185,7 @@ def test_damaged_or_incomplete_checkpoints_are_skipped(frey_shards, tmp_path):
 
 
 def test_full_disk_is_a_clear_cli_error(monkeypatch, capsys):
-    import vae_scale.train
+    import vae_scale.training.loop
     from vae_scale.cli import main
 
     def disk_full(cfg, resume="auto"):
@@ -190,7 +193,7 @@ def test_full_disk_is_a_clear_cli_error(monkeypatch, capsys):
             errno.ENOSPC, "writing checkpoint X failed; the previous checkpoint Y is intact"
         )
 
-    monkeypatch.setattr(vae_scale.train, "train", disk_full)
+    monkeypatch.setattr(vae_scale.training.loop, "train", disk_full)
     assert main(["train", str(REPO / "configs" / "frey_conv.yaml")]) == 2
     err = capsys.readouterr().err
     assert "error: disk full" in err and "previous checkpoint Y is intact" in err

@@ -1,6 +1,6 @@
 """slurm/train.sbatch and launch/multi_node.sh: the command lines they build (with stand-in
 srun/scontrol/accelerate programs), and a real job on a one-node Slurm started on localhost
-(tests/slurm_local.sh) that is signalled, checkpoints, requeues itself and completes."""
+(tests/helpers/slurm_local.sh) that is signalled, checkpoints, requeues itself and completes."""
 
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from vae_scale.signals import REQUEUE_EXIT_CODE
+from vae_scale.training.signals import REQUEUE_EXIT_CODE
+
+pytestmark = pytest.mark.slow  # every test here launches real processes
 
 SBATCH = REPO / "slurm" / "train.sbatch"
 MULTI_NODE = REPO / "launch" / "multi_node.sh"
-SLURM_LOCAL = REPO / "tests" / "slurm_local.sh"
+SLURM_LOCAL = REPO / "tests" / "helpers" / "slurm_local.sh"
 
 FAKE_SRUN = """#!/bin/bash
 # stand-in srun: one task per node, run one after the other with that node's SLURM_NODEID
@@ -40,6 +42,7 @@ esac
 FAKE_ACCELERATE = f"""#!{sys.executable}
 # stand-in accelerate: record how it was called; act as the trainer processes for the status
 import json, os, signal, sys
+
 args = sys.argv[1:]
 record = dict(
     argv=args,

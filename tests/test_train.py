@@ -4,15 +4,16 @@ import pytest
 import torch
 
 from conftest import tiny_frey_config
-from vae_scale import checkpoint
-from vae_scale.config import ConfigError
-from vae_scale.train import TrainingDiverged, train
+from vae_scale.errors import ConfigError
+from vae_scale.training import checkpoint
+from vae_scale.training.loop import TrainingDiverged, train
 
 
 def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_short_run_learns_and_writes_everything(frey_shards, tmp_path):
     cfg = tiny_frey_config(frey_shards, tmp_path, "train.epochs=3", "train.lr=3e-3")
     run = train(cfg)
@@ -35,6 +36,7 @@ def test_short_run_learns_and_writes_everything(frey_shards, tmp_path):
     assert checkpoint.read_train_state(ckpts[-1])["epoch"] == 4  # finished: next would be 4
 
 
+@pytest.mark.slow
 def test_bf16_on_cpu_trains(frey_shards, tmp_path):
     cfg = tiny_frey_config(
         frey_shards,
@@ -49,6 +51,7 @@ def test_bf16_on_cpu_trains(frey_shards, tmp_path):
     assert rows[-1]["test/neg_elbo"] < rows[0]["test/neg_elbo"]
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_counts_optimizer_steps(frey_shards, tmp_path):
     cfg = tiny_frey_config(
         frey_shards, tmp_path, "train.grad_accum_steps=4", "train.epochs=1", "data.batch_size=50"
@@ -58,6 +61,7 @@ def test_gradient_accumulation_counts_optimizer_steps(frey_shards, tmp_path):
     assert rows[0]["global_step"] == 8 and rows[0]["train/num_samples"] == 32 * 50
 
 
+@pytest.mark.slow
 def test_several_posterior_draws_per_image_train_on_the_same_scale(frey_shards, tmp_path):
     rows = metrics(
         train(tiny_frey_config(frey_shards, tmp_path, "loss.z_samples=3", "train.lr=3e-3"))
@@ -72,6 +76,7 @@ def test_several_posterior_draws_per_image_train_on_the_same_scale(frey_shards, 
         tiny_frey_config(frey_shards, tmp_path, "loss.z_samples=0")
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(frey_shards, tmp_path, monkeypatch):
     cfg = tiny_frey_config(frey_shards, tmp_path, "train.epochs=2", "train.max_bad_steps=3")
     run = train(cfg)  # a good run: checkpoint at the end of epoch 2
@@ -87,6 +92,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(frey_shards, tmp_path, mo
     assert checkpoint.is_complete(good)
 
 
+@pytest.mark.slow
 def test_resume_none_refuses_to_overwrite(frey_shards, tmp_path):
     cfg = tiny_frey_config(frey_shards, tmp_path, "train.epochs=1")
     train(cfg)
@@ -94,6 +100,7 @@ def test_resume_none_refuses_to_overwrite(frey_shards, tmp_path):
         train(cfg, resume="none")
 
 
+@pytest.mark.slow
 def test_resume_continues_where_it_stopped(frey_shards, tmp_path):
     full = train(tiny_frey_config(frey_shards, tmp_path, "run.name=full", "train.epochs=3"))
     train(tiny_frey_config(frey_shards, tmp_path, "run.name=split", "train.epochs=1"))
@@ -105,12 +112,14 @@ def test_resume_continues_where_it_stopped(frey_shards, tmp_path):
             assert ra[key] == rb[key], (ra["epoch"], key)  # bitwise on CPU fp32
 
 
+@pytest.mark.slow
 def test_fp16_on_cpu_is_a_clear_error(frey_shards, tmp_path):
     cfg = tiny_frey_config(frey_shards, tmp_path, "train.mixed_precision=fp16")
     with pytest.raises(ConfigError, match="fp16.*needs a GPU"):
         train(cfg)
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_in_run_folder(frey_shards, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -124,6 +133,7 @@ def test_wandb_offline_run_in_run_folder(frey_shards, tmp_path, monkeypatch):
     assert list(runs[0].glob("*.wandb"))
 
 
+@pytest.mark.slow
 def test_training_on_train_and_val_reads_both_and_evaluates_test_only(frey_shards, tmp_path):
     from vae_scale.data.loader import ShardSplit
 

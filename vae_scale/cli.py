@@ -7,10 +7,10 @@ import errno
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from vae_scale.config import ConfigError
-from vae_scale.data.fetch import DataError
-from vae_scale.signals import TrainingInterrupted
+from vae_scale.errors import ConfigError, DataError
+from vae_scale.training.signals import TrainingInterrupted
 
 #: `accelerate launch` (torchrun) reports any failed process as exit status 1 and stops the
 #: others as soon as one exits. A job script that must tell "checkpointed after a stop signal,
@@ -38,9 +38,7 @@ def cmd_shard(args: argparse.Namespace) -> None:
 
     recipe = recipes()[args.dataset]
     if recipe.collect is not None:  # image files: the parallel, resumable writer
-        from vae_scale.data.folder_sharder import shard_from_cli
-
-        shard_from_cli(args, recipe, resolve_data_root(args.data_root))
+        _shard_images(args, recipe, resolve_data_root(args.data_root))
         return
     given = [opt for opt in IMAGE_OPTIONS if getattr(args, opt[2:].replace("-", "_"))]
     if given:
@@ -56,9 +54,62 @@ def cmd_shard(args: argparse.Namespace) -> None:
     print(f"{out_dir}: {counts}")
 
 
+def _crop_option(text: str) -> str:
+    from vae_scale.data.folder_sharder import parse_crop
+
+    try:
+        return parse_crop(text)
+    except ValueError as err:
+        raise DataError(f"--crop: {err}") from None
+
+
+def _shard_images(args: argparse.Namespace, recipe: Any, data_root: Path) -> None:
+    """`vae-scale shard celeba|folder ...`: image files through the parallel writer."""
+    from vae_scale.data import folder_sharder
+
+    if not args.source and not recipe.default_subdir:
+        raise DataError(f"`vae-scale shard {args.dataset}` needs --source DIR (the image folder)")
+    source = Path(args.source) if args.source else data_root / recipe.default_subdir
+    if args.crop:
+        _crop_option(args.crop)  # fail before listing a large folder
+    collection = recipe.collect(
+        source, seed=args.seed, labels_from_subfolders=args.labels_from_subfolders
+    )
+    if args.name:
+        collection.name = args.name
+    crop = _crop_option(args.crop or collection.default_crop)
+    size = 64 if args.size is None else args.size
+    if size < 1:
+        raise DataError(f"--size: expected a positive number of pixels, got {size}")
+    preprocess = folder_sharder.Preprocess(size=size, crop=crop)
+    out_dir = Path(args.out) / collection.name
+    shard_size = args.shard_size or recipe.default_shard_size
+    if args.merge_index:
+        if args.task_index is not None:
+            raise DataError("--merge-index runs once after all tasks: drop --task-index")
+        folder_sharder.merge_index_if_needed(collection, out_dir, preprocess, shard_size)
+        return
+    if args.workers is not None and args.workers < 1:
+        raise DataError(f"--workers: expected >= 1, got {args.workers}")
+    print(
+        f"sharding {collection.name} from {source} -> {out_dir} "
+        f"({size}x{size}, crop {crop}, {shard_size} per shard)"
+    )
+    folder_sharder.shard_collection(
+        collection,
+        out_dir,
+        preprocess,
+        shard_size,
+        workers=args.workers,
+        force=args.force,
+        task_index=args.task_index or 0,
+        num_tasks=args.num_tasks or 1,
+    )
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from vae_scale.config import load_config
-    from vae_scale.train import TrainingDiverged, train
+    from vae_scale.training.loop import TrainingDiverged, train
 
     cfg = load_config(args.config, args.overrides)
     try:
@@ -83,11 +134,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     import torch
     from accelerate import Accelerator
 
-    from vae_scale import tracking
+    from vae_scale.analysis.evaluate import EvalOptions, full_evaluation
+    from vae_scale.analysis.runs import load_run
     from vae_scale.data.loader import ShardSplit
-    from vae_scale.evaluate import full_evaluation
     from vae_scale.models.base import check_single_latent
-    from vae_scale.runs import load_run
+    from vae_scale.training import tracking
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     try:
@@ -111,16 +162,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
                 f"note: this run trained on the {args.split!r} split (data.train_splits "
                 f"{cfg.data.train_splits}): these are training-set numbers"
             )
-        metrics = full_evaluation(
-            accelerator,
-            run.model,
-            data,
-            cfg.run.seed,
-            cfg.data.binarize,
-            cfg.loss.likelihood,
-            args.iw_samples,
-            refine_steps=args.refine_steps,
-        )
+        options = EvalOptions(cfg.run.seed, cfg.data.binarize, args.iw_samples, args.refine_steps)
+        metrics = full_evaluation(accelerator, run.model, data, options)
         metrics.update(
             {
                 "checkpoint_step": run.opt_step,
@@ -156,10 +199,11 @@ def cmd_pictures(args: argparse.Namespace) -> None:
     """sample / reconstruct / traverse / edit / interpolate from a trained run."""
     import torch
 
-    from vae_scale import attributes, pictures, tracking
+    from vae_scale.analysis import attributes, pictures
+    from vae_scale.analysis.evaluate import first_images, prepare_inputs
+    from vae_scale.analysis.runs import load_run
     from vae_scale.data.loader import ShardSplit, derive_seed
-    from vae_scale.evaluate import first_images, prepare_inputs
-    from vae_scale.runs import load_run
+    from vae_scale.training import tracking
 
     run = load_run(args.run_dir, args.checkpoint)
     model, cfg = run.model, run.cfg
@@ -217,17 +261,28 @@ def cmd_pictures(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from vae_scale.compare import compare_runs
+    from vae_scale.analysis.compare import compare_runs
 
     out = compare_runs([Path(r) for r in args.run_dirs], Path(args.out), args.metric)
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vae_scale.data.sources import recipes
-
     parser = argparse.ArgumentParser(prog="vae-scale", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_shard_command(sub)
+    _add_train_and_eval_commands(sub)
+    _add_picture_commands(sub)
+    cmp_ = sub.add_parser("compare", help="markdown table + loss-curve plot of several runs")
+    cmp_.add_argument("run_dirs", nargs="+")
+    cmp_.add_argument("--out", default="report.md")
+    cmp_.add_argument("--metric", default="neg_elbo")
+    cmp_.set_defaults(func=cmd_compare)
+    return parser
+
+
+def _add_shard_command(sub: Any) -> None:
+    from vae_scale.data.sources import recipes
 
     shard = sub.add_parser("shard", help="convert a dataset into WebDataset shards (once)")
     shard.add_argument("dataset", choices=sorted(recipes()))
@@ -263,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shard.set_defaults(func=cmd_shard)
 
+
+def _add_train_and_eval_commands(sub: Any) -> None:
     tr = sub.add_parser("train", help="train a config (works under `accelerate launch`)")
     tr.add_argument("config", help="YAML config, e.g. configs/frey_conv.yaml")
     tr.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE, e.g. train.lr=3e-4")
@@ -299,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", help="checkpoint folder (default: the latest complete)")
     ev.set_defaults(func=cmd_eval)
 
+
+def _add_picture_commands(sub: Any) -> None:
     for name, text in (
         ("sample", "decode z ~ N(0, t^2 I) into a grid"),
         ("reconstruct", "originals | reconstructions of the first test images"),
@@ -325,13 +384,6 @@ def build_parser() -> argparse.ArgumentParser:
         # edit: rows = faces, steps -2..+2; interpolate: rows = pairs, steps = latent points
         defaults = {"edit": {"steps": 5, "range": 2.0}, "interpolate": {"n": 6, "steps": 8}}
         p.set_defaults(func=cmd_pictures, **defaults.get(name, {}))
-
-    cmp_ = sub.add_parser("compare", help="markdown table + loss-curve plot of several runs")
-    cmp_.add_argument("run_dirs", nargs="+")
-    cmp_.add_argument("--out", default="report.md")
-    cmp_.add_argument("--metric", default="neg_elbo")
-    cmp_.set_defaults(func=cmd_compare)
-    return parser
 
 
 def _record_exit_status(code: int) -> int:

@@ -1,50 +1,69 @@
-"""Experiment configuration: dataclasses loaded from YAML, validated on load.
+"""Experiment configuration: pydantic models loaded from YAML, validated on load.
 
 A config file has the sections `run`, `data`, `model`, `loss`, `train`, `eval`, `wandb`.
-Every key is checked: an unknown key, a wrong type or an impossible value raises
-`ConfigError` naming the key (e.g. ``train.lr``) and what was expected, before any work starts.
-The `model` section is typed by its `name` (see `vae_scale.models.MODEL_CONFIGS`).
-Overrides on the command line use dotted keys: ``train.lr=3e-4 model.latent_dim=8``.
+Every key is checked before any work starts: an unknown key, a wrong type, a non-finite number
+or an impossible value raises `ConfigError` naming the key (e.g. ``train.lr``) and what was
+expected. The `model` section is a discriminated union on `model.name`; each model family's
+section is defined here, and `vae_scale.models` builds the network from it. Overrides on the
+command line use dotted keys of any depth: ``train.lr=3e-4 loss.encoder_aug.weight=1``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vae_scale.errors import ConfigError
+from vae_scale.losses import LIKELIHOODS
+
+Positive = Annotated[int, Field(ge=1)]
+NonNegative = Annotated[int, Field(ge=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+Activation = Literal["relu", "leaky_relu", "silu"]
 
 
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key."""
+class Section(BaseModel):
+    """A config section: unknown keys, wrong types and non-finite numbers are errors."""
+
+    model_config = ConfigDict(
+        extra="forbid", strict=True, allow_inf_nan=False, validate_assignment=True
+    )
 
 
-@dataclass
-class RunConfig:
+class FieldError(ValueError):
+    """A check across a section's fields that names the offending key (`field`, relative to
+    the section, e.g. 'widths[1]')."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field, self.message = field, message
+
+
+# ---------------------------------------------------------------------------- sections
+
+
+class RunConfig(Section):
     name: str = "run"
     dir: str = "runs"  # run folder = <dir>/<name>
     seed: int = 0
 
-    def validate(self) -> None:
-        _check(
-            bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
-            "run.name",
-            "a plain folder name (no '/')",
-            self.name,
-        )
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not name or "/" in name or name in (".", ".."):
+            raise ValueError("expected a plain folder name (no '/')")
+        return name
 
 
-@dataclass
-class DataConfig:
+class DataConfig(Section):
     dataset: str = "frey"
     shards_dir: str = "shards"  # shards are read from <shards_dir>/<dataset>
-    batch_size: int = 100  # per process
-    num_workers: int = 0  # DataLoader workers per process
-    shuffle_buffer: int = 1000  # samples in each worker's shuffle buffer
+    batch_size: Positive = 100  # per process
+    num_workers: NonNegative = 0  # DataLoader workers per process
+    shuffle_buffer: NonNegative = 1000  # samples in each worker's shuffle buffer
     binarize: Literal["none", "dynamic"] = "none"
     on_error: Literal["raise", "skip"] = "raise"
     verify_shards: bool = True  # check every shard's sha256 against index.json at start-up
@@ -55,251 +74,242 @@ class DataConfig:
     # The shard splits training reads. ["train", "val"] is the final fit on all the labelled
     # training data once settings are chosen (the 60,000 MNIST digits the study trained on);
     # val is then not evaluated. The test split is never trained on.
-    train_splits: list[str] = field(default_factory=lambda: ["train"])
+    train_splits: list[Literal["train", "val"]] = Field(default_factory=lambda: ["train"])
 
-    def validate(self) -> None:
-        _check(
-            bool(self.train_splits)
-            and set(self.train_splits) <= {"train", "val"}
-            and len(set(self.train_splits)) == len(self.train_splits),
-            "data.train_splits",
-            'a non-empty list of distinct splits from "train", "val" (test is never trained on)',
-            self.train_splits,
-        )
-        _check(self.batch_size >= 1, "data.batch_size", "an integer >= 1", self.batch_size)
-        _check(self.num_workers >= 0, "data.num_workers", "an integer >= 0", self.num_workers)
-        _check(
-            self.shuffle_buffer >= 0, "data.shuffle_buffer", "an integer >= 0", self.shuffle_buffer
-        )
+    @field_validator("train_splits")
+    @classmethod
+    def _distinct(cls, splits: list[str]) -> list[str]:
+        if not splits or len(set(splits)) != len(splits):
+            raise ValueError(
+                'expected a non-empty list of distinct splits from "train", "val" (test is '
+                "never trained on)"
+            )
+        return splits
 
 
-@dataclass
-class LossConfig:
-    likelihood: str = "bernoulli"
-    beta: float = 1.0  # final KL weight
-    kl_warmup_steps: int = 0  # linear warm-up of the KL weight from beta_start to beta
-    beta_start: float = 0.0
-    free_bits: float = 0.0  # nats per latent dimension (0 = off)
+class Deformation(Section):
+    """Ranges of a random per-image deformation (all zero: the identity).
+
+    Affine: rotation uniform in +-rotate_deg, zoom in 1 +- scale, shear factor in +-shear,
+    shift in +-shift_px pixels per axis. Elastic (Simard et al. 2003): a per-pixel displacement
+    drawn uniform in [-1, 1], smoothed by a Gaussian of elastic_sigma pixels and scaled by
+    elastic_alpha pixels (0 = off). Stroke thickness: each image blended toward its 3x3 grey
+    dilation (thicker strokes) or erosion (thinner) by a factor uniform in +-thickness.
+    """
+
+    rotate_deg: Annotated[float, Field(ge=0, le=180)] = 0.0
+    scale: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    shear: NonNegativeFloat = 0.0
+    shift_px: NonNegativeFloat = 0.0
+    elastic_alpha: NonNegativeFloat = 0.0
+    elastic_sigma: Annotated[float, Field(gt=0)] = 4.0
+    thickness: Annotated[float, Field(ge=0, le=1)] = 0.0
+
+
+class EncoderAugConfig(Deformation):
+    """Encoder augmentation (vae_scale/training/augment.py): an extra neg. ELBO term, weighted
+    by `weight` (0 = off), on `copies` randomly deformed copies of each batch, that trains
+    only the encoder; the deformation's ranges are the fields of `Deformation`."""
+
+    weight: NonNegativeFloat = 0.0
+    copies: Positive = 1
+    rotate_deg: Annotated[float, Field(ge=0, le=180)] = 10.0
+    scale: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    shear: NonNegativeFloat = 0.1
+    shift_px: NonNegativeFloat = 1.0
+
+
+class LossConfig(Section):
+    likelihood: Literal[tuple(LIKELIHOODS)] = "bernoulli"  # type: ignore[valid-type]
+    beta: NonNegativeFloat = 1.0  # final KL weight
+    kl_warmup_steps: NonNegative = 0  # linear warm-up of the KL weight from beta_start to beta
+    beta_start: NonNegativeFloat = 0.0
+    free_bits: NonNegativeFloat = 0.0  # nats per latent dimension (0 = off)
     # Posterior draws per image in the training loss, averaged: the same ELBO, a gradient with
     # less reparameterization noise, for one more decoder pass per draw (the encoder runs once).
-    z_samples: int = 1
-    # Encoder augmentation (vae_scale/augment.py): weight of an extra neg. ELBO term on randomly
-    # deformed copies of each batch that trains only the encoder (0 = off), and the ranges of
-    # the per-image affine map (rotation degrees, zoom 1 +- scale, shear factor, shift pixels),
-    # plus an optional elastic distortion (Simard et al. 2003: alpha pixels, smoothed over
-    # sigma pixels; alpha 0 = off) and stroke thickness change (+-fraction toward a 3x3
-    # dilation/erosion; 0 = off). vae_scale.augment.Deformation documents each. copies: how many
-    # independently deformed copies of each image the term averages over per step.
-    encoder_aug_weight: float = 0.0
-    encoder_aug_copies: int = 1
-    encoder_aug_rotate_deg: float = 10.0
-    encoder_aug_scale: float = 0.1
-    encoder_aug_shear: float = 0.1
-    encoder_aug_shift_px: float = 1.0
-    encoder_aug_elastic_alpha: float = 0.0
-    encoder_aug_elastic_sigma: float = 4.0
-    encoder_aug_thickness: float = 0.0
-
-    def validate(self) -> None:
-        from vae_scale.losses import LIKELIHOODS
-
-        _check(
-            self.likelihood in LIKELIHOODS,
-            "loss.likelihood",
-            f"one of {sorted(LIKELIHOODS)}",
-            self.likelihood,
-        )
-        _check(self.beta >= 0, "loss.beta", "a number >= 0", self.beta)
-        _check(self.beta_start >= 0, "loss.beta_start", "a number >= 0", self.beta_start)
-        _check(
-            self.kl_warmup_steps >= 0,
-            "loss.kl_warmup_steps",
-            "an integer >= 0",
-            self.kl_warmup_steps,
-        )
-        _check(self.free_bits >= 0, "loss.free_bits", "a number >= 0", self.free_bits)
-        _check(self.z_samples >= 1, "loss.z_samples", "an integer >= 1", self.z_samples)
-        _check(
-            self.encoder_aug_weight >= 0,
-            "loss.encoder_aug_weight",
-            "a number >= 0 (0 = off)",
-            self.encoder_aug_weight,
-        )
-        _check(
-            self.encoder_aug_copies >= 1,
-            "loss.encoder_aug_copies",
-            "an integer >= 1",
-            self.encoder_aug_copies,
-        )
-        _check(
-            0 <= self.encoder_aug_rotate_deg <= 180,
-            "loss.encoder_aug_rotate_deg",
-            "degrees in [0, 180]",
-            self.encoder_aug_rotate_deg,
-        )
-        _check(
-            0 <= self.encoder_aug_scale < 1,
-            "loss.encoder_aug_scale",
-            "a number in [0, 1)",
-            self.encoder_aug_scale,
-        )
-        _check(
-            self.encoder_aug_shear >= 0,
-            "loss.encoder_aug_shear",
-            "a number >= 0",
-            self.encoder_aug_shear,
-        )
-        _check(
-            self.encoder_aug_shift_px >= 0,
-            "loss.encoder_aug_shift_px",
-            "pixels >= 0",
-            self.encoder_aug_shift_px,
-        )
-        _check(
-            self.encoder_aug_elastic_alpha >= 0,
-            "loss.encoder_aug_elastic_alpha",
-            "pixels >= 0 (0 = off)",
-            self.encoder_aug_elastic_alpha,
-        )
-        _check(
-            self.encoder_aug_elastic_sigma > 0,
-            "loss.encoder_aug_elastic_sigma",
-            "pixels > 0",
-            self.encoder_aug_elastic_sigma,
-        )
-        _check(
-            0 <= self.encoder_aug_thickness <= 1,
-            "loss.encoder_aug_thickness",
-            "a fraction in [0, 1] (0 = off)",
-            self.encoder_aug_thickness,
-        )
+    z_samples: Positive = 1
+    encoder_aug: EncoderAugConfig = Field(default_factory=EncoderAugConfig)
 
 
-@dataclass
-class TrainConfig:
-    epochs: int = 20
-    lr: float = 1e-3
-    weight_decay: float = 0.0  # decoupled (AdamW), as VDVAE's 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+class TrainConfig(Section):
+    epochs: Positive = 20
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    weight_decay: NonNegativeFloat = 0.0  # decoupled (AdamW), as VDVAE's 0.01
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
+        0.9,
+        0.999,
+    )
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = 0
+    warmup_steps: NonNegative = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    grad_accum_steps: int = 1
-    grad_clip: float = 0.0  # max gradient norm (0 = off)
-    max_bad_steps: int = 20  # stop after this many consecutive non-finite steps
+    grad_accum_steps: Positive = 1
+    grad_clip: NonNegativeFloat = 0.0  # max gradient norm (0 = off)
+    max_bad_steps: Positive = 20  # stop after this many consecutive non-finite steps
     # Skip updates whose gradient norm exceeds this (0 = off; VDVAE's spike guard). After
     # max_consecutive_skips skips in a row the next update is applied, clipped, with a warning,
     # so a threshold below the typical norm can never stall training.
-    skip_threshold: float = 0.0
-    max_consecutive_skips: int = 10
+    skip_threshold: NonNegativeFloat = 0.0
+    max_consecutive_skips: NonNegative = 10
     # Exponential moving average of the weights, used for evaluation, pictures and `vae-scale
     # eval`/`sample` (0 = off). The decay warms up as min(ema_decay, (1 + n) / (10 + n)).
-    ema_decay: float = 0.0
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
     compile: bool = False
     channels_last: bool = False
     cpu: bool = False  # force CPU even when a GPU is present
-    log_every_steps: int = 10
-    checkpoint_every_steps: int = 0  # 0 = only at epoch ends
-    keep_checkpoints: int = 2
+    log_every_steps: Positive = 10
+    checkpoint_every_steps: NonNegative = 0  # 0 = only at epoch ends
+    keep_checkpoints: Positive = 2
 
-    def validate(self) -> None:
-        _check(self.epochs >= 1, "train.epochs", "an integer >= 1", self.epochs)
-        _check(self.lr > 0, "train.lr", "a number > 0", self.lr)
-        _check(self.weight_decay >= 0, "train.weight_decay", "a number >= 0", self.weight_decay)
-        _check(
-            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-            "train.betas",
-            "two numbers in [0, 1)",
-            self.betas,
-        )
-        _check(self.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0", self.warmup_steps)
-        _check(
-            self.grad_accum_steps >= 1,
-            "train.grad_accum_steps",
-            "an integer >= 1",
-            self.grad_accum_steps,
-        )
-        _check(self.grad_clip >= 0, "train.grad_clip", "a number >= 0", self.grad_clip)
-        _check(
-            self.max_bad_steps >= 1, "train.max_bad_steps", "an integer >= 1", self.max_bad_steps
-        )
-        _check(
-            self.skip_threshold >= 0,
-            "train.skip_threshold",
-            "a number >= 0 (0 = off)",
-            self.skip_threshold,
-        )
-        _check(
-            self.max_consecutive_skips >= 0,
-            "train.max_consecutive_skips",
-            "an integer >= 0",
-            self.max_consecutive_skips,
-        )
-        _check(0 <= self.ema_decay < 1, "train.ema_decay", "a number in [0, 1)", self.ema_decay)
-        _check(
-            self.log_every_steps >= 1,
-            "train.log_every_steps",
-            "an integer >= 1",
-            self.log_every_steps,
-        )
-        _check(
-            self.checkpoint_every_steps >= 0,
-            "train.checkpoint_every_steps",
-            "an integer >= 0",
-            self.checkpoint_every_steps,
-        )
-        _check(
-            self.keep_checkpoints >= 1,
-            "train.keep_checkpoints",
-            "an integer >= 1",
-            self.keep_checkpoints,
-        )
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _betas_from_list(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value  # YAML has no tuples
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _unquoted_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML 1.1 reads an unquoted `no` as false
 
 
-@dataclass
-class EvalConfig:
-    every_epochs: int = 1
+class EvalConfig(Section):
+    every_epochs: Positive = 1
     # Pictures at these epochs, and always after the last epoch.
-    picture_epochs: list[int] = field(default_factory=lambda: [1, 20])
-    recon_rows: int = 8  # originals | reconstructions, one image pair per row
-    num_samples: int = 64
+    picture_epochs: list[Positive] = Field(default_factory=lambda: [1, 20])
+    recon_rows: Positive = 8  # originals | reconstructions, one image pair per row
+    num_samples: Positive = 64
     # > 0: at the picture epochs, the test neg. ELBO also with each image's posterior refined
     # by this many Adam steps (test/neg_elbo_refined), and the gap this closes
     # (test/amortization_gap): how much of the test loss is the encoder, not the decoder.
-    refine_steps: int = 0
-
-    def validate(self) -> None:
-        _check(self.every_epochs >= 1, "eval.every_epochs", "an integer >= 1", self.every_epochs)
-        _check(self.refine_steps >= 0, "eval.refine_steps", "an integer >= 0", self.refine_steps)
-        _check(
-            all(e >= 1 for e in self.picture_epochs),
-            "eval.picture_epochs",
-            "a list of epoch numbers >= 1",
-            self.picture_epochs,
-        )
-        _check(self.recon_rows >= 1, "eval.recon_rows", "an integer >= 1", self.recon_rows)
-        _check(self.num_samples >= 1, "eval.num_samples", "an integer >= 1", self.num_samples)
+    refine_steps: NonNegative = 0
 
 
-@dataclass
-class WandbConfig:
+class WandbConfig(Section):
     # auto: online when an API key and the network are there, else offline (never hangs).
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     project: str = "vae_scale"
     entity: str | None = None
     group: str | None = None
-    tags: list[str] = field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)
 
 
-@dataclass
-class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: Any = None  # a model family's config dataclass, chosen by model.name
-    loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
+# ---------------------------------------------------------------------------- model families
+
+
+class ConvVAEConfig(Section):
+    """The study's conv VAE (vae_scale/models/conv.py)."""
+
+    name: Literal["conv"] = "conv"
+    latent_dim: Positive = 20
+    base_channels: Positive = 32  # filters of the first conv; doubled at every layer
+    num_layers: Positive = 5
+    kernel_size: Positive = 3
+    stride: Positive = 2
+    padding: NonNegative = 1
+    activation: Activation = "relu"
+
+
+class MLPVAEConfig(Section):
+    """The study's MNIST MLP VAE (vae_scale/models/mlp.py)."""
+
+    name: Literal["mlp"] = "mlp"
+    latent_dim: Positive = 2
+    hidden: list[Positive] = Field(default_factory=lambda: [512, 256])  # encoder widths
+    activation: Activation = "relu"
+
+
+class ResNetVAEConfig(Section):
+    """The ResNet VAE (vae_scale/models/resnet.py)."""
+
+    name: Literal["resnet"] = "resnet"
+    widths: Annotated[list[Positive], Field(min_length=1)] = Field(
+        default_factory=lambda: [64, 128, 256]
+    )  # channels per stage
+    blocks_per_stage: NonNegative = 2
+    latent: Literal["vector", "spatial"] = "spatial"
+    latent_dim: Positive = 128  # used when latent is 'vector'
+    latent_channels: Positive = 16  # used when latent is 'spatial'
+    groups: Positive = 32  # GroupNorm groups (fewer when a stage has fewer channels)
+    upsample: Literal["nearest", "pixel_shuffle"] = "nearest"
+
+    @model_validator(mode="after")
+    def _groups_divide_widths(self) -> ResNetVAEConfig:
+        for i, width in enumerate(self.widths):
+            if width % min(self.groups, width):
+                raise FieldError(
+                    f"widths[{i}]",
+                    f"{width} channels cannot be split into model.groups={self.groups} "
+                    f"GroupNorm groups; use a multiple of it",
+                )
+        return self
+
+
+class HierarchicalVAEConfig(Section):
+    """The VDVAE-style hierarchical VAE (vae_scale/models/hierarchical.py)."""
+
+    name: Literal["hierarchical"] = "hierarchical"
+    # Top-down stages, coarsest first; the last one is the image's resolution.
+    resolutions: Annotated[list[Positive], Field(min_length=1)] = Field(
+        default_factory=lambda: [1, 4, 8, 16, 32]
+    )
+    widths: list[Positive] = Field(default_factory=lambda: [128, 128, 128, 64, 32])
+    latent_groups: list[NonNegative] = Field(default_factory=lambda: [1, 2, 2, 2, 1])
+    encoder_blocks: list[NonNegative] = Field(default_factory=lambda: [2, 2, 2, 2, 2])
+    latent_channels: Positive = 16  # channels of every group's z
+    bottleneck: Annotated[float, Field(gt=0, le=1)] = 0.25  # blocks' inner width fraction
+    # Soft bound b on prior/posterior log-scales: s -> b * tanh(s / b), in float32 (0 = off).
+    log_scale_bound: NonNegativeFloat = 5.0
+    grad_checkpoint: bool = False  # recompute residual blocks in backward (deep models)
+
+    @model_validator(mode="after")
+    def _one_entry_per_stage(self) -> HierarchicalVAEConfig:
+        stages = len(self.resolutions)
+        for key in ("widths", "latent_groups", "encoder_blocks"):
+            if len(getattr(self, key)) != stages:
+                raise FieldError(
+                    key,
+                    f"expected one entry per stage of model.resolutions ({stages}), got "
+                    f"{getattr(self, key)!r}",
+                )
+        for i, (low, high) in enumerate(zip(self.resolutions, self.resolutions[1:])):
+            if high <= low or high % low:
+                raise FieldError(
+                    f"resolutions[{i + 1}]",
+                    f"expected increasing resolutions, each a multiple of the one before, got "
+                    f"{self.resolutions!r}",
+                )
+        if self.latent_groups[0] < 1:
+            # the top of the ladder (and with no group there, its encoder stage feeds nothing)
+            raise FieldError(
+                "latent_groups[0]",
+                f"expected at least one latent group at the coarsest resolution, got "
+                f"{self.latent_groups!r}",
+            )
+        return self
+
+
+ModelConfig = Annotated[
+    Union[ConvVAEConfig, MLPVAEConfig, ResNetVAEConfig, HierarchicalVAEConfig],  # noqa: UP007
+    Field(discriminator="name"),
+]
+MODEL_NAMES = ("conv", "hierarchical", "mlp", "resnet")
+
+
+class Config(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+    @model_validator(mode="after")
+    def _binarized_needs_bernoulli(self) -> Config:
+        if self.data.binarize == "dynamic" and self.loss.likelihood != "bernoulli":
+            raise FieldError(
+                "loss.likelihood", "expected 'bernoulli' when data.binarize is 'dynamic'"
+            )
+        return self
 
     @property
     def run_dir(self) -> Path:
@@ -311,89 +321,73 @@ class Config:
         return Path(self.data.shards_dir) / self.data.dataset
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump(mode="json")
 
 
-SECTIONS: dict[str, type] = {
-    "run": RunConfig,
-    "data": DataConfig,
-    "loss": LossConfig,
-    "train": TrainConfig,
-    "eval": EvalConfig,
-    "wandb": WandbConfig,
+SECTIONS = tuple(name for name in Config.model_fields if name != "model")
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def _key(loc: tuple[Any, ...]) -> str:
+    """('model', 'widths', 1) -> 'model.widths[1]'."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+    return text
+
+
+def _section_class(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The section model at `loc`, a path of field names from the top ('loss', 'encoder_aug')."""
+    cls: type[BaseModel] = Config
+    for part in loc:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        cls = annotation
+    return cls
+
+
+def _message(error: dict[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    # A discriminated union puts the family's tag into the location: model.conv.latent_dim.
+    family = loc[1] if len(loc) > 1 and loc[0] == "model" and loc[1] in MODEL_NAMES else None
+    if family is not None:
+        loc = loc[:1] + loc[2:]
+    kind, got = error["type"], error.get("input")
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldError):
+        return f"{_key((*loc, cause.field))}: {cause.message}"
+    if kind == "union_tag_not_found":
+        return f"model.name: required; one of {list(MODEL_NAMES)}"
+    if kind == "union_tag_invalid":
+        return f"model.name: expected one of {list(MODEL_NAMES)}, got {error['ctx']['tag']!r}"
+    if kind == "extra_forbidden":
+        parent = MODELS_BY_NAME[family] if family else _section_class(loc[:-1])
+        allowed = sorted(parent.model_fields) if parent is not None else []
+        if len(loc) == 1:
+            return f"{loc[0]}: unknown section; allowed sections: {allowed}"
+        return f"{_key(loc)}: unknown key; allowed keys in '{_key(loc[:-1])}': {allowed}"
+    if kind == "literal_error":
+        return f"{_key(loc)}: expected one of {error['ctx']['expected']}, got {got!r}"
+    if kind == "missing":
+        return f"{_key(loc)}: required"
+    text = error["msg"].removeprefix("Value error, ")
+    text = text.replace("Input should be", "expected")
+    return f"{_key(loc)}: {text}, got {got!r}"
+
+
+MODELS_BY_NAME: dict[str, type[Section]] = {
+    "conv": ConvVAEConfig,
+    "hierarchical": HierarchicalVAEConfig,
+    "mlp": MLPVAEConfig,
+    "resnet": ResNetVAEConfig,
 }
 
 
-def _check(ok: bool, key: str, expected: str, got: Any) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: expected {expected}, got {got!r}")
-
-
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Check `value` against a (simple) type annotation; ints are accepted as floats."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if annotation is Any:
-        return value
-    if origin is Literal:
-        if value is False and "no" in args:  # YAML 1.1 reads an unquoted `no` as false
-            value = "no"
-        if value not in args:
-            raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item_type,) = args or (Any,)
-        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported type {annotation!r}")
-
-
-def build_section(cls: type, values: dict[str, Any] | None, prefix: str) -> Any:
-    """Build dataclass `cls` from a dict, rejecting unknown keys and wrong types."""
-    values = {} if values is None else values
-    if not isinstance(values, dict):
-        raise ConfigError(f"{prefix}: expected a mapping of keys, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ConfigError(
-            f"{prefix}.{unknown[0]}: unknown key; allowed keys in '{prefix}': {sorted(fields)}"
-        )
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}") for k, v in values.items()}
-    obj = cls(**kwargs)
-    if hasattr(obj, "validate"):
-        obj.validate()
-    return obj
+# ---------------------------------------------------------------------------- loading
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -402,7 +396,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
-    if len(parts) != 2 or not all(parts):
+    if len(parts) < 2 or not all(parts):
         raise ConfigError(f"override {text!r}: expected SECTION.KEY=VALUE, e.g. train.lr=3e-4")
     value = yaml.safe_load(raw) if raw.strip() else ""
     # YAML 1.1 reads '3e-4' as a string; accept the float spelling users type.
@@ -414,46 +408,32 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def apply_override(raw: dict[str, Any], text: str) -> None:
+    """Set the dotted key of `text` in the nested dict `raw`, creating sections on the way."""
+    parts, value = parse_override(text)
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: depth + 1])}: expected a mapping of keys")
+        node = child
+    node[parts[-1]] = value
+
+
 def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    from vae_scale.models import MODEL_CONFIGS
-
-    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (raw or {}).items()}
+    raw = _copy_sections(raw or {})
     for text in overrides:
-        (section, key), value = parse_override(text)
-        if section not in SECTIONS and section != "model":
-            raise ConfigError(f"override {text!r}: unknown section {section!r}")
-        raw.setdefault(section, {})
-        if not isinstance(raw[section], dict):
-            raise ConfigError(f"{section}: expected a mapping of keys")
-        raw[section][key] = value
-    allowed = set(SECTIONS) | {"model"}
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown section; allowed sections: {sorted(allowed)}")
-    sections = {name: build_section(cls, raw.get(name), name) for name, cls in SECTIONS.items()}
-    model_raw = raw.get("model") or {}
-    if not isinstance(model_raw, dict) or "name" not in model_raw:
-        raise ConfigError(f"model.name: required; one of {sorted(MODEL_CONFIGS)}")
-    model_name = model_raw["name"]
-    if model_name not in MODEL_CONFIGS:
-        raise ConfigError(
-            f"model.name: expected one of {sorted(MODEL_CONFIGS)}, got {model_name!r}"
-        )
-    model = build_section(MODEL_CONFIGS[model_name], model_raw, "model")
-    cfg = Config(model=model, **sections)
-    validate_cross(cfg)
-    return cfg
+        apply_override(raw, text)
+    if not isinstance(raw.get("model"), dict):
+        raise ConfigError(f"model.name: required; one of {list(MODEL_NAMES)}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_message(err.errors()[0])) from None
 
 
-def validate_cross(cfg: Config) -> None:
-    """Checks that involve several sections."""
-    if cfg.data.binarize == "dynamic":
-        _check(
-            cfg.loss.likelihood == "bernoulli",
-            "loss.likelihood",
-            "'bernoulli' when data.binarize is 'dynamic'",
-            cfg.loss.likelihood,
-        )
+def _copy_sections(raw: dict[str, Any]) -> dict[str, Any]:
+    return {k: (_copy_sections(v) if isinstance(v, dict) else v) for k, v in raw.items()}
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-import socket
 import urllib.request
 from pathlib import Path
-from urllib.parse import urlparse
 
-
-class DataError(RuntimeError):
-    """Raw data or shards are missing, corrupt or of the wrong shape; the message says which."""
+from vae_scale.errors import DataError
+from vae_scale.fsutil import sha256_file
 
 
 def resolve_data_root(data_root: str | os.PathLike | None = None) -> Path:
@@ -19,25 +15,6 @@ def resolve_data_root(data_root: str | os.PathLike | None = None) -> Path:
     if data_root:
         return Path(data_root)
     return Path(os.environ.get("VAE_SCALE_DATA") or "data")
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def is_online(url: str, timeout: float = 3.0) -> bool:
-    """True when a TCP connection to the URL's host can be opened within `timeout` seconds."""
-    parsed = urlparse(url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 60.0) -> Path:

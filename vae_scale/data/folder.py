@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vae_scale.data.fetch import DataError
 from vae_scale.data.folder_sharder import IMAGE_EXTENSIONS, ImageCollection, ImageItem
+from vae_scale.errors import DataError
 
 VAL_FRACTION = TEST_FRACTION = 0.1
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_/-]")

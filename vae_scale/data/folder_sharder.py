@@ -38,9 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from vae_scale.data.fetch import DataError, sha256_file
 from vae_scale.data.sources import SourceData
-from vae_scale.fsutil import fsync
+from vae_scale.errors import DataError
+from vae_scale.fsutil import fsync, sha256_file
 
 # Same names and format as data/shards.py (not imported from there at module level: that pulls
 # in webdataset and torch, seconds of start-up for `vae-scale --help`).
@@ -516,56 +516,13 @@ def shard_collection(
     return merge_index(collection, out_dir, preprocess, shard_size)
 
 
-def _cli_crop(text: str) -> str:
-    try:
-        return parse_crop(text)
-    except ValueError as err:
-        raise DataError(f"--crop: {err}") from None
-
-
-def shard_from_cli(args: Any, recipe: Any, data_root: Path) -> dict[str, Any] | None:
-    """`vae-scale shard celeba|folder ...` (args: the parsed `shard` command line)."""
+def merge_index_if_needed(
+    collection: ImageCollection, out_dir: Path, preprocess: Preprocess, shard_size: int
+) -> dict[str, Any]:
+    """After every task of a sharding array: the index, unless an identical one exists."""
     from vae_scale.data.shards import index_matches
 
-    if not args.source and not recipe.default_subdir:
-        raise DataError(f"`vae-scale shard {args.dataset}` needs --source DIR (the image folder)")
-    source = Path(args.source) if args.source else data_root / recipe.default_subdir
-    if args.crop:
-        _cli_crop(args.crop)  # fail before listing a large folder
-    collection = recipe.collect(
-        source, seed=args.seed, labels_from_subfolders=args.labels_from_subfolders
-    )
-    if args.name:
-        collection.name = args.name
-    crop = _cli_crop(args.crop or collection.default_crop)
-    size = 64 if args.size is None else args.size
-    if size < 1:
-        raise DataError(f"--size: expected a positive number of pixels, got {size}")
-    preprocess = Preprocess(size=size, crop=crop)
-    out_dir = Path(args.out) / collection.name
-    shard_size = args.shard_size or recipe.default_shard_size
-    if args.merge_index:
-        if args.task_index is not None:
-            raise DataError("--merge-index runs once after all tasks: drop --task-index")
-        if index_matches(out_dir, _as_source_data(collection, preprocess), shard_size):
-            print(f"{out_dir} is up to date ({INDEX_NAME} matches the source)")
-            return json.loads((out_dir / INDEX_NAME).read_text())
-        return merge_index(collection, out_dir, preprocess, shard_size)
-    num_tasks = args.num_tasks or 1
-    task_index = args.task_index or 0
-    if args.workers is not None and args.workers < 1:
-        raise DataError(f"--workers: expected >= 1, got {args.workers}")
-    print(
-        f"sharding {collection.name} from {source} -> {out_dir} "
-        f"({size}x{size}, crop {crop}, {shard_size} per shard)"
-    )
-    return shard_collection(
-        collection,
-        out_dir,
-        preprocess,
-        shard_size,
-        workers=args.workers,
-        force=args.force,
-        task_index=task_index,
-        num_tasks=num_tasks,
-    )
+    if index_matches(out_dir, _as_source_data(collection, preprocess), shard_size):
+        print(f"{out_dir} is up to date ({INDEX_NAME} matches the source)")
+        return json.loads((out_dir / INDEX_NAME).read_text())
+    return merge_index(collection, out_dir, preprocess, shard_size)

@@ -1,6 +1,6 @@
 """Shards -> batches: the one streaming loader every dataset uses, on 1 process or N.
 
-Design (each point answers a trap in docs/known-traps):
+Design (each point answers a known trap of webdataset under Accelerate):
 - Shards are split with `wds.split_by_node` + `wds.split_by_worker`; the loader is never passed
   through `accelerator.prepare` (that would broadcast or double-split it).
 - The shard order of an epoch and every worker's shuffle buffer are seeded from
@@ -34,18 +34,14 @@ import torch
 import webdataset as wds
 from webdataset.utils import pytorch_worker_info
 
-from vae_scale.data.fetch import DataError
+from vae_scale.compat import seeded_shuffle
 from vae_scale.data.shards import load_index, split_shards
 from vae_scale.data.tar_members import tar_samples
+from vae_scale.errors import DataError
+from vae_scale.seeding import derive_seed
 
 PICKLE_SUFFIXES = {"pyd", "pickle", "pkl", "pth", "pt"}
 IMAGE_SUFFIXES = ("npy", "png", "jpg", "jpeg", "webp")
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any tuple of ints/strings, identical in every process."""
-    rng = random.Random("/".join(str(p) for p in parts))
-    return rng.getrandbits(63)
 
 
 def epoch_shard_order(
@@ -90,8 +86,8 @@ _NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
 
 def load_npy(data: bytes) -> np.ndarray:
     """`np.load(..., allow_pickle=False)` with the header parsed once per distinct header: every
-    image of a dataset has the same one, and parsing it (`ast.literal_eval`) was a quarter of
-    the read time of a 28x28 sample."""
+    image of a dataset has the same one, and parsing it (`ast.literal_eval`) is a large part
+    of reading a small image (benchmarks/RESULTS.md)."""
     if data[:8] == b"\x93NUMPY\x01\x00":  # format 1.0: 2-byte little-endian header length
         end = 10 + int.from_bytes(data[8:10], "little")
         cached = _NPY_HEADERS.get(data[:end])
@@ -221,10 +217,7 @@ class _SeededShuffle:
     def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         rank, _, worker, _ = pytorch_worker_info()
         rng = random.Random(derive_seed(self.seed, "samples", self.epoch, rank, worker))
-        # Use webdataset's shuffle with our RNG (the stock stage seeds itself from the clock).
-        yield from wds.filters._shuffle(
-            samples, bufsize=self.bufsize, initial=self.bufsize, rng=rng
-        )
+        yield from seeded_shuffle(samples, self.bufsize, rng)
 
 
 def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
@@ -328,7 +321,7 @@ class ShardSplit:
         # global torch RNG, shifting the reparameterization noise after a mid-epoch resume.
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "loader", epoch))
         # collate_fn: our batches are already tensors; the default would walk every batch
-        # recursively through default_convert (a third of the read time, measured).
+        # recursively through default_convert (slow; benchmarks/RESULTS.md).
         return wds.WebLoader(
             self._pipeline(epoch, train),
             batch_size=None,
@@ -370,7 +363,7 @@ class ShardSplit:
 
 def _check_distributed_view(rank: int, world_size: int) -> None:
     """webdataset splits by RANK/WORLD_SIZE (or torch.distributed); it must agree with the
-    trainer's view, else ranks silently read the same data (see docs/known-traps)."""
+    trainer's view, else ranks silently read the same data."""
     wds_rank, wds_world, _, _ = pytorch_worker_info()
     if (wds_rank, wds_world) != (rank, world_size):
         raise RuntimeError(
@@ -379,9 +372,3 @@ def _check_distributed_view(rank: int, world_size: int) -> None:
             f"`accelerate launch --config_file launch/cpu_2proc.yaml` (multi_gpu + "
             f"use_cpu), not `--cpu --num_processes N`."
         )
-
-
-def images_to_float(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32 in [0, 1] on `device` (the 4x smaller uint8 crosses
-    process and PCIe boundaries)."""
-    return images.to(device, non_blocking=True).float().div_(255.0)

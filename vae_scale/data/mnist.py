@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vae_scale.data.fetch import DataError, is_online
 from vae_scale.data.sources import SourceData, seeded_split
+from vae_scale.errors import DataError
+from vae_scale.netutil import is_online
 
 HEIGHT = WIDTH = 28
 FILES = {

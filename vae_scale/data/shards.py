@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from vae_scale.data.fetch import DataError, sha256_file
 from vae_scale.data.sources import SourceData
-from vae_scale.fsutil import fsync
+from vae_scale.errors import DataError
+from vae_scale.fsutil import fsync, sha256_file
 
 INDEX_NAME = "index.json"
 FORMAT_VERSION = 1

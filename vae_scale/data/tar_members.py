@@ -1,8 +1,8 @@
 """Tar shard -> (name, bytes) members, fast, as a drop-in for webdataset's tar expander.
 
 Why: with one small tar member per image (the WebDataset convention), Python's `tarfile`
-walk was the largest cost of reading a shard (~100 us per MNIST sample of ~170-220 us, by
-CPU profile): it parses every header field of every member through generic code. Our shards
+walk was the largest cost of reading a shard (benchmarks/RESULTS.md): it parses every header
+field of every member through generic code. Our shards
 are plain ustar archives of regular files (written by `wds.ShardWriter` / `tarfile`), so one
 read of the whole shard plus a 512-byte header parse per member (name, size, checksum) does
 the same job several times faster. Anything else in a header (pax or GNU long-name records,

@@ -1,30 +1,26 @@
-"""Model families, picked by `model.name` in a config."""
+"""Model families, picked by `model.name` in a config (sections: `vae_scale.config`)."""
 
 from __future__ import annotations
 
-from typing import Any
-
+from vae_scale.config import ModelConfig
 from vae_scale.losses import Likelihood
 from vae_scale.models.base import VAE, VAEOutput
-from vae_scale.models.conv import ConvVAE, ConvVAEConfig
-from vae_scale.models.hierarchical import HierarchicalVAE, HierarchicalVAEConfig
-from vae_scale.models.mlp import MLPVAE, MLPVAEConfig
-from vae_scale.models.resnet import ResNetVAE, ResNetVAEConfig
+from vae_scale.models.conv import ConvVAE
+from vae_scale.models.hierarchical import HierarchicalVAE
+from vae_scale.models.mlp import MLPVAE
+from vae_scale.models.resnet import ResNetVAE
 
-# name -> (config dataclass, model class)
-MODELS: dict[str, tuple[type, type[VAE]]] = {
-    "conv": (ConvVAEConfig, ConvVAE),
-    "hierarchical": (HierarchicalVAEConfig, HierarchicalVAE),
-    "mlp": (MLPVAEConfig, MLPVAE),
-    "resnet": (ResNetVAEConfig, ResNetVAE),
+MODELS: dict[str, type[VAE]] = {
+    "conv": ConvVAE,
+    "hierarchical": HierarchicalVAE,
+    "mlp": MLPVAE,
+    "resnet": ResNetVAE,
 }
-MODEL_CONFIGS: dict[str, type] = {name: cfg for name, (cfg, _) in MODELS.items()}
 
 
-def build_model(cfg: Any, image_shape: tuple[int, int, int], likelihood: Likelihood) -> VAE:
+def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int], likelihood: Likelihood) -> VAE:
     """Instantiate the model family named by `cfg.name` for images of `image_shape` (C, H, W)."""
-    _, model_cls = MODELS[cfg.name]
-    return model_cls(cfg, tuple(image_shape), likelihood)
+    return MODELS[cfg.name](cfg, tuple(image_shape), likelihood)
 
 
-__all__ = ["MODELS", "MODEL_CONFIGS", "VAE", "VAEOutput", "build_model"]
+__all__ = ["MODELS", "VAE", "VAEOutput", "build_model"]

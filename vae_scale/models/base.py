@@ -8,7 +8,7 @@ import torch
 from einops import repeat
 from torch import Tensor, nn
 
-from vae_scale.config import ConfigError
+from vae_scale.errors import ConfigError
 from vae_scale.losses import Likelihood
 
 
@@ -42,6 +42,12 @@ class VAE(nn.Module):
     def latent_group_names(self) -> list[str]:
         """Keys of `VAEOutput.kl_groups` (their KLs are logged one by one); [] for one latent."""
         return []
+
+    @property
+    def single_gaussian_latent(self) -> bool:
+        """True when the model has one Gaussian (mu, log_var) per image and a N(0, I) prior:
+        what posterior refinement, encoder augmentation and several draws per image need."""
+        return not self.latent_group_names
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -102,9 +108,9 @@ class VAE(nn.Module):
 
 
 def check_single_latent(model: VAE, key: str, feature: str) -> None:
-    """`feature` works on one Gaussian (mu, log_var) per image: refuse a model with latent
-    groups, naming the setting (`key`) that asked for it."""
-    if model.latent_group_names:
+    """`feature` works on one Gaussian (mu, log_var) per image: refuse a model without that
+    capability (latent groups), naming the setting (`key`) that asked for it."""
+    if not model.single_gaussian_latent:
         raise ConfigError(
             f"{key}: {feature} needs one Gaussian latent (mlp, conv, resnet models); "
             f"this model has latent groups {model.latent_group_names}"

@@ -6,38 +6,15 @@ layer so it gives back exactly the input size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 from einops import rearrange
 from torch import Tensor, nn
 
-from vae_scale.config import ConfigError
+from vae_scale.config import ConvVAEConfig
+from vae_scale.errors import ConfigError
 from vae_scale.losses import Likelihood
 from vae_scale.models.base import VAE
 
 ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU}
-
-
-@dataclass
-class ConvVAEConfig:
-    name: str = "conv"
-    latent_dim: int = 20
-    base_channels: int = 32  # filters of the first conv; doubled at every layer
-    num_layers: int = 5
-    kernel_size: int = 3
-    stride: int = 2
-    padding: int = 1
-    activation: Literal["relu", "leaky_relu", "silu"] = "relu"
-
-    def validate(self) -> None:
-        for key in ("latent_dim", "base_channels", "num_layers", "kernel_size", "stride"):
-            if getattr(self, key) < 1:
-                raise ConfigError(
-                    f"model.{key}: expected an integer >= 1, got {getattr(self, key)!r}"
-                )
-        if self.padding < 0:
-            raise ConfigError(f"model.padding: expected an integer >= 0, got {self.padding!r}")
 
 
 def conv_out(size: int, kernel: int, stride: int, padding: int) -> int:

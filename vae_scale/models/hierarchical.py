@@ -30,81 +30,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from vae_scale.config import ConfigError
+from vae_scale.config import HierarchicalVAEConfig
+from vae_scale.errors import ConfigError
 from vae_scale.losses import Likelihood, kl_normal, kl_normal_standard
 from vae_scale.models.base import VAE, VAEOutput
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-
-
-@dataclass
-class HierarchicalVAEConfig:
-    name: str = "hierarchical"
-    # Top-down stages, coarsest first; the last one is the image's resolution.
-    resolutions: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 32])
-    widths: list[int] = field(default_factory=lambda: [128, 128, 128, 64, 32])  # per stage
-    latent_groups: list[int] = field(default_factory=lambda: [1, 2, 2, 2, 1])  # per stage
-    encoder_blocks: list[int] = field(default_factory=lambda: [2, 2, 2, 2, 2])  # per stage
-    latent_channels: int = 16  # channels of every group's z
-    bottleneck: float = 0.25  # residual blocks' inner width, as a fraction of the stage's
-    # Soft bound b on prior/posterior log-scales: s -> b * tanh(s / b), in float32 (0 = off).
-    log_scale_bound: float = 5.0
-    grad_checkpoint: bool = False  # recompute residual blocks in backward (deep models)
-
-    def validate(self) -> None:
-        stages = len(self.resolutions)
-        if stages == 0:
-            raise ConfigError(
-                "model.resolutions: expected a non-empty list, e.g. [1, 4, 8, 16, 32]"
-            )
-        for key in ("widths", "latent_groups", "encoder_blocks"):
-            if len(getattr(self, key)) != stages:
-                raise ConfigError(
-                    f"model.{key}: expected one entry per stage of model.resolutions "
-                    f"({stages}), got {getattr(self, key)!r}"
-                )
-        for i, (low, high) in enumerate(zip(self.resolutions, self.resolutions[1:])):
-            if low < 1 or high <= low or high % low:
-                raise ConfigError(
-                    f"model.resolutions[{i + 1}]: expected increasing resolutions, each a "
-                    f"multiple of the one before, got {self.resolutions!r}"
-                )
-        if self.resolutions[0] < 1:
-            raise ConfigError(f"model.resolutions[0]: expected >= 1, got {self.resolutions[0]}")
-        for key, minimum in (("widths", 1), ("latent_groups", 0), ("encoder_blocks", 0)):
-            for i, value in enumerate(getattr(self, key)):
-                if value < minimum:
-                    raise ConfigError(
-                        f"model.{key}[{i}]: expected an integer >= {minimum}, got {value!r}"
-                    )
-        if self.latent_groups[0] < 1:
-            # the top of the ladder (and with no group there, its encoder stage feeds nothing)
-            raise ConfigError(
-                f"model.latent_groups[0]: expected at least one latent group at the coarsest "
-                f"resolution, got {self.latent_groups!r}"
-            )
-        if self.latent_channels < 1:
-            raise ConfigError(
-                f"model.latent_channels: expected an integer >= 1, got {self.latent_channels!r}"
-            )
-        if not 0 < self.bottleneck <= 1:
-            raise ConfigError(
-                f"model.bottleneck: expected a number in (0, 1], got {self.bottleneck}"
-            )
-        if self.log_scale_bound < 0:
-            raise ConfigError(
-                f"model.log_scale_bound: expected a number >= 0 (0 = off), got "
-                f"{self.log_scale_bound}"
-            )
 
 
 class Block(nn.Module):
@@ -352,10 +291,15 @@ class HierarchicalVAE(VAE):
             return [torch.randn((batch, *s), device=like.device) for s in self.group_shapes]
         return [e.float() for e in self.split_groups(eps)]
 
-    def forward(self, x: Tensor, eps: Tensor | None = None) -> VAEOutput:
-        """One posterior sample: z_i = mu_q + sigma_q * eps_i (eps: (B, D) or drawn here)."""
+    def forward(self, x: Tensor, eps: Tensor | None = None, samples: int = 1) -> VAEOutput:
+        """Posterior samples z_i = mu_q + sigma_q * eps_i (eps: (samples * B, D) or drawn
+        here); the bottom-up pass runs once and, with samples > 1, is shared by the draws,
+        draw-major as in `VAE.forward`."""
         acts = self.bottom_up(x)
-        x_params, stats = self.top_down(len(x), acts, self._noise(len(x), eps, x), "sample")
+        if samples > 1:
+            acts = [repeat(a, "b ... -> (k b) ...", k=samples) for a in acts]
+        rows = samples * len(x)
+        x_params, stats = self.top_down(rows, acts, self._noise(rows, eps, x), "sample")
         return VAEOutput(
             x_params,
             self.join_groups([st.z for st in stats]),

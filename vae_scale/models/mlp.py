@@ -3,34 +3,13 @@ mirrors it (z-256-512-784). Works for any (C, H, W): images are flattened in and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
-
 from einops import rearrange
 from torch import Tensor, nn
 
-from vae_scale.config import ConfigError
+from vae_scale.config import MLPVAEConfig
 from vae_scale.losses import Likelihood
 from vae_scale.models.base import VAE
 from vae_scale.models.conv import ACTIVATIONS
-
-
-@dataclass
-class MLPVAEConfig:
-    name: str = "mlp"
-    latent_dim: int = 2
-    hidden: list[int] = field(default_factory=lambda: [512, 256])  # encoder widths
-    activation: Literal["relu", "leaky_relu", "silu"] = "relu"
-
-    def validate(self) -> None:
-        if self.latent_dim < 1:
-            raise ConfigError(
-                f"model.latent_dim: expected an integer >= 1, got {self.latent_dim!r}"
-            )
-        if not all(h >= 1 for h in self.hidden):
-            raise ConfigError(
-                f"model.hidden: expected a list of layer widths >= 1, got {self.hidden!r}"
-            )
 
 
 def mlp(widths: list[int], act: type[nn.Module]) -> nn.Sequential:

@@ -17,49 +17,13 @@ channels_last inputs; reshapes go through einops (reshape, never view).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
-
 from einops import rearrange
 from torch import Tensor, nn
 
-from vae_scale.config import ConfigError
+from vae_scale.config import ResNetVAEConfig
+from vae_scale.errors import ConfigError
 from vae_scale.losses import Likelihood
 from vae_scale.models.base import VAE
-
-
-@dataclass
-class ResNetVAEConfig:
-    name: str = "resnet"
-    widths: list[int] = field(default_factory=lambda: [64, 128, 256])  # channels per stage
-    blocks_per_stage: int = 2
-    latent: Literal["vector", "spatial"] = "spatial"
-    latent_dim: int = 128  # used when latent is 'vector'
-    latent_channels: int = 16  # used when latent is 'spatial'
-    groups: int = 32  # GroupNorm groups (fewer when a stage has fewer channels)
-    upsample: Literal["nearest", "pixel_shuffle"] = "nearest"
-
-    def validate(self) -> None:
-        if not self.widths:
-            raise ConfigError("model.widths: expected a non-empty list of channel counts")
-        for i, width in enumerate(self.widths):
-            if width < 1:
-                raise ConfigError(f"model.widths[{i}]: expected an integer >= 1, got {width!r}")
-        for key in ("latent_dim", "latent_channels", "groups"):
-            if getattr(self, key) < 1:
-                raise ConfigError(
-                    f"model.{key}: expected an integer >= 1, got {getattr(self, key)!r}"
-                )
-        if self.blocks_per_stage < 0:
-            raise ConfigError(
-                f"model.blocks_per_stage: expected an integer >= 0, got {self.blocks_per_stage!r}"
-            )
-        for i, width in enumerate(self.widths):
-            if width % num_groups(width, self.groups):
-                raise ConfigError(
-                    f"model.widths[{i}]: {width} channels cannot be split into "
-                    f"model.groups={self.groups} GroupNorm groups; use a multiple of it"
-                )
 
 
 def num_groups(channels: int, groups: int) -> int:

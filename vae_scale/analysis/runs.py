@@ -10,11 +10,12 @@ from typing import Literal
 import torch
 from safetensors.torch import load_file
 
-from vae_scale import checkpoint
-from vae_scale.config import SECTIONS, Config, ConfigError, config_from_dict
-from vae_scale.ema import EMA_FILE
+from vae_scale.config import SECTIONS, Config, config_from_dict
+from vae_scale.errors import ConfigError
 from vae_scale.losses import build_likelihood
 from vae_scale.models import VAE, build_model
+from vae_scale.training import checkpoint
+from vae_scale.training.ema import EMA_FILE
 
 
 @dataclass

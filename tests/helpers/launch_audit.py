@@ -1,6 +1,6 @@
 """Run `vae-scale ARGS...` and record what this process wrote (for tests/test_ddp.py).
 
-    accelerate launch --config_file launch/cpu_2proc.yaml tests/launch_audit.py AUDIT_DIR \\
+    accelerate launch --config_file launch/cpu_2proc.yaml tests/helpers/launch_audit.py AUDIT_DIR \\
         train CONFIG OVERRIDES...
 
 Each process writes AUDIT_DIR/audit_rank<RANK>.json: the rank and world size its Accelerator
@@ -39,10 +39,10 @@ def main() -> int:
         elif event == "subprocess.Popen":
             record["programs"].append(os.fsdecode(args[0]))
 
-    import vae_scale.train as train_module
+    import vae_scale.training.setup as setup_module
     from vae_scale import cli
 
-    make_accelerator = train_module.make_accelerator
+    make_accelerator = setup_module.make_accelerator
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         accelerator = make_accelerator(*args, **kwargs)
@@ -50,7 +50,7 @@ def main() -> int:
         record["num_processes"] = accelerator.num_processes
         return accelerator
 
-    train_module.make_accelerator = spy
+    setup_module.make_accelerator = spy
 
     # torch.save and safetensors write in native code, out of the audit hook's sight.
     import accelerate.utils.other as accelerate_other

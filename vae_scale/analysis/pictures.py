@@ -61,7 +61,7 @@ def manifold_grid(model: Any, n: int = 20) -> torch.Tensor:
 @torch.no_grad()
 def posterior_means(model: Any, split: Any) -> tuple[np.ndarray, np.ndarray | None]:
     """Posterior means mu(x) of every image in `split` (this rank's share), and labels."""
-    from vae_scale.data.loader import images_to_float
+    from vae_scale.data.inputs import images_to_float
 
     device = next(model.parameters()).device
     mus, labels = [], []
@@ -112,4 +112,40 @@ def latent_pictures(model: Any, split: Any, run_dir: Path, epoch: int) -> dict[s
             f"{split.split} posterior means, epoch {epoch}",
         )
     model.train(was_training)
+    return images
+
+
+def epoch_pictures(
+    accelerator: Any,
+    model: Any,
+    inputs: torch.Tensor | None,
+    epoch: int,
+    cfg: Any,
+    step: int,
+    test_split: Any = None,
+) -> dict[str, Path]:
+    """The training loop's pictures of `epoch` (main process): originals | reconstructions of
+    the fixed test images, prior samples, and the 2-D latent pictures; also to W&B."""
+    from vae_scale.data.inputs import prepare_inputs
+    from vae_scale.seeding import derive_seed
+
+    run_dir = cfg.run_dir
+    model.eval()
+    images = {}
+    with torch.no_grad(), accelerator.autocast():
+        if inputs is not None:
+            x = prepare_inputs(inputs, accelerator.device, "none")
+            grid = recon_grid(x, model.reconstruct(x))
+            images["recon"] = save_grid(grid, run_dir / f"recon_epoch{epoch:03d}.png")
+        gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, "samples"))
+        grid = sample_grid(model.sample(cfg.eval.num_samples, gen))
+        images["samples"] = save_grid(grid, run_dir / f"samples_epoch{epoch:03d}.png")
+        # 2-D latents only: the latent manifold and the test set's posterior means by label
+        images.update(latent_pictures(model, test_split, run_dir, epoch))
+    if accelerator.trackers:
+        from PIL import Image
+
+        accelerator.get_tracker("wandb").log_images(
+            {f"pictures/{k}": [Image.open(p)] for k, p in images.items()}, step=step
+        )
     return images

@@ -15,8 +15,9 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from vae_scale.data.fetch import DataError
-from vae_scale.data.loader import ShardSplit, images_to_float
+from vae_scale.data.inputs import images_to_float
+from vae_scale.data.loader import ShardSplit
+from vae_scale.errors import DataError
 
 
 def attribute_position(index: dict[str, Any], attribute: str) -> int:

@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from vae_scale.data.fetch import is_online
+from vae_scale.netutil import is_online
 
 WANDB_HOST = "https://api.wandb.ai"
 RUN_ID_FILE = "wandb_run_id.txt"

@@ -26,11 +26,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from vae_scale.data.loader import ShardSplit, derive_seed, images_to_float
-from vae_scale.evaluate import evaluate_split
+from vae_scale.analysis.evaluate import EvalOptions, evaluate_split
+from vae_scale.data.inputs import images_to_float
+from vae_scale.data.loader import ShardSplit
 from vae_scale.losses import build_likelihood, neg_elbo
 from vae_scale.models import build_model
 from vae_scale.models.conv import ConvVAEConfig
+from vae_scale.seeding import derive_seed
 
 LATENT_DIM = 4
 LR = 1e-3
@@ -83,7 +85,7 @@ def reference_train(
     accum: int,
 ) -> dict[str, torch.Tensor]:
     """1 process, gradient accumulation `accum`, over the given micro-batches in order."""
-    from accelerate.state import AcceleratorState, GradientState
+    from vae_scale.compat import reset_accelerate_state
 
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accum)
     try:
@@ -98,8 +100,7 @@ def reference_train(
         }
     finally:
         accelerator.end_training()
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate_state()
 
 
 def main() -> None:
@@ -142,7 +143,7 @@ def main() -> None:
         val = ShardSplit(args.shards, "val", args.batch_size, **common)
         record["val_keys"] = [k for b in val.eval_batches() for k in b["key"]]
         core = accelerator.unwrap_model(model)
-        record["val_metrics"] = evaluate_split(accelerator, core, val, args.seed)
+        record["val_metrics"] = evaluate_split(accelerator, core, val, EvalOptions(args.seed))
 
         even = ShardSplit(
             args.even_shards,

@@ -2,9 +2,9 @@
 # A real one-node Slurm (slurmctld + slurmd + munge) on localhost, for testing slurm/*.sbatch.
 # Config and steps: ../shared/docs/local-slurm.md (Debian's slurm-wlm 22.05, as root, no systemd).
 #
-#   tests/slurm_local.sh install      apt-get the daemons if they are missing (needs root + apt)
-#   tests/slurm_local.sh start BASE   write BASE/slurm.conf, start the daemons, wait for an idle node
-#   tests/slurm_local.sh stop BASE    stop what `start BASE` started (by pid, one at a time)
+#   tests/helpers/slurm_local.sh install      apt-get the daemons if they are missing (needs root + apt)
+#   tests/helpers/slurm_local.sh start BASE   write BASE/slurm.conf, start the daemons, wait for an idle node
+#   tests/helpers/slurm_local.sh stop BASE    stop what `start BASE` started (by pid, one at a time)
 #
 # After `start`, clients and jobs need `export SLURM_CONF=BASE/slurm.conf`.
 # Ports are picked free at start, so two test runs on one machine do not collide; a munged that

@@ -8,38 +8,19 @@ whatever the batch size and shard order.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 
-from vae_scale.data.loader import ShardSplit, derive_seed, images_to_float
+from vae_scale.data.inputs import prepare_inputs
+from vae_scale.data.loader import ShardSplit
 from vae_scale.losses import bits_per_dim, kl_per_dim, neg_elbo
+from vae_scale.metrics import MetricSums
 from vae_scale.models import VAE
 from vae_scale.models.base import check_single_latent
-
-
-def prepare_inputs(
-    images: torch.Tensor,
-    device: torch.device | str,
-    binarize: str,
-    generators: list[torch.Generator] | None = None,
-) -> torch.Tensor:
-    """uint8 batch -> float in [0, 1] on device; dynamic binarization samples x ~ Bernoulli
-    (from the global RNG, or from one generator per sample)."""
-    x = images_to_float(images, device)
-    if binarize == "dynamic":
-        if generators is None:
-            x = torch.bernoulli(x)
-        else:
-            x = torch.stack(
-                [
-                    torch.bernoulli(xi.cpu(), generator=g)
-                    for xi, g in zip(x, generators, strict=True)
-                ]
-            ).to(device)
-    return x
-
+from vae_scale.seeding import derive_seed
 
 NOISE_BLOCK = 16
 
@@ -141,33 +122,41 @@ def refined_neg_elbo(
         return neg_elbo(model.likelihood, model.decode(z), x, mu, logvar).neg_elbo.float()
 
 
+@dataclass(frozen=True)
+class EvalOptions:
+    """How a split is evaluated: the run's seed (noise per sample key) and binarization, and
+    the optional extras: the IWAE bound's K and posterior-refinement steps (0 = off)."""
+
+    seed: int = 0
+    binarize: str = "none"
+    iw_samples: int = 0
+    refine_steps: int = 0
+
+
 @torch.no_grad()
 def split_statistics(
-    accelerator: Accelerator,
-    model: VAE,
-    data: ShardSplit,
-    seed: int,
-    binarize: str,
-    iw_samples: int = 0,
-    refine_steps: int = 0,
+    accelerator: Accelerator, model: VAE, data: ShardSplit, options: EvalOptions
 ) -> dict[str, torch.Tensor]:
     """Sums over the whole split, reduced over processes: neg_elbo, recon, kl, iwae, count,
-    per latent dimension the sums of E_q[z], E_q[z]^2 and KL, each latent group's KL
-    (`groups`, in `model.latent_group_names` order; empty for one latent) and, with
-    `refine_steps`, the negative ELBO under refined posteriors (`refined`)."""
+    per latent dimension the sums of E_q[z] (mu), E_q[z]^2 (mu_sq) and KL (kl_dim), each
+    latent group's KL (kl_<group>, hierarchical models) and, with `refine_steps`, the
+    negative ELBO under refined posteriors (refined)."""
+    seed, binarize = options.seed, options.binarize
+    iw_samples, refine_steps = options.iw_samples, options.refine_steps
     model.eval()
     device = accelerator.device
     dims = int(torch.tensor(model.latent_shape).prod())
-    names = model.latent_group_names
-    sizes = (
-        ("terms", 5),
-        ("mu", dims),
-        ("mu_sq", dims),
-        ("kl_dim", dims),
-        ("groups", len(names)),
-        ("refined", 1),
+    groups = model.latent_group_names
+    scalars = ["neg_elbo", "recon", "kl", "iwae", "count"]
+    sums = MetricSums(
+        {
+            **dict.fromkeys(scalars, 1),
+            **{"mu": dims, "mu_sq": dims, "kl_dim": dims},
+            **dict.fromkeys((f"kl_{g}" for g in groups), 1),
+            "refined": 1,
+        },
+        device,
     )
-    sums = {name: torch.zeros(size, dtype=torch.float64, device=device) for name, size in sizes}
     for batch in data.eval_batches():
         noise = SampleNoise(batch["key"], seed, f"eval/{data.split}")
         x = prepare_inputs(batch["image"], device, binarize, noise.generators)
@@ -175,60 +164,50 @@ def split_statistics(
         with accelerator.autocast():
             out = model(x, eps)
             iw = iwae_nll(model, x, iw_samples, noise) if iw_samples else torch.zeros(len(x))
+        refined = torch.zeros(())
         if refine_steps:
             refine_noise = SampleNoise(batch["key"], seed, f"refine/{data.split}")
-            refined = refined_neg_elbo(model, x, eps, refine_noise, refine_steps)
-            sums["refined"] += refined.sum().double()
+            refined = refined_neg_elbo(model, x, eps, refine_noise, refine_steps).sum()
         terms = neg_elbo(
             model.likelihood, out.x_params, x, out.mu, out.logvar, kl_groups=out.kl_groups
         )
-        sums["terms"] += torch.stack(
-            [
-                terms.neg_elbo.sum(),
-                terms.recon.sum(),
-                terms.kl.sum(),
-                iw.to(device).sum(),
-                torch.tensor(float(len(x)), device=device),
-            ]
-        ).double()
         mu_flat = out.mu.float().flatten(1).double()
-        sums["mu"] += mu_flat.sum(0)
-        sums["mu_sq"] += mu_flat.pow(2).sum(0)
-        sums["kl_dim"] += kl_per_dim(out.mu, out.logvar, out.kl_groups).double().sum(0)
-        if names:
-            sums["groups"] += torch.stack([terms.kl_groups[g].sum() for g in names]).double()
-    sums = {name: accelerator.reduce(t, reduction="sum") for name, t in sums.items()}
-    if sums["terms"][4].item() == 0:
+        sums.add(
+            neg_elbo=terms.neg_elbo.sum(),
+            recon=terms.recon.sum(),
+            kl=terms.kl.sum(),
+            iwae=iw.to(device).sum(),
+            count=torch.tensor(float(len(x)), device=device),
+            mu=mu_flat.sum(0),
+            mu_sq=mu_flat.pow(2).sum(0),
+            kl_dim=kl_per_dim(out.mu, out.logvar, out.kl_groups).double().sum(0),
+            **{f"kl_{g}": terms.kl_groups[g].sum() for g in groups},
+            refined=refined.to(device),
+        )
+    totals = sums.reduce(accelerator)
+    if totals["count"].item() == 0:
         raise RuntimeError(f"split {data.split!r} produced no samples")
-    return sums
+    return totals
 
 
 def group_kls(model: VAE, sums: dict[str, torch.Tensor], split: str) -> dict[str, float]:
     """Mean KL per latent group, e.g. test/kl_group0_1x1 (hierarchical models only)."""
-    n = sums["terms"][4].item()
-    return {
-        f"{split}/kl_{g}": v / n
-        for g, v in zip(model.latent_group_names, sums["groups"].tolist(), strict=True)
-    }
+    n = sums["count"].item()
+    return {f"{split}/kl_{g}": sums[f"kl_{g}"].item() / n for g in model.latent_group_names}
 
 
 def evaluate_split(
-    accelerator: Accelerator,
-    model: VAE,
-    data: ShardSplit,
-    seed: int,
-    binarize: str = "none",
-    refine_steps: int = 0,
+    accelerator: Accelerator, model: VAE, data: ShardSplit, options: EvalOptions
 ) -> dict[str, float]:
     """Per-epoch metrics: mean negative ELBO, recon and KL (nats per image), bits/dim, and
     with `refine_steps` the refined-posterior neg. ELBO and the amortization gap it closes."""
-    sums = split_statistics(accelerator, model, data, seed, binarize, refine_steps=refine_steps)
-    terms = sums["terms"].tolist()
-    n, split = terms[4], data.split
+    refine_steps = options.refine_steps
+    sums = split_statistics(accelerator, model, data, options)
+    n, split = sums["count"].item(), data.split
     metrics = {
-        f"{split}/neg_elbo": terms[0] / n,
-        f"{split}/recon": terms[1] / n,
-        f"{split}/kl": terms[2] / n,
+        f"{split}/neg_elbo": sums["neg_elbo"].item() / n,
+        f"{split}/recon": sums["recon"].item() / n,
+        f"{split}/kl": sums["kl"].item() / n,
         **group_kls(model, sums, split),
         f"{split}/num_samples": n,
         **refined_metrics(sums, split, "", refine_steps),
@@ -245,11 +224,11 @@ def refined_metrics(
     """Mean refined-posterior neg. ELBO and its distance to the amortized one ({} if off)."""
     if not refine_steps:
         return {}
-    n = sums["terms"][4].item()
+    n = sums["count"].item()
     refined = sums["refined"].item() / n
     return {
         f"{split}/neg_elbo_refined{suffix}": refined,
-        f"{split}/amortization_gap": sums["terms"][0].item() / n - refined,
+        f"{split}/amortization_gap": sums["neg_elbo"].item() / n - refined,
     }
 
 
@@ -257,27 +236,22 @@ def full_evaluation(
     accelerator: Accelerator,
     model: VAE,
     data: ShardSplit,
-    seed: int,
-    binarize: str,
-    likelihood: str,
-    iw_samples: int = 0,
+    options: EvalOptions,
     active_threshold: float = 0.01,
-    refine_steps: int = 0,
 ) -> dict[str, Any]:
     """`vae-scale eval`: neg. ELBO (+ recon, KL), the IWAE NLL bound, bits/dim, active units
     (Cov_x(E_q[z|x]) > threshold), the per-dimension KL profile and, with `refine_steps`, the
     neg. ELBO under per-image refined posteriors; names state conventions."""
-    sums = split_statistics(
-        accelerator, model, data, seed, binarize, iw_samples, refine_steps=refine_steps
-    )
-    terms = sums["terms"].tolist()
-    n, split = terms[4], data.split
-    conv = likelihood_convention(likelihood, binarize)
+    sums = split_statistics(accelerator, model, data, options)
+    iw_samples, refine_steps = options.iw_samples, options.refine_steps
+    n, split = sums["count"].item(), data.split
+    neg, iwae = sums["neg_elbo"].item() / n, sums["iwae"].item() / n
+    conv = likelihood_convention(model.likelihood.name, options.binarize)
     mu_var = sums["mu_sq"] / n - (sums["mu"] / n).pow(2)
     out: dict[str, Any] = {
-        f"{split}/neg_elbo_{conv}": terms[0] / n,
-        f"{split}/recon_{conv}": terms[1] / n,
-        f"{split}/kl": terms[2] / n,
+        f"{split}/neg_elbo_{conv}": neg,
+        f"{split}/recon_{conv}": sums["recon"].item() / n,
+        f"{split}/kl": sums["kl"].item() / n,
         **group_kls(model, sums, split),
         f"{split}/num_samples": int(n),
         f"{split}/active_units": int((mu_var > active_threshold).sum().item()),
@@ -285,13 +259,13 @@ def full_evaluation(
         f"{split}/kl_per_dim": [round(v, 6) for v in (sums["kl_dim"] / n).tolist()],
     }
     if iw_samples:
-        out[f"{split}/nll_iw{iw_samples}_nats"] = terms[3] / n
+        out[f"{split}/nll_iw{iw_samples}_nats"] = iwae
     out.update(refined_metrics(sums, split, f"_{conv}", refine_steps))
     if model.likelihood.discrete_8bit:
         dims = int(torch.tensor(data.image_shape).prod())
-        out[f"{split}/bpd"] = bits_per_dim(terms[0] / n, dims)
+        out[f"{split}/bpd"] = bits_per_dim(neg, dims)
         if iw_samples:
-            out[f"{split}/bpd_iw{iw_samples}"] = bits_per_dim(terms[3] / n, dims)
+            out[f"{split}/bpd_iw{iw_samples}"] = bits_per_dim(iwae, dims)
     return out
 
 

@@ -18,9 +18,13 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
+from torch.optim.swa_utils import AveragedModel
 
-from vae_scale.data.fetch import sha256_file
-from vae_scale.fsutil import fsync
+from vae_scale.errors import ConfigError
+from vae_scale.fsutil import fsync, sha256_file
+from vae_scale.training.ema import EMA_FILE, ema_tensors, load_ema
+from vae_scale.training.logs import truncate_logs
+from vae_scale.training.state import TrainState
 
 MANIFEST = "manifest.json"
 TRAIN_STATE = "train_state.json"
@@ -125,3 +129,63 @@ def latest_checkpoint(ckpt_root: Path, verify_hashes: bool = False) -> Path | No
 
 def read_train_state(path: Path) -> dict[str, Any]:
     return json.loads((path / TRAIN_STATE).read_text())
+
+
+class Checkpointer:
+    """A run folder's checkpoints: which one to resume from, restoring it (weights, optimizer,
+    RNG, EMA, counters; log rows past it dropped), and saving new ones (collective)."""
+
+    def __init__(self, accelerator: Accelerator, run_dir: Path, keep: int):
+        self.accelerator, self.run_dir, self.keep = accelerator, run_dir, keep
+        self.root = run_dir / "checkpoints"
+        self.ema: AveragedModel | None = None  # set once the models exist
+        self.latest: Path | None = None  # the newest complete checkpoint of this run
+
+    def find(self, resume: str) -> Path | None:
+        """The checkpoint `--resume` asks for: 'auto' (the newest that verifies, if any),
+        'none' (refuse a folder that has checkpoints) or a checkpoint folder."""
+        if resume == "none":
+            if latest_checkpoint(self.root) is not None:
+                raise ConfigError(
+                    f"--resume none: {self.run_dir} already holds checkpoints; pass "
+                    f"--resume auto to continue it, or choose another run.name"
+                )
+            return None
+        if resume == "auto":
+            self.latest = latest_checkpoint(self.root, verify_hashes=True)
+            return self.latest
+        path = Path(resume)
+        if not is_complete(path, verify_hashes=True):
+            raise ConfigError(
+                f"--resume {path}: not a complete checkpoint folder (no valid {MANIFEST})"
+            )
+        self.latest = path
+        return path
+
+    def restore(self, path: Path, core: torch.nn.Module) -> TrainState:
+        """Load `path` into the prepared objects; `core` is the unwrapped model (the EMA
+        starts from it when EMA was newly switched on)."""
+        self.accelerator.load_state(str(path))
+        state = TrainState.from_dict(read_train_state(path))
+        ema = self.ema
+        if ema is not None and not load_ema(ema, path, state.ema_updates):
+            ema.n_averaged.zero_()  # EMA newly switched on: start from the loaded weights
+            ema.update_parameters(core)
+        if self.accelerator.is_main_process:
+            truncate_logs(self.run_dir, state.opt_step)
+        self.accelerator.print(
+            f"resumed from {path} (epoch {state.epoch}, batch {state.batch_in_epoch}, step "
+            f"{state.opt_step})"
+        )
+        return state
+
+    def save(self, state: TrainState) -> Path:
+        """Collective: a checkpoint of the current weights and `state`."""
+        extra = None
+        if self.ema is not None:
+            state.ema_updates = int(self.ema.n_averaged)
+            extra = {EMA_FILE: ema_tensors(self.ema)} if self.accelerator.is_main_process else None
+        self.latest = save_checkpoint(
+            self.accelerator, self.root, state.opt_step, state.to_dict(), self.keep, extra
+        )
+        return self.latest

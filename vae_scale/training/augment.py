@@ -13,8 +13,6 @@ that of the real images.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,43 +20,9 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from vae_scale.config import Deformation
 from vae_scale.losses import ELBOTerms, neg_elbo
 from vae_scale.models import VAE
-
-if TYPE_CHECKING:
-    from vae_scale.config import LossConfig
-
-
-@dataclass(frozen=True)
-class Deformation:
-    """Ranges of the random per-image deformation (all zero: the identity).
-
-    Affine: rotation uniform in +-rotate_deg, zoom in 1 +- scale, shear factor in +-shear,
-    shift in +-shift_px pixels per axis. Elastic (Simard et al. 2003): a per-pixel displacement
-    drawn uniform in [-1, 1], smoothed by a Gaussian of elastic_sigma pixels and scaled by
-    elastic_alpha pixels. Stroke thickness: each image blended toward its 3x3 grey dilation
-    (thicker strokes) or erosion (thinner) by a factor uniform in +-thickness.
-    """
-
-    rotate_deg: float = 0.0
-    scale: float = 0.0
-    shear: float = 0.0
-    shift_px: float = 0.0
-    elastic_alpha: float = 0.0
-    elastic_sigma: float = 4.0
-    thickness: float = 0.0
-
-    @classmethod
-    def from_loss_config(cls, loss: LossConfig) -> Deformation:
-        return cls(
-            rotate_deg=loss.encoder_aug_rotate_deg,
-            scale=loss.encoder_aug_scale,
-            shear=loss.encoder_aug_shear,
-            shift_px=loss.encoder_aug_shift_px,
-            elastic_alpha=loss.encoder_aug_elastic_alpha,
-            elastic_sigma=loss.encoder_aug_elastic_sigma,
-            thickness=loss.encoder_aug_thickness,
-        )
 
 
 def random_deform(

@@ -1,0 +1,1 @@
+"""What reads a trained model: evaluation, pictures, attribute edits, run comparison."""

@@ -1,0 +1,44 @@
+"""The private APIs of our dependencies that vae_scale still needs, in one place.
+
+Each wrapper says why the public API does not do, so an upgrade that breaks one breaks here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def reset_accelerate_state() -> None:
+    """Forget Accelerate's process-wide singletons, so a second `Accelerator` in the same
+    process (tests, notebooks, sweeps, benchmarks) can choose its own precision and device.
+    Accelerate has no public reset."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when oneDNN has bf16 kernels for this CPU (AVX-512 or newer, e.g. AMX). torch has
+    no public query."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private op: assume fast rather than nag
+        return True
+
+
+def uncompiled(module: nn.Module) -> nn.Module:
+    """The module inside a `torch.compile` wrapper (itself when not compiled): evaluation runs
+    other shapes than training and must not trigger recompilation."""
+    return getattr(module, "_orig_mod", module)
+
+
+def seeded_shuffle(samples: Any, bufsize: int, rng: Any) -> Any:
+    """webdataset's shuffle buffer with our RNG: the public `wds.shuffle` stage seeds itself
+    from the clock or a fixed seed, never from (seed, epoch, rank, worker)."""
+    import webdataset as wds
+
+    return wds.filters._shuffle(samples, bufsize=bufsize, initial=bufsize, rng=rng)

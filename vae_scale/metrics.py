@@ -1,0 +1,57 @@
+"""Named sums of per-sample metrics over an epoch or a split, reduced over processes.
+
+Training and evaluation both add per-batch sums here (float64, on the device, so a step needs
+no host synchronisation) and read means once at the end, after one all-reduce.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+
+class MetricSums:
+    """float64 sums laid out in one flat tensor: `names` maps each metric to its length (1 for
+    a scalar, D for a per-dimension profile)."""
+
+    def __init__(self, names: dict[str, int], device: torch.device | str):
+        self.layout: dict[str, slice] = {}
+        offset = 0
+        for name, size in names.items():
+            self.layout[name] = slice(offset, offset + size)
+            offset += size
+        self.values = torch.zeros(offset, dtype=torch.float64, device=device)
+
+    @classmethod
+    def scalars(cls, names: list[str], device: torch.device | str) -> MetricSums:
+        return cls(dict.fromkeys(names, 1), device)
+
+    def add(self, **sums: torch.Tensor) -> None:
+        """Add each metric's batch sum (a tensor of its length); all metrics at once in one
+        fused add, or any subset."""
+        if sums.keys() == self.layout.keys():
+            self.values += torch.cat([sums[n].reshape(-1).double() for n in self.layout])
+            return
+        for name, value in sums.items():
+            self.values[self.layout[name]] += value.reshape(-1).double()
+
+    def reduce(self, accelerator: Accelerator) -> dict[str, torch.Tensor]:
+        """Every metric summed over all processes (collective: every rank must call it)."""
+        total = accelerator.reduce(self.values.clone(), reduction="sum")
+        return {name: total[where] for name, where in self.layout.items()}
+
+    def state_dict(self, accelerator: Accelerator) -> dict[str, list[float]]:
+        """The sums over all processes, for a mid-epoch checkpoint (collective)."""
+        return {name: value.tolist() for name, value in self.reduce(accelerator).items()}
+
+    def load_state_dict(self, state: dict[str, list[float]] | list[float] | Any) -> None:
+        """Add the sums of a checkpoint (the main process only: they are already global).
+        A list is the positional layout of checkpoints written before the sums had names."""
+        if isinstance(state, list):
+            state = {name: state[where] for name, where in self.layout.items()}
+        for name, value in state.items():
+            self.values[self.layout[name]] += torch.tensor(value, dtype=torch.float64).to(
+                self.values.device
+            )

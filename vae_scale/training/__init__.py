@@ -1,0 +1,1 @@
+"""What training needs: the loop, one step, the update policy, checkpoints, logs, W&B."""

@@ -1,0 +1,256 @@
+"""The one training loop: every dataset and model, 1 process or N, through Accelerate.
+
+Read top to bottom: `train` sets up (training/setup.py), then for every epoch
+`train_one_epoch` (training/step.py does a step), `end_of_epoch` (evaluation, logs,
+pictures) and a checkpoint (training/checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from vae_scale.analysis.evaluate import EvalOptions, evaluate_split, first_images, summarize
+from vae_scale.analysis.pictures import epoch_pictures
+from vae_scale.compat import reset_accelerate_state
+from vae_scale.config import Config
+from vae_scale.data.inputs import prepare_inputs
+from vae_scale.data.loader import ShardSplit
+from vae_scale.metrics import MetricSums
+from vae_scale.seeding import derive_seed
+from vae_scale.training import setup, tracking
+from vae_scale.training.checkpoint import Checkpointer
+from vae_scale.training.logs import METRICS_FILE, STEPS_FILE, append_row
+from vae_scale.training.optim import TrainingDiverged, check_divergence
+from vae_scale.training.signals import StopFlag, TrainingInterrupted
+from vae_scale.training.state import TrainState
+from vae_scale.training.step import StepOutput, batch_sums, epoch_sum_names, train_step
+
+__all__ = ["TrainingDiverged", "train"]
+
+
+def train(cfg: Config, resume: str = "auto") -> Path:
+    """Train `cfg`; returns the run folder. `resume`: 'auto', 'none' or a checkpoint path."""
+    wandb_mode = tracking.resolve_mode(cfg.wandb.mode)
+    accelerator = setup.make_accelerator(cfg, wandb_mode)
+    try:
+        with StopFlag() as stop:
+            return _train(cfg, accelerator, wandb_mode, resume, stop)
+    finally:
+        # A clean process-group teardown, also on errors (rank 0 otherwise may abort); then
+        # forget Accelerate's singletons so another train() in this process starts afresh.
+        accelerator.end_training()
+        reset_accelerate_state()
+
+
+@dataclass
+class Run:
+    """What the loop's pieces share."""
+
+    cfg: Config
+    accelerator: Accelerator
+    splits: dict[str, ShardSplit]
+    models: setup.Models
+    checkpointer: Checkpointer
+    state: TrainState
+    steps_in: dict[int, int]  # batches per rank in each epoch
+    total_steps: int  # optimizer steps of the whole run (the lr schedule's length)
+    stop: StopFlag
+
+
+def _train(
+    cfg: Config, accelerator: Accelerator, wandb_mode: str, resume: str, stop: StopFlag
+) -> Path:
+    run_dir = cfg.run_dir
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    checkpointer = Checkpointer(accelerator, run_dir, cfg.train.keep_checkpoints)
+    resume_from = checkpointer.find(resume)
+
+    set_seed(cfg.run.seed)  # identical initial weights on every rank
+    splits = setup.open_splits(cfg, accelerator)
+    models = setup.build_models(cfg, accelerator, splits["train"].image_shape)
+    checkpointer.ema = models.ema
+    steps_in = setup.steps_per_epoch(cfg, splits["train"], accelerator.num_processes)
+    total_steps = sum(steps_in.values()) // cfg.train.grad_accum_steps
+    state = TrainState() if resume_from is None else checkpointer.restore(resume_from, models.core)
+    run_config = setup.record_run(cfg, accelerator, models, splits["train"], steps_in[1])
+    setup.start_tracking(cfg, accelerator, run_config, wandb_mode)
+    run = Run(cfg, accelerator, splits, models, checkpointer, state, steps_in, total_steps, stop)
+
+    picture_inputs = None
+    if accelerator.is_main_process and "test" in splits:
+        picture_inputs = first_images(splits["test"], cfg.eval.recon_rows)
+    for epoch in range(state.epoch, cfg.train.epochs + 1):
+        sums, seconds = train_one_epoch(run, epoch)
+        end_of_epoch(run, epoch, sums, seconds, picture_inputs)
+        state.epoch, state.batch_in_epoch, state.epoch_sums = epoch + 1, 0, {}
+        checkpointer.save(state)
+        if epoch < cfg.train.epochs and stop_requested(run):
+            raise TrainingInterrupted(
+                f"stop signal received: checkpointed at the end of epoch {epoch}; run the "
+                f"same command to resume"
+            )
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, torch.Tensor], float]:
+    """Train the epoch's batches from where the state says it stands; returns the epoch's
+    sums (over all ranks) and its seconds."""
+    cfg, accelerator, state, models = run.cfg, run.accelerator, run.state, run.models
+    main, device = accelerator.is_main_process, accelerator.device
+    start = state.batch_in_epoch
+    if start == 0:
+        # Each rank its own noise stream, a pure function of (seed, epoch, rank); a
+        # mid-epoch resume continues the stream restored by load_state instead.
+        torch.manual_seed(derive_seed(cfg.run.seed, "noise", epoch, accelerator.process_index))
+    models.model.train()
+    groups = models.plain.latent_group_names
+    sums = MetricSums.scalars(epoch_sum_names(groups), device)
+    if start > 0 and main:  # resumed mid-epoch: the global sums of the earlier batches
+        sums.load_state_dict(state.epoch_sums)
+    steps = run.steps_in[epoch]
+    t0 = time.perf_counter()
+    batches = run.splits["train"].train_batches(epoch, start)
+    progress = tqdm(
+        batches,
+        total=steps,
+        initial=start,
+        disable=not main,
+        desc=f"epoch {epoch}/{cfg.train.epochs}",
+        leave=False,
+    )
+    for i, batch in enumerate(progress, start=start):
+        if i >= steps:
+            break
+        x = prepare_inputs(batch["image"], device, cfg.data.binarize)
+        state.skipped_samples += batch["skipped"]
+        m = models
+        out = train_step(
+            accelerator, m.model, m.plain, m.optimizer, x, cfg, state, run.total_steps, m.ema
+        )
+        sums.add(**batch_sums(out, x.shape[0], groups, cfg.loss.z_samples))
+        if not out.synced:
+            continue
+        if state.consecutive_bad:
+            check_divergence(state, cfg.train, run.checkpointer.latest)
+        if state.opt_step % cfg.train.log_every_steps == 0:
+            log_step(run, epoch, out, progress)
+        if i + 1 < steps:
+            mid_epoch_checkpoint(run, epoch, i + 1, sums)
+    seconds = time.perf_counter() - t0
+    return sums.reduce(accelerator), seconds
+
+
+def log_step(run: Run, epoch: int, out: StepOutput, progress: Any) -> None:
+    """A steps.jsonl row and a W&B row: the step's loss means over all ranks."""
+    groups = run.models.plain.latent_group_names
+    terms, state = out.terms, run.state
+    aug_mean = [] if out.aug is None else [out.aug.neg_elbo.detach().float().mean()]
+    means = torch.stack(
+        [terms.neg_elbo.detach().mean(), *[terms.kl_groups[g].mean() for g in groups], *aug_mean]
+    )
+    loss, *rest = run.accelerator.reduce(means, "mean").tolist()
+    step_kls, aug_loss = rest[: len(groups)], rest[len(groups) :]
+    progress.set_postfix(neg_elbo=f"{loss:.2f}")
+    row = {
+        "global_step": state.opt_step,
+        "epoch": epoch,
+        "train/step_neg_elbo": loss,
+        "train/kl_weight": out.beta,
+        "train/lr": run.models.optimizer.param_groups[0]["lr"],
+        "train/grad_norm": out.grad_norm,
+        "train/skipped_updates": state.skipped_updates,
+        **{f"train/step_kl_{g}": v for g, v in zip(groups, step_kls, strict=True)},
+    }
+    if aug_loss:
+        row["train/step_encoder_aug_neg_elbo"] = aug_loss[0]
+    if run.accelerator.is_main_process:
+        append_row(run.cfg.run_dir, STEPS_FILE, row)
+    run.accelerator.log(row, step=state.opt_step)
+
+
+def mid_epoch_checkpoint(run: Run, epoch: int, batch: int, sums: MetricSums) -> None:
+    """After a stop signal: checkpoint and stop; else every train.checkpoint_every_steps."""
+    state, every = run.state, run.cfg.train.checkpoint_every_steps
+    stopping = stop_requested(run)
+    if not (stopping or (every and state.opt_step % every == 0)):
+        return
+    state.epoch, state.batch_in_epoch = epoch, batch
+    state.epoch_sums = sums.state_dict(run.accelerator)
+    run.checkpointer.save(state)
+    if stopping:
+        raise TrainingInterrupted(
+            f"stop signal received: checkpointed at step {state.opt_step} (epoch {epoch}, "
+            f"batch {batch}); run the same command to resume"
+        )
+
+
+def stop_requested(run: Run) -> bool:
+    """True on every rank when any rank received a stop signal."""
+    flag = float(run.stop.received is not None)
+    if run.accelerator.num_processes > 1:
+        accelerator = run.accelerator
+        flag = accelerator.reduce(torch.tensor(flag, device=accelerator.device), "max").item()
+    return flag > 0
+
+
+def end_of_epoch(
+    run: Run,
+    epoch: int,
+    totals: dict[str, torch.Tensor],
+    seconds: float,
+    picture_inputs: torch.Tensor | None,
+) -> dict[str, Any]:
+    """The epoch's metrics row (train sums, val/test evaluation), logged everywhere, and the
+    pictures at picture epochs."""
+    cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    groups = run.models.plain.latent_group_names
+    n = totals["count"].item()
+    metrics: dict[str, Any] = {
+        "epoch": epoch,
+        "global_step": state.opt_step,
+        "train/neg_elbo": totals["neg_elbo"].item() / n,
+        "train/recon": totals["recon"].item() / n,
+        "train/kl": totals["kl"].item() / n,
+        **{f"train/kl_{g}": totals[f"kl_{g}"].item() / n for g in groups},
+        "train/num_samples": n,
+        "train/bad_steps": state.bad_steps,
+        "train/skipped_updates": state.skipped_updates,
+        "train/forced_updates": state.forced_updates,
+        "train/skipped_samples": state.skipped_samples,
+        "time/epoch_s": seconds,
+        "throughput/train_img_per_s": n / max(seconds, 1e-9),
+    }
+    picture_epoch = epoch in cfg.eval.picture_epochs or epoch == cfg.train.epochs
+    eval_model = run.models.for_eval
+    if epoch % cfg.eval.every_epochs == 0 or epoch == cfg.train.epochs:
+        for name in ("val", "test"):
+            if name in run.splits:
+                # refinement costs ~100 evaluations: test split, picture epochs only
+                refine = cfg.eval.refine_steps if name == "test" and picture_epoch else 0
+                options = EvalOptions(cfg.run.seed, cfg.data.binarize, refine_steps=refine)
+                metrics.update(evaluate_split(accelerator, eval_model, run.splits[name], options))
+    if accelerator.is_main_process:
+        append_row(cfg.run_dir, METRICS_FILE, metrics)
+        accelerator.print(
+            f"epoch {epoch}: train/neg_elbo {metrics['train/neg_elbo']:.2f}  "
+            f"{summarize({k: v for k, v in metrics.items() if 'train' not in k})}"
+            f"  ({seconds:.1f}s)"
+        )
+        if picture_epoch:
+            epoch_pictures(
+                accelerator, eval_model, picture_inputs, epoch, cfg, state.opt_step,
+                run.splits.get("test"),
+            )  # fmt: skip
+    accelerator.log(metrics, step=state.opt_step)
+    return metrics

@@ -1,0 +1,185 @@
+"""Everything the loop needs before its first step: the Accelerator, the data splits, the
+model with its optimizer and EMA, the run's config record and W&B."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch.optim.swa_utils import AveragedModel
+
+from vae_scale.compat import cpu_has_fast_bf16, uncompiled
+from vae_scale.config import Config
+from vae_scale.data.loader import ShardSplit
+from vae_scale.errors import ConfigError
+from vae_scale.losses import build_likelihood
+from vae_scale.models import VAE, build_model
+from vae_scale.models.base import check_single_latent
+from vae_scale.training import tracking
+from vae_scale.training.ema import make_ema
+from vae_scale.training.optim import build_optimizer
+
+
+def make_accelerator(cfg: Config, wandb_mode: str) -> Accelerator:
+    use_cpu = cfg.train.cpu or not torch.cuda.is_available()
+    if cfg.train.mixed_precision == "fp16" and use_cpu:
+        raise ConfigError("train.mixed_precision: 'fp16' needs a GPU; use 'bf16' or 'no' on CPU")
+    if cfg.train.mixed_precision == "bf16" and use_cpu and not cpu_has_fast_bf16():
+        # oneDNN then emulates bf16 convolutions: several times slower than fp32.
+        warnings.warn(
+            "train.mixed_precision: 'bf16' on a CPU without AVX-512 (no oneDNN bf16 kernels) is "
+            "several times slower than fp32; use 'no' on this machine",
+            stacklevel=2,
+        )
+    # cpu=True also matters under `accelerate launch --multi_gpu` on a CPU machine: without it
+    # every process believes it is rank 0 of 1 (same data, no gradient sync, no error).
+    return Accelerator(
+        cpu=use_cpu,
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        log_with="wandb" if wandb_mode != "disabled" else None,
+        project_dir=str(cfg.run_dir),
+        dynamo_backend="inductor" if cfg.train.compile else "no",
+    )
+
+
+def open_splits(cfg: Config, accelerator: Accelerator) -> dict[str, ShardSplit]:
+    """The training split (data.train_splits read as one) and val/test where they exist and
+    are not trained on."""
+    common: dict[str, Any] = dict(
+        shard_dir=cfg.shard_dir,
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.run.seed,
+        on_error=cfg.data.on_error,
+        cache_in_memory=cfg.data.cache_in_memory,
+        world_size=accelerator.num_processes,
+        rank=accelerator.process_index,
+    )
+    splits = {
+        "train": ShardSplit(
+            split="+".join(cfg.data.train_splits),
+            shuffle=True,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            verify=cfg.data.verify_shards and accelerator.is_local_main_process,
+            **common,
+        ),
+    }
+    for name in ("val", "test"):
+        if name in splits["train"].index["splits"] and name not in cfg.data.train_splits:
+            splits[name] = ShardSplit(split=name, **common)
+    splits["train"].check_enough_shards()
+    return splits
+
+
+@dataclass
+class Models:
+    """The trained model in its three wrappings, its optimizer, and the EMA of its weights."""
+
+    model: torch.nn.Module  # prepared: DDP and/or torch.compile around the VAE
+    plain: VAE  # the bare VAE inside (its parameters are the trained ones)
+    optimizer: torch.optim.Optimizer
+    ema: AveragedModel | None
+    core: torch.nn.Module  # unwrapped from DDP, possibly still compiled
+
+    @property
+    def for_eval(self) -> VAE:
+        """What evaluation and pictures use: the EMA when kept, never the compiled wrapper."""
+        return self.plain if self.ema is None else self.ema.module
+
+
+def build_models(cfg: Config, accelerator: Accelerator, image_shape: tuple[int, ...]) -> Models:
+    def fresh() -> VAE:
+        return build_model(
+            cfg.model, image_shape, build_likelihood(cfg.loss.likelihood, image_shape)
+        )
+
+    model = fresh()
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg.train)
+    model, optimizer = accelerator.prepare(model, optimizer)  # the loader is never prepared
+    core = accelerator.unwrap_model(model)
+    plain = uncompiled(core)
+    check_capabilities(plain, cfg)
+    ema = None
+    if cfg.train.ema_decay > 0:  # built fresh: no DDP, compile or autocast wrappers
+        shadow = fresh()
+        shadow.load_state_dict(plain.state_dict())
+        fmt = torch.channels_last if cfg.train.channels_last else torch.preserve_format
+        ema = make_ema(shadow.to(accelerator.device, memory_format=fmt), cfg.train.ema_decay)
+    return Models(model, plain, optimizer, ema, core)
+
+
+def check_capabilities(model: VAE, cfg: Config) -> None:
+    """Refuse settings the model family cannot serve, naming the key."""
+    needs_single_latent = {
+        "eval.refine_steps": (cfg.eval.refine_steps, "posterior refinement"),
+        "loss.encoder_aug.weight": (cfg.loss.encoder_aug.weight, "encoder augmentation"),
+        "loss.z_samples": (cfg.loss.z_samples > 1, "several posterior draws per image"),
+    }
+    for key, (asked, feature) in needs_single_latent.items():
+        if asked:
+            check_single_latent(model, key, feature)
+
+
+def steps_per_epoch(cfg: Config, train_data: ShardSplit, world_size: int) -> dict[int, int]:
+    """Batches each rank trains per epoch: whole accumulation cycles only, so every epoch ends
+    on an optimizer step."""
+    accum = cfg.train.grad_accum_steps
+    steps = {
+        e: train_data.steps_in_epoch(e) // accum * accum for e in range(1, cfg.train.epochs + 1)
+    }
+    if steps[1] == 0:
+        raise ConfigError(
+            f"data.batch_size: {cfg.data.batch_size} x {accum} accumulation steps is more than "
+            f"one {world_size}-process epoch of {train_data.num_samples} training samples holds"
+        )
+    return steps
+
+
+def record_run(
+    cfg: Config, accelerator: Accelerator, models: Models, train_data: ShardSplit, steps: int
+) -> dict[str, Any]:
+    """The run's config.json (main process; {} elsewhere): the resolved config and the facts
+    of this run."""
+    if not accelerator.is_main_process:
+        return {}
+    global_batch = cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum_steps
+    index_summary = {k: v for k, v in train_data.index.items() if k != "splits"}
+    index_summary["splits"] = {k: v["num_samples"] for k, v in train_data.index["splits"].items()}
+    run_config = {
+        **cfg.to_dict(),
+        "git_commit": tracking.git_commit(),
+        "dataset_index": index_summary,
+        "global_batch_size": global_batch,
+        "num_processes": accelerator.num_processes,
+        "num_parameters": sum(p.numel() for p in models.core.parameters()),
+    }
+    (Path(cfg.run_dir) / "config.json").write_text(json.dumps(run_config, indent=1, default=str))
+    accelerator.print(
+        f"{cfg.run.name}: {run_config['num_parameters']:,} parameters, "
+        f"{accelerator.num_processes} process(es) on {accelerator.device}, global batch "
+        f"{global_batch}, {steps} batches/epoch"
+    )
+    return run_config
+
+
+def start_tracking(
+    cfg: Config, accelerator: Accelerator, run_config: dict[str, Any], wandb_mode: str
+) -> None:
+    """W&B through Accelerate's tracker (main process only; `disabled` starts nothing)."""
+    if wandb_mode == "disabled":
+        return
+    main = accelerator.is_main_process
+    tags = [cfg.data.dataset, cfg.model.name, cfg.loss.likelihood]
+    accelerator.init_trackers(
+        cfg.wandb.project,
+        config=run_config or None,
+        init_kwargs=tracking.init_kwargs(cfg, cfg.run_dir, wandb_mode, tags) if main else {},
+    )

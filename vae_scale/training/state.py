@@ -1,0 +1,32 @@
+"""What a resumed run needs beyond the model, optimizer, scaler and RNG states (which
+`accelerator.save_state` keeps): where it stands, and the counters it logs."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TrainState:
+    epoch: int = 1
+    batch_in_epoch: int = 0  # batches of `epoch` already trained (mid-epoch checkpoints)
+    opt_step: int = 0  # optimizer steps taken: the x-axis of every log row
+    bad_steps: int = 0  # steps skipped for non-finite loss or gradients
+    consecutive_bad: int = 0
+    skipped_samples: int = 0  # bad samples dropped by data.on_error=skip
+    skipped_updates: int = 0  # gradient-norm spikes skipped (train.skip_threshold)
+    consecutive_skips: int = 0
+    forced_updates: int = 0  # applied after max_consecutive_skips skips in a row
+    ema_updates: int = 0
+    # The current epoch's metric sums so far, summed over ranks (mid-epoch checkpoints).
+    epoch_sums: dict[str, list[float]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainState:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
