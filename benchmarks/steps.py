@@ -32,7 +32,7 @@ from benchmarks.report import TrainRow
 from vae_scale.compat import cpu_has_fast_bf16, reset_accelerate_state
 from vae_scale.config import Config, load_config
 from vae_scale.data.inputs import prepare_inputs
-from vae_scale.data.loader import ShardSplit
+from vae_scale.data.loader import split_from_config
 from vae_scale.losses import build_likelihood, neg_elbo
 from vae_scale.models import build_model
 from vae_scale.training.setup import build_models, make_accelerator
@@ -56,15 +56,13 @@ def sync(device: torch.device) -> None:
 
 def training_stream(cfg: Config, shard_dir: Path) -> Iterator[dict]:
     """Training batches for ever (epoch after epoch), as train.py reads them."""
-    split = ShardSplit(
-        shard_dir,
+    split = split_from_config(
+        cfg.data,
+        str(shard_dir),
         "train",
-        batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.num_workers,
         seed=cfg.run.seed,
         shuffle=True,
         shuffle_buffer=cfg.data.shuffle_buffer,
-        cache_in_memory=cfg.data.cache_in_memory,
     )
     split.check_enough_shards()
     if cfg.data.cache_in_memory:

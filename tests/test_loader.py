@@ -9,7 +9,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from vae_scale.data.loader import ShardSplit, batches_per_rank, epoch_shard_order
+from vae_scale.data.loader import ShardSplit
 from vae_scale.data.shards import encode_sample
 from vae_scale.errors import DataError
 from vae_scale.fsutil import sha256_file
@@ -77,16 +77,6 @@ def test_ranks_read_disjoint_shards_and_same_step_count(tmp_path, monkeypatch):
     assert not seen[0] & seen[1]
 
 
-def test_batches_per_rank_matches_assignment():
-    shards = [{"num_samples": n} for n in [10, 3, 7, 8]]
-    # rank 0 gets shards 0, 2 (17 samples -> 4 batches of 4); rank 1 gets 1, 3 (11 -> 2)
-    assert batches_per_rank(shards, 2, 0, 4) == [4, 2]
-    # with 2 workers, each worker drops its own remainder: r0: 10//4 + 7//4 = 3
-    assert batches_per_rank(shards, 2, 2, 4) == [3, 2]
-    order = epoch_shard_order(shards, 0, 1, shuffle=False)
-    assert order == shards
-
-
 def test_even_shards_every_sample_exactly_once_across_ranks(tmp_path, monkeypatch):
     folder = make_shards(tmp_path / "d", [8] * 4)
     keys = []
@@ -98,19 +88,20 @@ def test_even_shards_every_sample_exactly_once_across_ranks(tmp_path, monkeypatc
     assert sorted(keys) == [f"s{i:05d}" for i in range(32)]
 
 
-def test_too_few_shards_for_ranks_times_workers_is_an_error(tmp_path):
+def test_more_workers_than_shards_read_every_sample_once(tmp_path):
+    """Workers split an epoch by sample ranges: 2 workers on 1 shard both get work."""
     split = ShardSplit(
-        make_shards(tmp_path / "d", [10, 10, 10]),
+        make_shards(tmp_path / "d", [30]),
         "train",
         batch_size=2,
         num_workers=2,
-        world_size=1,
-        rank=0,
+        shuffle=True,
+        shuffle_buffer=4,
     )
-    split.check_enough_shards()  # 3 shards >= 1 x 2
-    split.num_workers = 4
-    with pytest.raises(DataError, match=r"3 shards.*need at least 4"):
-        split.check_enough_shards()
+    split.check_enough_shards()  # indexed: nothing to check
+    keys = keys_of(split, 1)
+    assert sorted(keys) == [f"s{i:05d}" for i in range(30)]
+    assert split.steps_in_epoch(1) == 15
 
 
 def test_wrong_distributed_view_is_caught(tmp_path, monkeypatch):
@@ -138,8 +129,10 @@ def test_changed_shard_fails_checksum(tmp_path):
     with open(folder / "train-000001.tar", "r+b") as f:
         f.seek(600)
         f.write(b"\x01")
+    split = ShardSplit(folder, "train", batch_size=2, verify=True)  # nothing hashed up front
     with pytest.raises(DataError, match="train-000001.tar has sha256"):
-        ShardSplit(folder, "train", batch_size=2, verify=True)
+        keys_of(split, 1)  # ... but while the shard streams
+    assert len(keys_of(ShardSplit(folder, "train", batch_size=2, verify=False), 1)) == 8
 
 
 def test_truncated_tar_names_the_shard(tmp_path):
@@ -188,7 +181,7 @@ def test_bad_samples_raise_or_are_skipped_and_counted(tmp_path):
 
 
 def test_fast_npy_reader_equals_np_load_and_rejects_truncated_payloads():
-    from vae_scale.data.loader import load_npy
+    from vae_scale.data.decode import load_npy
 
     rng = np.random.default_rng(0)
     for shape in [(28, 28, 1), (28, 28, 1), (32, 32, 3), (28, 20, 1)]:  # 2nd: cached header
@@ -201,20 +194,20 @@ def test_fast_npy_reader_equals_np_load_and_rejects_truncated_payloads():
 
 
 def test_in_memory_cache_gives_the_same_batches_and_reads_each_shard_once(tmp_path, monkeypatch):
-    import vae_scale.data.loader as loader
+    import vae_scale.data.reader as reader
 
     folder = make_shards(tmp_path / "d", [10, 7, 12, 9])
     args = dict(batch_size=4, shuffle=True, shuffle_buffer=8, seed=5)
     plain = ShardSplit(folder, "train", **args)
     cached = ShardSplit(folder, "train", cache_in_memory=True, **args)
     reads = []
-    real_tar_samples = loader.tar_samples
+    real_read_whole = reader.read_whole
 
-    def counting_tar_samples(src, handler):
+    def counting_read_whole(entry, policy):
         reads.append(1)
-        return real_tar_samples(src, handler)
+        return real_read_whole(entry, policy)
 
-    monkeypatch.setattr(loader, "tar_samples", counting_tar_samples)
+    monkeypatch.setattr(reader, "read_whole", counting_read_whole)
     for epoch in (1, 2, 3):
         a, b = list(plain.train_batches(epoch)), list(cached.train_batches(epoch))
         assert [x["key"] for x in a] == [x["key"] for x in b]

@@ -266,9 +266,9 @@ def test_dynamic_binarization_and_kl_warmup_in_a_run(tiny_mnist, tmp_path, monke
 
     original_batches = train_module.ShardSplit.train_batches
 
-    def counting(self, ep, start=0):
+    def counting(self, ep, start=0, plan=None):
         epoch[0] = ep
-        yield from original_batches(self, ep, start)
+        yield from original_batches(self, ep, start, plan)
 
     monkeypatch.setattr(train_module, "prepare_inputs", recording)
     monkeypatch.setattr(train_module.ShardSplit, "train_batches", counting)

@@ -136,7 +136,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from vae_scale.analysis.evaluate import EvalOptions, full_evaluation
     from vae_scale.analysis.runs import load_run
-    from vae_scale.data.loader import ShardSplit
+    from vae_scale.data.loader import split_from_config
     from vae_scale.models.base import check_single_latent
     from vae_scale.training import tracking
 
@@ -148,13 +148,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
             raise ConfigError(f"--refine-steps: expected an integer >= 0, got {args.refine_steps}")
         if args.refine_steps:
             check_single_latent(run.model, "--refine-steps", "posterior refinement")
-        data = ShardSplit(
+        data = split_from_config(
+            cfg.data,
             cfg.shard_dir,
             args.split,
             batch_size=args.batch_size,
+            num_workers=0,
             world_size=accelerator.num_processes,
             rank=accelerator.process_index,
-            verify=cfg.data.verify_shards,
         )
         trained_on_split = args.split in cfg.data.train_splits
         if trained_on_split:
@@ -202,7 +203,8 @@ def cmd_pictures(args: argparse.Namespace) -> None:
     from vae_scale.analysis import attributes, pictures
     from vae_scale.analysis.evaluate import first_images, prepare_inputs
     from vae_scale.analysis.runs import load_run
-    from vae_scale.data.loader import ShardSplit, derive_seed
+    from vae_scale.data.loader import split_from_config
+    from vae_scale.seeding import derive_seed
     from vae_scale.training import tracking
 
     run = load_run(args.run_dir, args.checkpoint)
@@ -210,7 +212,7 @@ def cmd_pictures(args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, "cli", args.command))
 
     def test_images(n: int) -> torch.Tensor:
-        data = ShardSplit(cfg.shard_dir, args.split, batch_size=max(n, 1))
+        data = split_from_config(cfg.data, cfg.shard_dir, args.split, batch_size=max(n, 1))
         return prepare_inputs(first_images(data, n), "cpu", "none")
 
     key = args.command  # the W&B picture name
@@ -225,7 +227,7 @@ def cmd_pictures(args: argparse.Namespace) -> None:
         elif args.command == "edit":
             direction = attributes.split_attribute_vector(
                 model,
-                ShardSplit(cfg.shard_dir, args.attr_split, 100),
+                split_from_config(cfg.data, cfg.shard_dir, args.attr_split, batch_size=100),
                 args.attribute,
                 args.max_images or None,
             )

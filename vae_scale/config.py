@@ -60,13 +60,38 @@ class RunConfig(Section):
 
 class DataConfig(Section):
     dataset: str = "frey"
-    shards_dir: str = "shards"  # shards are read from <shards_dir>/<dataset>
+    # Where the dataset's shards and index.json are: <shards_dir>/<dataset>, a local folder or
+    # a URL (http(s)://host/path, s3://bucket/path with s3fs, file://...).
+    shards_dir: str = "shards"
+    # Shards of another tool, per split: a brace pattern of paths or URLs
+    # ("https://host/c10/train-{000000..000089}.tar"), several joined by '::', or pipe:
+    # commands. index.json is read beside them when it exists (or from data.index_url).
+    urls: dict[Literal["train", "val", "test"], str] = Field(default_factory=dict)
+    index_url: str | None = None
+    # Without an index: samples per training epoch (shards are resampled, open_clip's
+    # convention), and decoding: images resized (shorter side) and centre-cropped to
+    # image_size, of `channels`, from the first present member of image_key; label from
+    # label_key ('cls', 'json.<field>', or null for none).
+    samples_per_epoch: Annotated[int, Field(ge=1)] | None = None
+    image_size: Annotated[int, Field(ge=1)] | None = None
+    channels: Literal[1, 3] = 3
+    image_key: str = "npy;png;jpg;jpeg;webp"
+    label_key: str | None = "cls"
     batch_size: Positive = 100  # per process
     num_workers: NonNegative = 0  # DataLoader workers per process
-    shuffle_buffer: NonNegative = 1000  # samples in each worker's shuffle buffer
+    shuffle_buffer: NonNegative = 1000  # samples per shuffled block of each worker's slice
+    # True: an epoch leaves out the tail short of a global batch (at most world x batch - 1
+    # samples); False: the last global batch is filled by wrapping to the epoch's start.
+    drop_last: bool = True
     binarize: Literal["none", "dynamic"] = "none"
     on_error: Literal["raise", "skip"] = "raise"
-    verify_shards: bool = True  # check every shard's sha256 against index.json at start-up
+    verify_shards: bool = True  # sha256 of each shard read whole, against index.json
+    # Remote shards: attempts after a transient failure (waiting retry_delay_s, doubling),
+    # and an optional local cache of whole shards, least recently used evicted above the bound.
+    retries: NonNegative = 3
+    retry_delay_s: NonNegativeFloat = 1.0
+    cache_dir: str | None = None
+    cache_max_gb: Annotated[float, Field(gt=0)] = 50.0
     # Keep decoded shards in RAM after their first read (for datasets that fit in memory, e.g.
     # Frey, MNIST): later epochs read no files. With num_workers > 0 each process decodes its
     # whole split once at start-up and the forked loader workers share it.
@@ -85,6 +110,13 @@ class DataConfig(Section):
                 "never trained on)"
             )
         return splits
+
+    @field_validator("image_key")
+    @classmethod
+    def _image_keys(cls, keys: str) -> str:
+        if not all(keys.split(";")):
+            raise ValueError("expected member suffixes separated by ';', e.g. 'jpg;png'")
+        return keys
 
 
 class Deformation(Section):
@@ -159,6 +191,9 @@ class TrainConfig(Section):
     log_every_steps: Positive = 10
     checkpoint_every_steps: NonNegative = 0  # 0 = only at epoch ends
     keep_checkpoints: Positive = 2
+    # Every rank writes the keys of each batch it trains to sample_keys/rank<R>.jsonl (an
+    # audit of which samples an epoch trained, across preemptions and topology changes).
+    log_sample_keys: bool = False
 
     @field_validator("betas", mode="before")
     @classmethod
@@ -316,9 +351,11 @@ class Config(Section):
         return Path(self.run.dir) / self.run.name
 
     @property
-    def shard_dir(self) -> Path:
-        """Where `vae-scale shard` put this config's dataset."""
-        return Path(self.data.shards_dir) / self.data.dataset
+    def shard_dir(self) -> str:
+        """Where this config's dataset is: <data.shards_dir>/<data.dataset> (folder or URL)."""
+        from vae_scale.data.remote import join
+
+        return join(self.data.shards_dir, self.data.dataset)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

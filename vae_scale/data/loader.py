@@ -1,364 +1,361 @@
 """Shards -> batches: the one streaming loader every dataset uses, on 1 process or N.
 
-Design (each point answers a known trap of webdataset under Accelerate):
-- Shards are split with `wds.split_by_node` + `wds.split_by_worker`; the loader is never passed
-  through `accelerator.prepare` (that would broadcast or double-split it).
-- The shard order of an epoch and every worker's shuffle buffer are seeded from
-  (seed, epoch[, rank, worker]), so an epoch's batches are a pure function of those numbers:
-  a different order every epoch, the same order when a run is resumed.
-- The number of training batches per epoch is computed from the shard sample counts in
-  index.json and is the same on every rank (the smallest rank's count), so DDP never hangs on
-  uneven shards. Each worker drops its last partial batch; the rule is: an epoch sees every
-  sample of its rank's shards except each worker's remainder and the batches beyond the
-  smallest rank's count.
-- Only npy, images, json and cls are decoded; pickle members are refused, never unpickled.
-- Tar members come from `tar_members` (webdataset's pipeline, a faster tar walk); with
-  `cache_in_memory`, decoded shards stay in RAM so later epochs read no files at all (with
-  loader workers, the split is decoded in the main process first and the forked workers
-  share it).
+Design (each point answers a known trap of webdataset under Accelerate, or of data at scale):
+- Every rank and loader worker reads its own contiguous slice of the epoch's global order
+  (data/order.py), so ranks see disjoint samples, run the same number of steps (no hang at
+  the epoch end), and an epoch leaves out at most one global batch minus one sample. The
+  loader is never passed through `accelerator.prepare` (that would broadcast or double-split).
+- The order is a function of (seed, epoch); a checkpoint's plan record lets a resumed run
+  continue at once (consumed shards are never opened) on the same or another topology.
+- Shards live anywhere data/remote.py reaches; index.json gives counts and hashes. Without an
+  index (another tool's WebDataset), training resamples shards (data.samples_per_epoch per
+  epoch) and evaluation reads every shard once.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import random
-import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.utils import pytorch_worker_info
 
 from vae_scale.compat import seeded_shuffle
-from vae_scale.data.shards import load_index, split_shards
-from vae_scale.data.tar_members import tar_samples
+from vae_scale.data import catalog, remote
+from vae_scale.data.decode import IMAGE_SUFFIXES, DecodeSpec
+from vae_scale.data.order import (
+    EpochPlan,
+    Topology,
+    global_order,
+    pack_ids,
+    plan_record,
+    steps_for,
+    unpack_ids,
+)
+from vae_scale.data.reader import BadSample, ReadOptions, ShardReader
 from vae_scale.errors import DataError
 from vae_scale.seeding import derive_seed
 
-PICKLE_SUFFIXES = {"pyd", "pickle", "pkl", "pth", "pt"}
-IMAGE_SUFFIXES = ("npy", "png", "jpg", "jpeg", "webp")
 
+@dataclass
+class ShardSplit:
+    """One split of a dataset's shards, read by the streaming loader."""
 
-def epoch_shard_order(
-    shards: list[dict[str, Any]], seed: int, epoch: int, shuffle: bool
-) -> list[dict[str, Any]]:
-    order = list(shards)
-    if shuffle:
-        random.Random(derive_seed(seed, "shards", epoch)).shuffle(order)
-    return order
+    shard_dir: str | Path  # dataset folder or URL holding index.json ('' with `urls` only)
+    split: str  # a split of index.json, or several joined by "+" ("train+val") read as one
+    batch_size: int
+    num_workers: int = 0
+    seed: int = 0
+    shuffle: bool = False  # shard order + sample shuffle (training)
+    shuffle_buffer: int = 1000  # samples per shuffled block in each worker's slice
+    on_error: str = "raise"
+    verify: bool = True  # sha256 of every shard read whole, against index.json
+    world_size: int = 1
+    rank: int = 0
+    # Keep decoded shards in RAM after their first read: for splits that fit in memory, later
+    # epochs read no files (with workers, the split is decoded before they start).
+    cache_in_memory: bool = False
+    drop_last: bool = True  # False: fill the last global batch by wrapping to the start
+    urls: str | None = None  # explicit shard URLs (brace pattern, '::'-joined, pipe:)
+    index_url: str | None = None  # index.json elsewhere than beside the shards
+    samples_per_epoch: int | None = None  # index-less training: resampled shards
+    image_size: int | None = None  # resize + centre-crop on decode (foreign datasets)
+    channels: int = 3  # of images decoded without an index (1: grey)
+    image_keys: tuple[str, ...] = IMAGE_SUFFIXES
+    label_key: str | None = "cls"
+    policy: remote.FetchPolicy = field(default_factory=remote.FetchPolicy)
 
-
-def worker_assignment(
-    shards: list[dict[str, Any]], world_size: int, num_workers: int
-) -> list[list[list[dict[str, Any]]]]:
-    """[rank][worker] -> shards, exactly as split_by_node then split_by_worker assign them."""
-    workers = max(1, num_workers)
-    return [
-        [shards[rank::world_size][w::workers] for w in range(workers)] for rank in range(world_size)
-    ]
-
-
-def batches_per_rank(
-    shards: list[dict[str, Any]], world_size: int, num_workers: int, batch_size: int
-) -> list[int]:
-    """Full batches each rank's loader yields for this shard order (partial batches dropped)."""
-    return [
-        sum(sum(s["num_samples"] for s in ws) // batch_size for ws in rank_workers)
-        for rank_workers in worker_assignment(shards, world_size, num_workers)
-    ]
-
-
-# ---------------------------------------------------------------------------- decoding
-
-
-def _where(sample: dict[str, Any]) -> str:
-    """ "shard NAME, sample KEY" for error messages (built only when one is raised)."""
-    return f"shard {Path(str(sample.get('__url__', '?'))).name}, sample {sample.get('__key__')}"
-
-
-_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
-
-
-def load_npy(data: bytes) -> np.ndarray:
-    """`np.load(..., allow_pickle=False)` with the header parsed once per distinct header: every
-    image of a dataset has the same one, and parsing it (`ast.literal_eval`) is a large part
-    of reading a small image (benchmarks/RESULTS.md)."""
-    if data[:8] == b"\x93NUMPY\x01\x00":  # format 1.0: 2-byte little-endian header length
-        end = 10 + int.from_bytes(data[8:10], "little")
-        cached = _NPY_HEADERS.get(data[:end])
-        if cached is not None:
-            dtype, shape, nbytes = cached
-            if len(data) - end != nbytes:
-                raise ValueError(
-                    f"npy payload of {len(data) - end} bytes, expected {shape} {dtype}"
-                )
-            return np.frombuffer(data, dtype=dtype, offset=end).reshape(shape)
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-        if array.flags.c_contiguous and not array.dtype.hasobject:
-            _NPY_HEADERS[data[:end]] = (array.dtype, array.shape, array.nbytes)
-        return array
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def decode_sample(sample: dict[str, Any], image_hwc: tuple[int, int, int]) -> dict[str, Any]:
-    """Raw tar members -> {"key", "image" (uint8 CHW), "cls"?, "json"?}; errors name the shard
-    and key."""
-    key = sample.get("__key__")
-    bad = PICKLE_SUFFIXES.intersection(sample)
-    if bad:
-        raise DataError(
-            f"{_where(sample)}: refusing to decode pickle member(s) "
-            f"{sorted(bad)} (pickle can run code; vae_scale shards hold npy/png/"
-            f"json/cls only)"
-        )
-    suffix = next((s for s in IMAGE_SUFFIXES if s in sample), None)
-    if suffix is None:
-        members = sorted(k for k in sample if not k.startswith("__"))
-        raise DataError(
-            f"{_where(sample)}: no image member (expected one of "
-            f"{list(IMAGE_SUFFIXES)}, found {members})"
-        )
-    data = sample[suffix]
-    try:
-        if suffix == "npy":
-            image = load_npy(data)
+    def __post_init__(self) -> None:
+        self.index = self._open_index()
+        self.shards: list[catalog.ShardEntry] = []
+        for part in self.split.split("+"):
+            if self.urls:
+                self.shards += catalog.pattern_entries(self.urls, self.index)
+            else:
+                self.shards += catalog.indexed_entries(str(self.shard_dir), self.index, part)
+        self.indexed = all(s.num_samples is not None for s in self.shards)
+        self.image_shape = self._image_shape()
+        c, h, w = self.image_shape
+        resize = self.image_size is not None
+        spec = DecodeSpec((h, w, c), resize, tuple(self.image_keys), self.label_key)
+        self.read_options = ReadOptions(spec, self.on_error, self.verify, self.policy)
+        self._cache: dict[str, list[Any]] | None = {} if self.cache_in_memory else None
+        if self.indexed:
+            self.counts = [int(s.num_samples) for s in self.shards]
+            self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+            self.num_samples = int(self.offsets[-1])
         else:
-            from PIL import Image
+            self.num_samples = self.samples_per_epoch or 0
+        self.topology = Topology(self.world_size, max(1, self.num_workers), self.batch_size)
+        _check_distributed_view(self.rank, self.world_size)
 
-            with Image.open(io.BytesIO(data)) as im:
-                image = np.asarray(im.convert("L" if image_hwc[2] == 1 else "RGB"))
-    except Exception as err:
-        raise DataError(f"{_where(sample)}: unreadable {suffix} ({err})") from err
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.shape != tuple(image_hwc) or image.dtype != np.uint8:
-        raise DataError(
-            f"{_where(sample)}: image of shape {image.shape} "
-            f"{image.dtype}, expected {tuple(image_hwc)} uint8 (H, W, C) as in "
-            f"index.json"
+    def _open_index(self) -> dict[str, Any] | None:
+        if self.index_url:
+            return catalog.read_index(self.index_url, self.policy)
+        if not self.urls:
+            return catalog.read_index(str(self.shard_dir), self.policy)
+        beside = catalog.index_location(self.urls)
+        return None if beside is None else catalog.read_index(beside, self.policy, False)
+
+    def _image_shape(self) -> tuple[int, int, int]:
+        if self.image_size is not None:
+            return (self.channels, self.image_size, self.image_size)
+        if self.index is None:
+            raise DataError(
+                f"{self.urls}: no index.json beside these shards, so the image size is unknown: "
+                f"set data.image_size (images are resized and centre-cropped to it)"
+            )
+        c, h, w = self.index["image_shape"]
+        return (c, h, w)
+
+    # ------------------------------------------------------------------ epoch plans
+
+    def check_enough_shards(self) -> None:
+        """Index-less training resamples whole shards per (rank, worker): it needs enough."""
+        if self.indexed:
+            return
+        if self.samples_per_epoch is None:
+            raise DataError(
+                f"{self.urls}: no index.json gives these shards' sample counts; set "
+                f"data.samples_per_epoch (the shards are then resampled, open_clip's "
+                f"convention) or shard the data with `vae-scale shard`"
+            )
+
+    def steps_in_epoch(self, epoch: int = 1, multiple: int = 1) -> int:
+        """Batches every rank runs in a full epoch (identical on all ranks)."""
+        return steps_for(self.num_samples, self.topology, self.drop_last, multiple)
+
+    def plan(
+        self, epoch: int, multiple: int = 1, record: dict[str, Any] | None = None
+    ) -> tuple[EpochPlan, int]:
+        """The epoch's plan and the rank batches of it already trained. `record`: a
+        checkpoint's plan record of this epoch (same topology: continue it; another: re-plan
+        the samples it had not trained yet)."""
+        order = self._order(epoch)
+        if record is None:
+            return self._new_plan(order, epoch, 0, multiple), 0
+        samples = order
+        if record.get("plan_samples") is not None:
+            mask = np.zeros(self.num_samples, dtype=bool)
+            mask[unpack_ids(record["plan_samples"], self.num_samples)] = True
+            samples = order[mask[order]]
+        old_topo = Topology(*record["topology"])
+        old = EpochPlan(
+            samples, old_topo, record["steps"], self.seed, epoch, record["generation"],
+            record.get("shuffle_block", self._block()),
+        )  # fmt: skip
+        if old_topo == self.topology:
+            return old, record["rank_batches"]
+        remaining = old.remaining_after(record["rank_batches"])
+        return self._new_plan(remaining, epoch, old.generation + 1, multiple), 0
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if not self.indexed:  # resampled: the plan only counts steps
+            return np.arange(self.num_samples, dtype=np.int64)
+        return global_order(self.counts, self.seed, epoch, self.shuffle)
+
+    def _block(self) -> int:
+        return self.shuffle_buffer if self.shuffle else 1
+
+    def _new_plan(self, samples: np.ndarray, epoch: int, generation: int, multiple: int):
+        steps = steps_for(len(samples), self.topology, self.drop_last, multiple)
+        return EpochPlan(samples, self.topology, steps, self.seed, epoch, generation, self._block())
+
+    def record(self, plan: EpochPlan, rank_batches: int) -> dict[str, Any]:
+        """The plan record a mid-epoch checkpoint keeps."""
+        full = plan.generation == 0
+        out = plan_record(plan, rank_batches, self.num_samples, full)
+        if not full:
+            out["plan_samples"] = pack_ids(plan.samples, self.num_samples)
+        out["shuffle_block"] = plan.shuffle_block
+        return out
+
+    # ------------------------------------------------------------------ batches
+
+    def train_batches(
+        self, epoch: int, start: int = 0, plan: EpochPlan | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """The plan's batches of this rank from rank batch `start` on (exactly
+        plan.steps - start of them)."""
+        if plan is None:
+            plan, _ = self.plan(epoch)
+        self.check_enough_shards()
+        stream = _TrainStream(self, plan, start)
+        yield from self._loader(stream, derive_seed(self.seed, "loader", epoch))
+
+    def eval_batches(self) -> Iterator[dict[str, Any]]:
+        """Every sample of this rank's share of the split exactly once (partial batches)."""
+        yield from self._loader(_EvalStream(self), derive_seed(self.seed, "loader", 0))
+
+    def _loader(self, stream: IterableDataset, seed: int) -> DataLoader:
+        if self._cache is not None and self.num_workers > 0:
+            self.fill_cache()
+        extra = {"prefetch_factor": 4} if self.num_workers > 0 else {}
+        # Its own generator: a DataLoader iterator otherwise draws its base seed from the
+        # global torch RNG, shifting the reparameterization noise after a mid-epoch resume.
+        return DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(seed),
+            collate_fn=_as_is,  # batches are already tensors (default_convert is slow)
+            pin_memory=torch.cuda.is_available(),
+            **extra,
         )
-    out: dict[str, Any] = {"key": key, "image": np.ascontiguousarray(image.transpose(2, 0, 1))}
-    if "cls" in sample:
-        out["cls"] = int(sample["cls"])
-    if "json" in sample:
-        out["json"] = json.loads(sample["json"])
-    return out
 
+    def fill_cache(self) -> None:
+        """Decode every shard of the split into the RAM cache in this process, so that loader
+        workers (forked each epoch; their own additions die with them) find it complete."""
+        reader = ShardReader(self.read_options, self._cache)
+        for entry in self.shards:
+            if entry.url not in self._cache:
+                reader.load(entry)
 
-class _ReadShards:
-    """Pipeline stage: shard urls -> decoded samples, shard by shard. With on_error='skip', bad
-    samples are dropped and counted. With a `cache` dict, a shard that decoded cleanly is kept
-    (url -> samples) and served from RAM when it comes round again in a later epoch."""
-
-    def __init__(
-        self,
-        image_hwc: tuple[int, int, int],
-        on_error: str,
-        cache: dict[str, list[dict[str, Any]]] | None = None,
-    ):
-        self.image_hwc, self.on_error, self.cache = image_hwc, on_error, cache
-
-    def __call__(self, sources: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        skipped = 0
-        for source in sources:
-            cached = self.cache.get(source["url"]) if self.cache is not None else None
-            if cached is not None:
-                yield from cached
-                continue
-            kept: list[dict[str, Any]] | None = [] if self.cache is not None else None
-            tar_errors = _TarErrors(self.on_error)
-            for sample in tar_samples([source], handler=tar_errors):
-                try:
-                    decoded = decode_sample(sample, self.image_hwc)
-                except DataError as err:
-                    if self.on_error != "skip":
-                        raise
-                    warnings.warn(f"skipping: {err}", stacklevel=1)
-                    skipped += 1
-                    kept = None  # a damaged shard is re-read (and re-reported) every time
-                    continue
-                decoded["skipped_before"], skipped = skipped, 0
-                if kept is not None:
-                    kept.append({**decoded, "skipped_before": 0})
-                yield decoded
-            if kept is not None and not tar_errors.skipped:
-                self.cache[source["url"]] = kept
-
-
-class _TarErrors:
-    """Handler for tar reading errors: name the shard; raise, or warn and skip."""
-
-    def __init__(self, on_error: str):
-        self.on_error = on_error
-        self.skipped = 0  # shards whose rest was skipped
-
-    def __call__(self, exn: Exception) -> bool:
-        where = next((a for a in reversed(exn.args) if isinstance(a, str) and ".tar" in a), "?")
-        detail = exn.args[0] if exn.args else exn
-        message = f"shard {where}: corrupt or truncated tar ({type(exn).__name__}: {detail})"
-        if self.on_error == "skip":
-            warnings.warn(f"skipping rest of {message}", stacklevel=1)
-            self.skipped += 1
-            return True
-        raise DataError(message) from exn
-
-
-class _SeededShuffle:
-    """Shuffle buffer whose RNG is a function of (seed, epoch, rank, worker)."""
-
-    def __init__(self, bufsize: int, seed: int, epoch: int):
-        self.bufsize, self.seed, self.epoch = bufsize, seed, epoch
-
-    def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        rank, _, worker, _ = pytorch_worker_info()
-        rng = random.Random(derive_seed(self.seed, "samples", self.epoch, rank, worker))
-        yield from seeded_shuffle(samples, self.bufsize, rng)
+    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global sample ids -> (shard number, sample number within the shard)."""
+        shard = np.searchsorted(self.offsets, ids, side="right") - 1
+        return shard, ids - self.offsets[shard]
 
 
 def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def read_ids(split: ShardSplit, ids: np.ndarray) -> Iterator[Any]:
+    """The decoded samples (or BadSample) of global `ids`, in that order. Each shard is
+    loaded once, with all the samples these ids need of it, when first reached."""
+    reader = ShardReader(split.read_options, split._cache)
+    shards, members = split.locate(ids)
+    needed: dict[int, list[int]] = {}
+    for s, m in zip(shards.tolist(), members.tolist()):
+        needed.setdefault(s, []).append(m)
+    left = {s: len(ms) for s, ms in needed.items()}
+    loaded: dict[int, dict[int, Any]] = {}
+    for s, m in zip(shards.tolist(), members.tolist()):
+        if s not in loaded:
+            loaded[s] = reader.load(split.shards[s], sorted(set(needed[s])))
+        yield loaded[s][m]
+        left[s] -= 1
+        if not left[s]:
+            del loaded[s]  # the worker has moved past this shard
+
+
+class _TrainStream(IterableDataset):
+    """A rank's training batches: each DataLoader worker plays one worker of the plan."""
+
+    def __init__(self, split: ShardSplit, plan: EpochPlan, start: int):
+        self.split, self.plan, self.start = split, plan, start
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        split, plan = self.split, self.plan
+        loader_worker, workers = _worker()
+        # Rank batch i comes from plan worker i % workers; a resumed loader starts with the
+        # worker whose batch is next.
+        w = (loader_worker + self.start) % workers
+        count = plan.worker_batches(w) - plan.worker_batches_before(w, self.start)
+        if split.indexed:
+            skip = plan.worker_batches_before(w, self.start) * split.batch_size
+            samples = read_ids(split, plan.worker_stream(split.rank, w)[skip:])
+        else:
+            samples = _resampled(split, plan, w)
+        yield from _batches(samples, split.batch_size, count, fill_bad=True)
+
+
+def _resampled(split: ShardSplit, plan: EpochPlan, worker: int) -> Iterator[Any]:
+    """Index-less training: shards drawn with replacement, seeded per (rank, worker), through a
+    shuffle buffer (no exact-once guarantee; open_clip's resampled shards)."""
+    rng = random.Random(
+        derive_seed(split.seed, "resample", plan.epoch, plan.generation, split.rank, worker)
+    )
+    reader = ShardReader(split.read_options, split._cache)
+
+    def endless() -> Iterator[Any]:
+        while True:
+            entry = rng.choice(split.shards)
+            yield from reader.load(entry).values()
+
+    if split.shuffle_buffer > 1:
+        yield from seeded_shuffle(endless(), split.shuffle_buffer, rng)
+    else:
+        yield from endless()
+
+
+class _EvalStream(IterableDataset):
+    """Evaluation: this rank's contiguous share of the split in stored order, each worker a
+    contiguous part of it (index-less: whole shards, shard i to rank i % world_size)."""
+
+    def __init__(self, split: ShardSplit):
+        self.split = split
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        split = self.split
+        w, workers = _worker()
+        parts = split.world_size * workers
+        part = split.rank * workers + w
+        if split.indexed:
+            n = split.num_samples
+            ids = np.arange(part * n // parts, (part + 1) * n // parts, dtype=np.int64)
+            samples: Iterator[Any] = read_ids(split, ids)
+        else:
+            reader = ShardReader(split.read_options, split._cache)
+            mine = split.shards[split.rank :: split.world_size][w::workers]
+            samples = (s for entry in mine for s in reader.load(entry).values())
+        yield from _batches(samples, split.batch_size, None, fill_bad=False)
+
+
+def _batches(
+    samples: Iterator[Any], batch_size: int, count: int | None, fill_bad: bool
+) -> Iterator[dict[str, Any]]:
+    """Group samples into batches: `count` full ones (training; a bad sample's place is taken
+    by a good one of its batch, and counted), or all of them with a partial last batch
+    (evaluation; bad samples are left out and counted)."""
+    made, group, bad, last_good = 0, [], 0, None
+    for sample in samples:
+        if count is not None and made >= count:
+            return
+        if isinstance(sample, BadSample):
+            bad += 1
+            if not fill_bad:
+                continue
+        else:
+            last_good = sample
+        group.append(sample)
+        if len(group) == batch_size:
+            yield collate(group, bad, last_good)
+            made, group, bad = made + 1, [], 0
+    if group and count is None:
+        yield collate(group, bad, last_good)
+    if count is not None and made < count:
+        raise DataError(f"the loader made {made} of {count} batches: shards ended early")
+
+
+def collate(samples: list[Any], skipped: int = 0, fallback: Any = None) -> dict[str, Any]:
+    good = [s for s in samples if not isinstance(s, BadSample)]
+    if len(good) < len(samples):
+        stand_in = good[0] if good else fallback
+        if stand_in is None:
+            raise DataError(f"no readable sample to stand in for: {samples[0].reason}")
+        samples = [stand_in if isinstance(s, BadSample) else s for s in samples]
     batch: dict[str, Any] = {
         "image": torch.from_numpy(np.stack([s["image"] for s in samples])),
         "key": [s["key"] for s in samples],
-        "skipped": sum(s["skipped_before"] for s in samples),
+        "skipped": skipped,
     }
     if all("cls" in s for s in samples):
         batch["cls"] = torch.tensor([s["cls"] for s in samples])
     if any("json" in s for s in samples):
         batch["json"] = [s.get("json") for s in samples]
     return batch
-
-
-# ---------------------------------------------------------------------------- loader
-
-
-@dataclass
-class ShardSplit:
-    """One split of a shard folder, read by the streaming loader."""
-
-    shard_dir: Path
-    split: str  # a split of index.json, or several joined by "+" ("train+val") read as one
-    batch_size: int
-    num_workers: int = 0
-    seed: int = 0
-    shuffle: bool = False  # shard order + sample shuffle (training)
-    shuffle_buffer: int = 1000
-    on_error: str = "raise"
-    verify: bool = False
-    world_size: int = 1
-    rank: int = 0
-    # Keep decoded shards in RAM after their first read: for splits that fit in memory, later
-    # epochs skip the tar walk and the decoding.
-    cache_in_memory: bool = False
-
-    def __post_init__(self) -> None:
-        self._cache: dict[str, list[dict[str, Any]]] | None = {} if self.cache_in_memory else None
-        self.shard_dir = Path(self.shard_dir)
-        self.index = load_index(self.shard_dir)
-        self.shards = [
-            shard
-            for part in self.split.split("+")
-            for shard in split_shards(self.shard_dir, self.index, part, verify=self.verify)
-        ]
-        c, h, w = self.index["image_shape"]
-        self.image_shape = (c, h, w)
-        self.num_samples = sum(s["num_samples"] for s in self.shards)
-        _check_distributed_view(self.rank, self.world_size)
-
-    def check_enough_shards(self) -> None:
-        """Training needs a shard for every (rank, worker); say so at start-up, not by a hang."""
-        needed = self.world_size * max(1, self.num_workers)
-        if len(self.shards) < needed:
-            raise DataError(
-                f"{self.shard_dir}: split {self.split!r} has {len(self.shards)} shards but "
-                f"{self.world_size} processes x {max(1, self.num_workers)} loader workers need "
-                f"at least {needed}; lower data.num_workers or re-shard with a smaller "
-                f"--shard-size"
-            )
-
-    def steps_in_epoch(self, epoch: int) -> int:
-        """Batches every rank runs in `epoch` (identical on all ranks)."""
-        order = epoch_shard_order(self.shards, self.seed, epoch, self.shuffle)
-        return min(batches_per_rank(order, self.world_size, self.num_workers, self.batch_size))
-
-    def _pipeline(self, epoch: int, train: bool) -> wds.DataPipeline:
-        order = epoch_shard_order(self.shards, self.seed, epoch, self.shuffle)
-        stages: list[Any] = [
-            wds.SimpleShardList([s["path"] for s in order]),
-            wds.split_by_node,
-            wds.split_by_worker,
-            self._reader(),
-        ]
-        if self.shuffle and self.shuffle_buffer > 1:
-            stages.append(_SeededShuffle(self.shuffle_buffer, self.seed, epoch))
-        stages.append(wds.batched(self.batch_size, collation_fn=collate, partial=not train))
-        return wds.DataPipeline(*stages)
-
-    def _reader(self) -> _ReadShards:
-        c, h, w = self.image_shape
-        return _ReadShards((h, w, c), self.on_error, self._cache)
-
-    def fill_cache(self) -> None:
-        """Decode every shard of the split into the RAM cache in this process, so that loader
-        workers (forked each epoch; their own additions die with them) find it complete."""
-        missing = [{"url": s["path"]} for s in self.shards if s["path"] not in self._cache]
-        for _ in self._reader()(iter(missing)):
-            pass
-
-    def _loader(self, epoch: int, train: bool) -> wds.WebLoader:
-        if self._cache is not None and self.num_workers > 0:
-            self.fill_cache()
-        extra = {"prefetch_factor": 4} if self.num_workers > 0 else {}
-        # Its own generator: a DataLoader iterator otherwise draws its base seed from the
-        # global torch RNG, shifting the reparameterization noise after a mid-epoch resume.
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, "loader", epoch))
-        # collate_fn: our batches are already tensors; the default would walk every batch
-        # recursively through default_convert (slow; benchmarks/RESULTS.md).
-        return wds.WebLoader(
-            self._pipeline(epoch, train),
-            batch_size=None,
-            num_workers=self.num_workers,
-            generator=generator,
-            collate_fn=_as_is,
-            pin_memory=torch.cuda.is_available(),
-            **extra,
-        )
-
-    def train_batches(self, epoch: int, start: int = 0) -> Iterator[dict[str, Any]]:
-        """Exactly `steps_in_epoch(epoch)` batches, skipping the first `start` (resume).
-
-        If samples were skipped as bad (on_error='skip') and the stream ends early, it is
-        topped up from a second pass, so every rank still runs the same number of steps.
-        """
-        steps = self.steps_in_epoch(epoch)
-        produced, attempt = 0, 0
-        while produced < steps:
-            pass_epoch = epoch if attempt == 0 else f"{epoch}.refill{attempt}"
-            before = produced
-            for batch in self._loader(pass_epoch, train=True):
-                if produced >= start:
-                    yield batch
-                produced += 1
-                if produced >= steps:
-                    return
-            if produced == before:
-                raise DataError(
-                    f"{self.shard_dir}: split {self.split!r} produced no batches "
-                    f"of {self.batch_size} on rank {self.rank}"
-                )
-            attempt += 1
-
-    def eval_batches(self) -> Iterator[dict[str, Any]]:
-        """Every sample of this rank's share of the split exactly once (partial last batch)."""
-        yield from self._loader(0, train=False)
 
 
 def _check_distributed_view(rank: int, world_size: int) -> None:
@@ -372,3 +369,39 @@ def _check_distributed_view(rank: int, world_size: int) -> None:
             f"`accelerate launch --config_file launch/cpu_2proc.yaml` (multi_gpu + "
             f"use_cpu), not `--cpu --num_processes N`."
         )
+
+
+def split_from_config(data: Any, location: str, split: str, **overrides: Any) -> ShardSplit:
+    """A split as the `data` config section (vae_scale.config.DataConfig) describes it."""
+    parts = split.split("+")
+    urls = "::".join(data.urls[p] for p in parts) if all(p in data.urls for p in parts) else None
+    policy = remote.FetchPolicy(
+        retries=data.retries,
+        retry_delay_s=data.retry_delay_s,
+        cache_dir=data.cache_dir,
+        cache_max_bytes=int(data.cache_max_gb * 2**30),
+    )
+    settings: dict[str, Any] = dict(
+        batch_size=data.batch_size,
+        num_workers=data.num_workers,
+        on_error=data.on_error,
+        verify=data.verify_shards,
+        cache_in_memory=data.cache_in_memory,
+        drop_last=data.drop_last,
+        urls=urls,
+        index_url=data.index_url,
+        samples_per_epoch=data.samples_per_epoch,
+        image_size=data.image_size,
+        channels=data.channels,
+        image_keys=tuple(data.image_key.split(";")),
+        label_key=data.label_key,
+        policy=policy,
+    )
+    return ShardSplit(location, split, **{**settings, **overrides})
+
+
+def has_split(data: Any, split: ShardSplit, name: str) -> bool:
+    """Whether the dataset has split `name` (in index.json, or in data.urls)."""
+    if split.urls:
+        return name in data.urls
+    return split.index is not None and name in split.index["splits"]

@@ -152,52 +152,10 @@ def write_dataset(data: SourceData, out_dir: Path, shard_size: int, force: bool 
     return index
 
 
-def load_index(shard_dir: Path) -> dict[str, Any]:
-    """index.json of a shard folder, with a clear error when it is missing or unreadable."""
-    shard_dir = Path(shard_dir)
-    path = shard_dir / INDEX_NAME
-    if not shard_dir.is_dir():
-        raise DataError(
-            f"shard folder {shard_dir} does not exist: run `vae-scale shard "
-            f"{shard_dir.name}` first (or set data.shards_dir)"
-        )
-    if not path.is_file():
-        raise DataError(
-            f"{path} is missing: {shard_dir} is not a complete shard folder; "
-            f"re-run `vae-scale shard {shard_dir.name} --force`"
-        )
-    try:
-        index = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from err
-    if index.get("format_version") != FORMAT_VERSION:
-        raise DataError(
-            f"{path}: format_version {index.get('format_version')!r}, expected "
-            f"{FORMAT_VERSION}; re-run `vae-scale shard {shard_dir.name} --force`"
-        )
-    return index
+def load_index(shard_dir: Path | str) -> dict[str, Any]:
+    """index.json of a shard folder (or URL), with a clear error when it is missing or
+    unreadable."""
+    from vae_scale.data.catalog import read_index
+    from vae_scale.data.remote import FetchPolicy
 
-
-def split_shards(
-    shard_dir: Path, index: dict[str, Any], split: str, verify: bool = False
-) -> list[dict[str, Any]]:
-    """The shard entries of `split`, each with its full `path`; all must exist (and match
-    their sha256 when `verify`)."""
-    if split not in index["splits"]:
-        raise DataError(
-            f"{shard_dir / INDEX_NAME}: no split {split!r} (has {sorted(index['splits'])})"
-        )
-    shards = []
-    for entry in index["splits"][split]["shards"]:
-        path = Path(shard_dir) / entry["name"]
-        if not path.is_file():
-            raise DataError(f"shard {path} listed in {INDEX_NAME} is missing")
-        if verify and (got := sha256_file(path)) != entry["sha256"]:
-            raise DataError(
-                f"shard {path} has sha256 {got}, but {INDEX_NAME} says "
-                f"{entry['sha256']}: the file is corrupt or was changed"
-            )
-        shards.append({**entry, "path": str(path)})
-    if not shards:
-        raise DataError(f"{shard_dir}: split {split!r} has no shards")
-    return shards
+    return read_index(str(shard_dir), FetchPolicy())

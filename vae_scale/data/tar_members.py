@@ -23,7 +23,7 @@ import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from webdataset.tariterators import group_by_keys, tar_file_iterator, url_opener
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator, url_opener
 
 BLOCK = 512
 REGULAR = (b"0", b"\0")  # typeflags of a regular file (old tars use NUL)
@@ -126,3 +126,76 @@ def tar_samples(
 ) -> Iterator[dict[str, Any]]:
     """Shard urls -> samples {"__key__", "__url__", suffix: bytes, ...}."""
     return group_by_keys(_expand(url_opener(src, handler=handler), handler), handler=handler)
+
+
+def _key_and_suffix(name: str) -> tuple[str | None, str]:
+    prefix, suffix = base_plus_ext(name)
+    return prefix, (suffix or "").lower()
+
+
+def group_samples(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict[str, Any]]:
+    """(name, content) members -> samples {"__key__", "__url__", suffix: bytes}, grouped by
+    webdataset's key convention (the name up to the basename's first dot)."""
+    current: dict[str, Any] | None = None
+    for name, content in members:
+        prefix, suffix = _key_and_suffix(name)
+        if prefix is None:
+            continue
+        if current is None or prefix != current["__key__"]:
+            if current is not None:
+                yield current
+            current = {"__key__": prefix, "__url__": url}
+        current[suffix] = content
+    if current is not None:
+        yield current
+
+
+def seek_samples(path: str, wanted: set[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(sample number, sample) of the `wanted` sample numbers of a local plain tar, reading
+    only their members: the others are skipped by their headers (a seek past the data, no
+    read). Raises _NotPlain for headers this walk does not parse (the caller reads the
+    whole shard instead) and tarfile.ReadError on truncation or a bad checksum."""
+    last = max(wanted, default=-1)
+    index, key = -1, None
+    current: dict[str, Any] | None = None
+    with open(path, "rb") as f:
+        while True:
+            pos = f.tell()
+            header = f.read(BLOCK)
+            if len(header) < BLOCK or header.count(0) == BLOCK:
+                if len(header) and len(header) < BLOCK:
+                    raise tarfile.ReadError(f"unexpected end of data at byte {pos}")
+                break
+            stored = _number(header[148:156])
+            plain_sum = sum(header[:148]) + 256 + sum(header[156:])
+            if stored != plain_sum and stored != _signed_sum(header):
+                raise tarfile.ReadError(f"bad tar header checksum at byte {pos}")
+            kind = header[156:157]
+            if kind not in REGULAR and kind not in SKIPPED:
+                raise _NotPlain
+            size = _number(header[124:136])
+            raw = header[:100].split(b"\0", 1)[0]
+            if header[345] != 0:
+                raw = header[345:500].split(b"\0", 1)[0] + b"/" + raw
+            padded = -(-size // BLOCK) * BLOCK
+            name = raw.decode("utf-8", errors="strict") if kind in REGULAR else ""
+            prefix = None if not name or META.match(name) else _key_and_suffix(name)[0]
+            if prefix is not None and prefix != key:
+                if current is not None:
+                    yield index, current
+                    current = None
+                index, key = index + 1, prefix
+                if index > last:
+                    return
+                if index in wanted:
+                    current = {"__key__": prefix, "__url__": path}
+            if current is not None and prefix is not None:
+                data = f.read(size)
+                if len(data) < size:
+                    raise tarfile.ReadError(f"unexpected end of data in member {name!r}")
+                current[_key_and_suffix(name)[1]] = data
+                f.seek(padded - size, 1)
+            else:
+                f.seek(padded, 1)
+    if current is not None:
+        yield index, current

@@ -23,7 +23,7 @@ from torch.optim.swa_utils import AveragedModel
 from vae_scale.errors import ConfigError
 from vae_scale.fsutil import fsync, sha256_file
 from vae_scale.training.ema import EMA_FILE, ema_tensors, load_ema
-from vae_scale.training.logs import truncate_logs
+from vae_scale.training.logs import sample_keys_file, truncate_logs
 from vae_scale.training.state import TrainState
 
 MANIFEST = "manifest.json"
@@ -173,6 +173,9 @@ class Checkpointer:
             ema.update_parameters(core)
         if self.accelerator.is_main_process:
             truncate_logs(self.run_dir, state.opt_step)
+        truncate_logs(
+            self.run_dir, state.opt_step, (sample_keys_file(self.accelerator.process_index),)
+        )
         self.accelerator.print(
             f"resumed from {path} (epoch {state.epoch}, batch {state.batch_in_epoch}, step "
             f"{state.opt_step})"

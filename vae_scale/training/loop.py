@@ -23,11 +23,12 @@ from vae_scale.compat import reset_accelerate_state
 from vae_scale.config import Config
 from vae_scale.data.inputs import prepare_inputs
 from vae_scale.data.loader import ShardSplit
+from vae_scale.data.order import EpochPlan
 from vae_scale.metrics import MetricSums
 from vae_scale.seeding import derive_seed
 from vae_scale.training import setup, tracking
 from vae_scale.training.checkpoint import Checkpointer
-from vae_scale.training.logs import METRICS_FILE, STEPS_FILE, append_row
+from vae_scale.training.logs import METRICS_FILE, STEPS_FILE, append_row, sample_keys_file
 from vae_scale.training.optim import TrainingDiverged, check_divergence
 from vae_scale.training.signals import StopFlag, TrainingInterrupted
 from vae_scale.training.state import TrainState
@@ -60,9 +61,10 @@ class Run:
     models: setup.Models
     checkpointer: Checkpointer
     state: TrainState
-    steps_in: dict[int, int]  # batches per rank in each epoch
+    steps_in: dict[int, int]  # batches per rank in each full epoch
     total_steps: int  # optimizer steps of the whole run (the lr schedule's length)
     stop: StopFlag
+    first_epoch: int  # the first epoch this process trains (its plan is printed)
 
 
 def _train(
@@ -84,7 +86,10 @@ def _train(
     state = TrainState() if resume_from is None else checkpointer.restore(resume_from, models.core)
     run_config = setup.record_run(cfg, accelerator, models, splits["train"], steps_in[1])
     setup.start_tracking(cfg, accelerator, run_config, wandb_mode)
-    run = Run(cfg, accelerator, splits, models, checkpointer, state, steps_in, total_steps, stop)
+    run = Run(
+        cfg, accelerator, splits, models, checkpointer, state, steps_in, total_steps, stop,
+        state.epoch,
+    )  # fmt: skip
 
     picture_inputs = None
     if accelerator.is_main_process and "test" in splits:
@@ -92,7 +97,12 @@ def _train(
     for epoch in range(state.epoch, cfg.train.epochs + 1):
         sums, seconds = train_one_epoch(run, epoch)
         end_of_epoch(run, epoch, sums, seconds, picture_inputs)
-        state.epoch, state.batch_in_epoch, state.epoch_sums = epoch + 1, 0, {}
+        state.epoch, state.batch_in_epoch, state.epoch_sums, state.data_plan = (
+            epoch + 1,
+            0,
+            {},
+            None,
+        )
         checkpointer.save(state)
         if epoch < cfg.train.epochs and stop_requested(run):
             raise TrainingInterrupted(
@@ -108,19 +118,27 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, torch.Tensor], floa
     sums (over all ranks) and its seconds."""
     cfg, accelerator, state, models = run.cfg, run.accelerator, run.state, run.models
     main, device = accelerator.is_main_process, accelerator.device
-    start = state.batch_in_epoch
-    if start == 0:
+    train_data = run.splits["train"]
+    record = state.data_plan if state.batch_in_epoch > 0 else None
+    plan, start = train_data.plan(epoch, cfg.train.grad_accum_steps, record)
+    rank = accelerator.process_index
+    if record is not None and start == 0:  # checkpointed on another topology: re-planned
+        accelerator.print(f"elastic resume: {plan.describe()}")
+        torch.manual_seed(derive_seed(cfg.run.seed, "noise", epoch, rank, plan.generation))
+    elif start == 0:
         # Each rank its own noise stream, a pure function of (seed, epoch, rank); a
         # mid-epoch resume continues the stream restored by load_state instead.
-        torch.manual_seed(derive_seed(cfg.run.seed, "noise", epoch, accelerator.process_index))
+        torch.manual_seed(derive_seed(cfg.run.seed, "noise", epoch, rank))
+    if epoch == run.first_epoch:
+        accelerator.print(plan.describe())
     models.model.train()
     groups = models.plain.latent_group_names
     sums = MetricSums.scalars(epoch_sum_names(groups), device)
-    if start > 0 and main:  # resumed mid-epoch: the global sums of the earlier batches
+    if state.batch_in_epoch > 0 and main:  # resumed mid-epoch: the earlier batches' sums
         sums.load_state_dict(state.epoch_sums)
-    steps = run.steps_in[epoch]
+    steps = plan.steps
     t0 = time.perf_counter()
-    batches = run.splits["train"].train_batches(epoch, start)
+    batches = train_data.train_batches(epoch, start, plan)
     progress = tqdm(
         batches,
         total=steps,
@@ -139,6 +157,11 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, torch.Tensor], floa
             accelerator, m.model, m.plain, m.optimizer, x, cfg, state, run.total_steps, m.ema
         )
         sums.add(**batch_sums(out, x.shape[0], groups, cfg.loss.z_samples))
+        if cfg.train.log_sample_keys:
+            # the optimizer step this batch counts toward (a checkpoint at step S keeps <= S)
+            step = state.opt_step + (0 if out.synced else 1)
+            row = {"epoch": epoch, "global_step": step, "keys": batch["key"]}
+            append_row(cfg.run_dir, sample_keys_file(accelerator.process_index), row)
         if not out.synced:
             continue
         if state.consecutive_bad:
@@ -146,7 +169,7 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, torch.Tensor], floa
         if state.opt_step % cfg.train.log_every_steps == 0:
             log_step(run, epoch, out, progress)
         if i + 1 < steps:
-            mid_epoch_checkpoint(run, epoch, i + 1, sums)
+            mid_epoch_checkpoint(run, epoch, i + 1, sums, plan)
     seconds = time.perf_counter() - t0
     return sums.reduce(accelerator), seconds
 
@@ -179,13 +202,16 @@ def log_step(run: Run, epoch: int, out: StepOutput, progress: Any) -> None:
     run.accelerator.log(row, step=state.opt_step)
 
 
-def mid_epoch_checkpoint(run: Run, epoch: int, batch: int, sums: MetricSums) -> None:
+def mid_epoch_checkpoint(
+    run: Run, epoch: int, batch: int, sums: MetricSums, plan: EpochPlan
+) -> None:
     """After a stop signal: checkpoint and stop; else every train.checkpoint_every_steps."""
     state, every = run.state, run.cfg.train.checkpoint_every_steps
     stopping = stop_requested(run)
     if not (stopping or (every and state.opt_step % every == 0)):
         return
     state.epoch, state.batch_in_epoch = epoch, batch
+    state.data_plan = run.splits["train"].record(plan, batch)
     state.epoch_sums = sums.state_dict(run.accelerator)
     run.checkpointer.save(state)
     if stopping:

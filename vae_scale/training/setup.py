@@ -15,7 +15,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from vae_scale.compat import cpu_has_fast_bf16, uncompiled
 from vae_scale.config import Config
-from vae_scale.data.loader import ShardSplit
+from vae_scale.data.loader import ShardSplit, has_split, split_from_config
 from vae_scale.errors import ConfigError
 from vae_scale.losses import build_likelihood
 from vae_scale.models import VAE, build_model
@@ -52,28 +52,17 @@ def open_splits(cfg: Config, accelerator: Accelerator) -> dict[str, ShardSplit]:
     """The training split (data.train_splits read as one) and val/test where they exist and
     are not trained on."""
     common: dict[str, Any] = dict(
-        shard_dir=cfg.shard_dir,
-        batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.num_workers,
-        seed=cfg.run.seed,
-        on_error=cfg.data.on_error,
-        cache_in_memory=cfg.data.cache_in_memory,
-        world_size=accelerator.num_processes,
-        rank=accelerator.process_index,
+        seed=cfg.run.seed, world_size=accelerator.num_processes, rank=accelerator.process_index
     )
-    splits = {
-        "train": ShardSplit(
-            split="+".join(cfg.data.train_splits),
-            shuffle=True,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            verify=cfg.data.verify_shards and accelerator.is_local_main_process,
-            **common,
-        ),
-    }
+    train = split_from_config(
+        cfg.data, cfg.shard_dir, "+".join(cfg.data.train_splits), shuffle=True,
+        shuffle_buffer=cfg.data.shuffle_buffer, **common,
+    )  # fmt: skip
+    splits = {"train": train}
     for name in ("val", "test"):
-        if name in splits["train"].index["splits"] and name not in cfg.data.train_splits:
-            splits[name] = ShardSplit(split=name, **common)
-    splits["train"].check_enough_shards()
+        if has_split(cfg.data, train, name) and name not in cfg.data.train_splits:
+            splits[name] = split_from_config(cfg.data, cfg.shard_dir, name, **common)
+    train.check_enough_shards()
     return splits
 
 
@@ -129,18 +118,17 @@ def check_capabilities(model: VAE, cfg: Config) -> None:
 
 
 def steps_per_epoch(cfg: Config, train_data: ShardSplit, world_size: int) -> dict[int, int]:
-    """Batches each rank trains per epoch: whole accumulation cycles only, so every epoch ends
-    on an optimizer step."""
+    """Batches each rank trains per full epoch: whole accumulation cycles only, so every epoch
+    ends on an optimizer step."""
     accum = cfg.train.grad_accum_steps
-    steps = {
-        e: train_data.steps_in_epoch(e) // accum * accum for e in range(1, cfg.train.epochs + 1)
-    }
-    if steps[1] == 0:
+    steps = train_data.steps_in_epoch(multiple=accum)
+    if steps == 0:
         raise ConfigError(
-            f"data.batch_size: {cfg.data.batch_size} x {accum} accumulation steps is more than "
-            f"one {world_size}-process epoch of {train_data.num_samples} training samples holds"
+            f"data.batch_size: {cfg.data.batch_size} x {accum} accumulation steps x "
+            f"{world_size} processes is more than one epoch of {train_data.num_samples} "
+            f"training samples holds"
         )
-    return steps
+    return dict.fromkeys(range(1, cfg.train.epochs + 1), steps)
 
 
 def record_run(
@@ -151,8 +139,10 @@ def record_run(
     if not accelerator.is_main_process:
         return {}
     global_batch = cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum_steps
-    index_summary = {k: v for k, v in train_data.index.items() if k != "splits"}
-    index_summary["splits"] = {k: v["num_samples"] for k, v in train_data.index["splits"].items()}
+    index = train_data.index or {"image_shape": list(train_data.image_shape), "splits": {}}
+    index_summary = {k: v for k, v in index.items() if k != "splits"}
+    index_summary["splits"] = {k: v["num_samples"] for k, v in index["splits"].items()}
+    index_summary["image_shape"] = list(train_data.image_shape)
     run_config = {
         **cfg.to_dict(),
         "git_commit": tracking.git_commit(),

@@ -22,6 +22,8 @@ class TrainState:
     ema_updates: int = 0
     # The current epoch's metric sums so far, summed over ranks (mid-epoch checkpoints).
     epoch_sums: dict[str, list[float]] = field(default_factory=dict)
+    # Where the epoch's data stands (data/order.py's plan record; mid-epoch checkpoints).
+    data_plan: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

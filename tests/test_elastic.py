@@ -1,0 +1,125 @@
+"""Elastic resume through the real CLI: a run stopped mid-epoch by a signal on one topology
+continues on another (2 processes -> 1 process with 2 loader workers, 1 process -> 3
+processes); the keys trained in the interrupted epoch, read back from every rank's
+sample_keys log, hold each sample at most once and leave out less than one global batch."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, tiny_overrides
+from conftest import TINY_FREY as TINY
+from vae_scale.training import checkpoint
+
+pytestmark = pytest.mark.slow
+
+BATCH = 10
+TOTAL = 1765  # Frey training faces
+
+
+def command(processes: int) -> list[str]:
+    if processes == 1:
+        return [sys.executable, "-m", "vae_scale.cli"]
+    accelerate = Path(sys.executable).with_name("accelerate")
+    return [
+        str(accelerate), "launch", "--config_file", str(REPO / "launch" / "cpu_2proc.yaml"),
+        "--num_processes", str(processes), "-m", "vae_scale.cli",
+    ]  # fmt: skip
+
+
+def descendants(pid: int) -> list[int]:
+    """pid and every process below it (torchrun starts its workers in new sessions, so a
+    process-group signal would miss them; Slurm signals every process of the step)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo += parents.get(p, [])
+    return found
+
+
+def run_trainer(shards, run_dir, processes, workers, stop_after_rows=None):
+    args = [
+        *command(processes),
+        "train",
+        str(REPO / "configs" / "frey_conv.yaml"),
+        *tiny_overrides(shards, run_dir, *TINY),
+        "run.name=elastic",
+        f"data.batch_size={BATCH}",
+        f"data.num_workers={workers}",
+        "train.epochs=2",
+        "train.log_every_steps=1",
+        "train.log_sample_keys=true",
+        "eval.picture_epochs=[]",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WANDB_"))}
+    env["PYTHONPATH"] = str(REPO)
+    # The launcher ignores SIGUSR1 (as slurm/train.sbatch makes it); the trainers checkpoint.
+    proc = subprocess.Popen(
+        ["bash", "-c", 'trap "" USR1; exec "$@"', "bash", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    steps = run_dir / "elastic" / "steps.jsonl"
+    if stop_after_rows is not None:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            if steps.is_file() and len(steps.read_text().splitlines()) >= stop_after_rows:
+                for pid in descendants(proc.pid):
+                    try:
+                        os.kill(pid, signal.SIGUSR1)
+                    except ProcessLookupError:
+                        pass
+                break
+            time.sleep(0.05)
+    out, _ = proc.communicate(timeout=300)
+    return proc.returncode, out
+
+
+def trained_keys(run_dir: Path, epoch: int) -> list[str]:
+    keys = []
+    for path in sorted((run_dir / "elastic" / "sample_keys").glob("rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if row["epoch"] == epoch:
+                keys += row["keys"]
+    return keys
+
+
+@pytest.mark.parametrize("before, after", [((2, 0), (1, 2)), ((1, 0), (3, 0))])
+def test_stopped_run_resumes_on_another_topology_without_repeating_a_sample(
+    frey_shards, tmp_path, before, after
+):
+    code, out = run_trainer(frey_shards, tmp_path, *before, stop_after_rows=12)
+    assert code != 0, out  # stopped by the signal (3 from the trainer)
+    latest = checkpoint.latest_checkpoint(tmp_path / "elastic" / "checkpoints")
+    state = checkpoint.read_train_state(latest)
+    epoch = state["epoch"]
+    assert state["batch_in_epoch"] > 0 and state["data_plan"]["topology"][0] == before[0], out
+    code, out = run_trainer(frey_shards, tmp_path, *after)
+    assert code == 0, out
+    assert "elastic resume" in out
+    keys = trained_keys(tmp_path, epoch)
+    assert len(keys) == len(set(keys))  # no sample of the interrupted epoch twice
+    left_out = TOTAL - len(keys)
+    assert 0 <= left_out <= after[0] * BATCH - 1  # only the last plan leaves any out
+    rows = [json.loads(r) for r in (tmp_path / "elastic" / "metrics.jsonl").open()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[epoch - 1]["train/num_samples"] == len(keys)

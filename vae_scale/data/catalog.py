@@ -1,0 +1,142 @@
+"""A split's shards: where each one is, and what index.json says of it (count, sha256).
+
+Two kinds of source:
+- a dataset location (a local folder or a URL) holding index.json and the shards it names,
+  as `vae-scale shard` writes them: counts, hashes and the image shape come from the index;
+- explicit shard URLs for a split (a brace pattern, several joined by '::', or pipe:
+  commands), e.g. a WebDataset written by another tool. index.json is read beside them
+  (or from an explicit location) when it exists; without one, counts are unknown.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vae_scale.data import remote
+from vae_scale.data.shards import FORMAT_VERSION, INDEX_NAME
+from vae_scale.errors import DataError
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    url: str
+    num_samples: int | None = None  # None: no index.json lists this shard
+    sha256: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+
+def read_index(location: str, policy: remote.FetchPolicy, required: bool = True) -> dict | None:
+    """index.json at `location` (a dataset folder or URL, or the index file itself), checked
+    for the fields the loader reads; None when absent and not `required`."""
+    url = location if location.endswith(".json") else remote.join(location, INDEX_NAME)
+    if remote.is_local(url):
+        folder = Path(remote.local_path(url)).parent
+        if not folder.is_dir():
+            if not required:
+                return None
+            raise DataError(
+                f"shard folder {folder} does not exist: run `vae-scale shard {folder.name}` "
+                f"first (or set data.shards_dir)"
+            )
+        if not Path(remote.local_path(url)).is_file():
+            if not required:
+                return None
+            raise DataError(
+                f"{url} is missing: {folder} is not a complete shard folder; re-run "
+                f"`vae-scale shard {folder.name} --force`"
+            )
+    try:
+        text = remote.fetch(url, remote.FetchPolicy(retries=policy.retries, timeout_s=30))
+    except DataError:
+        if required:
+            raise
+        return None
+    return check_index(url, text)
+
+
+def check_index(url: str, text: bytes | str) -> dict[str, Any]:
+    try:
+        index = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{url}: not valid JSON ({err})") from err
+    if not isinstance(index, dict):
+        raise DataError(f"{url}: expected a JSON object, got {type(index).__name__}")
+    if index.get("format_version") != FORMAT_VERSION:
+        raise DataError(
+            f"{url}: format_version {index.get('format_version')!r}, expected "
+            f"{FORMAT_VERSION}; re-shard with `vae-scale shard ... --force`"
+        )
+    splits = index.get("splits")
+    shape = index.get("image_shape")
+    if not isinstance(splits, dict) or not (isinstance(shape, list) and len(shape) == 3):
+        raise DataError(f"{url}: expected 'splits' (an object) and 'image_shape' ([C, H, W])")
+    for name, split in splits.items():
+        shards = split.get("shards") if isinstance(split, dict) else None
+        if not isinstance(shards, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("name"), str) and _count_ok(s) for s in shards
+        ):
+            raise DataError(
+                f"{url}: split {name!r}: expected 'shards', a list of objects with 'name' and "
+                f"'num_samples' (an integer >= 0)"
+            )
+    return index
+
+
+def _count_ok(entry: dict[str, Any]) -> bool:
+    n = entry.get("num_samples")
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
+
+
+def indexed_entries(location: str, index: dict[str, Any], split: str) -> list[ShardEntry]:
+    """The shards index.json lists for `split`, located beside it; local ones must exist."""
+    if split not in index["splits"]:
+        raise DataError(
+            f"{remote.join(location, INDEX_NAME)}: no split {split!r} (has "
+            f"{sorted(index['splits'])})"
+        )
+    entries = []
+    for shard in index["splits"][split]["shards"]:
+        url = remote.join(location, shard["name"])
+        if remote.is_local(url) and not Path(remote.local_path(url)).is_file():
+            raise DataError(f"shard {url} listed in {INDEX_NAME} is missing")
+        entries.append(ShardEntry(url, shard["num_samples"], shard.get("sha256")))
+    if not entries:
+        raise DataError(f"{location}: split {split!r} has no shards")
+    return entries
+
+
+def pattern_entries(pattern: str, index: dict[str, Any] | None) -> list[ShardEntry]:
+    """The shards of a URL pattern, with counts and hashes where `index` lists their names."""
+    urls = remote.expand(pattern)
+    if not urls:
+        raise DataError(f"data.urls: {pattern!r} names no shard")
+    known: dict[str, dict[str, Any]] = {}
+    for split in (index or {}).get("splits", {}).values():
+        known.update({s["name"]: s for s in split["shards"]})
+    entries = []
+    for url in urls:
+        meta = known.get(url.rsplit("/", 1)[-1])
+        if url.startswith("pipe:"):  # the shard the command names, e.g. s3://b/train-01.tar
+            words = url[5:].split()
+            meta = next((m for n, m in known.items() if any(_names(w, n) for w in words)), None)
+        if meta is None:
+            entries.append(ShardEntry(url))
+        else:
+            entries.append(ShardEntry(url, meta["num_samples"], meta.get("sha256")))
+    return entries
+
+
+def _names(word: str, name: str) -> bool:
+    return word == name or word.endswith("/" + name)
+
+
+def index_location(pattern: str) -> str | None:
+    """Where index.json would sit beside the shards of `pattern` (None for pipe: commands)."""
+    first = remote.expand(pattern)[0]
+    return None if first.startswith("pipe:") else remote.dirname(first)
