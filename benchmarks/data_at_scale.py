@@ -33,9 +33,7 @@ def old_batches_per_rank(counts: list[int], world: int, workers: int, batch: int
     """The rule of the loader before the global order (commit 487c4b9): whole shards per rank
     (split_by_node) and worker (split_by_worker), each worker dropping its partial batch."""
     w = max(1, workers)
-    return [
-        sum(sum(counts[rank::world][v::w]) // batch for v in range(w)) for rank in range(world)
-    ]
+    return [sum(sum(counts[rank::world][v::w]) // batch for v in range(w)) for rank in range(world)]
 
 
 def dropped_rows() -> list[str]:
