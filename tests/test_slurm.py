@@ -26,7 +26,7 @@ SLURM_LOCAL = REPO / "tests" / "helpers" / "slurm_local.sh"
 
 FAKE_SRUN = """#!/bin/bash
 # stand-in srun: one task per node, run one after the other with that node's SLURM_NODEID
-while [[ $1 == -* ]]; do shift; done
+while [[ $1 == -* ]]; do echo "$1" >>"$FAKE_LOG.srun"; shift; done
 status=0
 for ((node = 0; node < SLURM_JOB_NUM_NODES; node++)); do
     SLURM_NODEID=$node SLURM_PROCID=$node "$@" || status=$?
@@ -96,10 +96,11 @@ def fake_slurm(tmp_path):
             ["bash", str(script), *args], env=base, capture_output=True, text=True, timeout=60
         )
         calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-        scontrol = Path(f"{log}.scontrol")
+        scontrol, srun = Path(f"{log}.scontrol"), Path(f"{log}.srun")
         requeues = scontrol.read_text().splitlines() if scontrol.exists() else []
-        log.unlink(missing_ok=True)
-        scontrol.unlink(missing_ok=True)
+        run.srun_options = srun.read_text().split() if srun.exists() else []
+        for path in (log, scontrol, srun):
+            path.unlink(missing_ok=True)
         return proc, calls, requeues
 
     run.submit_dir = submit_dir
@@ -128,7 +129,9 @@ def test_sbatch_starts_one_launcher_per_node_with_its_machine_rank(fake_slurm):
     )
     assert proc.returncode == 0, proc.stderr
     assert len(calls) == 2 and not requeues
-    port = str(20000 + 1234 % 20000)
+    port = str(20000 + 1234 % 12000)
+    assert "--cpus-per-task=64" in fake_slurm.srun_options  # srun does not inherit it
+    assert "--ntasks-per-node=1" in fake_slurm.srun_options
     for node, call in enumerate(calls):
         assert call["argv"] == [
             "launch",
@@ -154,6 +157,32 @@ def test_sbatch_starts_one_launcher_per_node_with_its_machine_rank(fake_slurm):
         assert call["usr1_ignored"]  # the launcher must survive the time-limit signal
         assert call["omp"] == "8" and call["use_cpu"] is None
         assert call["cwd"] == str(fake_slurm.submit_dir)
+
+
+def test_sbatch_refuses_more_than_one_launcher_per_node_and_keeps_ports_low(fake_slurm):
+    proc, calls, _ = fake_slurm(
+        SBATCH,
+        [],
+        SLURM_JOB_ID="7",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_NTASKS="16",
+        SLURM_NTASKS_PER_NODE="8",
+        SLURM_JOB_NODELIST="gpu[1-2]",
+        FAKE_HOSTS="gpu1 gpu2",
+        SLURM_GPUS_ON_NODE="8",
+    )
+    assert proc.returncode == 2 and "one task per node" in proc.stderr and not calls
+    proc, calls, _ = fake_slurm(
+        SBATCH,
+        [],
+        SLURM_JOB_ID="31999",
+        SLURM_JOB_NUM_NODES="1",
+        SLURM_JOB_NODELIST="gpu1",
+        FAKE_HOSTS="gpu1",
+        SLURM_GPUS_ON_NODE="8",
+    )
+    port = int(calls[0]["argv"][calls[0]["argv"].index("--main_process_port") + 1])
+    assert proc.returncode == 0 and 20000 <= port < 32768  # below the ephemeral range
 
 
 def test_sbatch_cpu_mode_uses_the_gloo_config(fake_slurm):

@@ -54,6 +54,31 @@ def cmd_shard(args: argparse.Namespace) -> None:
     print(f"{out_dir}: {counts}")
 
 
+def count(minimum: int):
+    """An argparse type: an integer >= `minimum` (a bad value is an argument error, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def non_negative_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
 def _crop_option(text: str) -> str:
     from vae_scale.data.folder_sharder import parse_crop
 
@@ -79,8 +104,6 @@ def _shard_images(args: argparse.Namespace, recipe: Any, data_root: Path) -> Non
         collection.name = args.name
     crop = _crop_option(args.crop or collection.default_crop)
     size = 64 if args.size is None else args.size
-    if size < 1:
-        raise DataError(f"--size: expected a positive number of pixels, got {size}")
     preprocess = folder_sharder.Preprocess(size=size, crop=crop)
     out_dir = Path(args.out) / collection.name
     shard_size = args.shard_size or recipe.default_shard_size
@@ -89,8 +112,6 @@ def _shard_images(args: argparse.Namespace, recipe: Any, data_root: Path) -> Non
             raise DataError("--merge-index runs once after all tasks: drop --task-index")
         folder_sharder.merge_index_if_needed(collection, out_dir, preprocess, shard_size)
         return
-    if args.workers is not None and args.workers < 1:
-        raise DataError(f"--workers: expected >= 1, got {args.workers}")
     print(
         f"sharding {collection.name} from {source} -> {out_dir} "
         f"({size}x{size}, crop {crop}, {shard_size} per shard)"
@@ -144,8 +165,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
     try:
         run = load_run(args.run_dir, args.checkpoint, accelerator.device)
         cfg = run.cfg
-        if args.refine_steps < 0:
-            raise ConfigError(f"--refine-steps: expected an integer >= 0, got {args.refine_steps}")
         if args.refine_steps:
             check_single_latent(run.model, "--refine-steps", "posterior refinement")
         data = split_from_config(
@@ -297,24 +316,24 @@ def _add_shard_command(sub: Any) -> None:
         "<data root>/<dataset folder>, e.g. data/freyface)",
     )
     shard.add_argument("--out", default="shards", help="shards go to OUT/DATASET (default: shards)")
-    shard.add_argument("--shard-size", type=int, default=None, help="samples per shard")
+    shard.add_argument("--shard-size", type=count(1), default=None, help="samples per shard")
     shard.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split")
     shard.add_argument("--force", action="store_true", help="rebuild even if up to date")
     shard.add_argument("--no-download", action="store_true", help="never use the network")
     images = shard.add_argument_group("image datasets (celeba, folder)")
-    images.add_argument("--size", type=int, help="output images are SIZE x SIZE (default 64)")
+    images.add_argument("--size", type=count(1), help="output images are SIZE x SIZE (default 64)")
     images.add_argument(
         "--crop",
         help="centre square crop before resizing: 'square' (largest), a fraction of the width "
         "like 148/178 (celeba's default) or 0.8, or pixels like 148 (folder default: square)",
     )
-    images.add_argument("--workers", type=int, help="writer processes (default: all CPUs)")
+    images.add_argument("--workers", type=count(1), help="writer processes (default: all CPUs)")
     images.add_argument("--name", help="shards go to OUT/NAME (folder default: its name)")
     images.add_argument(
         "--labels-from-subfolders", action="store_true", help="class = first sub-folder name"
     )
-    images.add_argument("--task-index", type=int, help="this task's slice (SLURM array)")
-    images.add_argument("--num-tasks", type=int, help="number of slices (SLURM array)")
+    images.add_argument("--task-index", type=count(0), help="this task's slice (SLURM array)")
+    images.add_argument("--num-tasks", type=count(1), help="number of slices (SLURM array)")
     images.add_argument(
         "--merge-index", action="store_true", help="after all tasks: check shards, write index"
     )
@@ -343,18 +362,18 @@ def _add_train_and_eval_commands(sub: Any) -> None:
     ev.add_argument("--split", default="test")
     ev.add_argument(
         "--iw-samples",
-        type=int,
+        type=count(0),
         default=1000,
         help="K of the importance-weighted bound (0: skip; the MNIST literature uses 5000)",
     )
     ev.add_argument(
         "--refine-steps",
-        type=int,
+        type=count(0),
         default=0,
         help="also report the neg. ELBO with each test image's posterior refined by this many "
         "Adam steps from the encoder's (semi-amortized; 100 closes most of the gap; 0: skip)",
     )
-    ev.add_argument("--batch-size", type=int, default=100)
+    ev.add_argument("--batch-size", type=count(1), default=100)
     ev.add_argument("--checkpoint", help="checkpoint folder (default: the latest complete)")
     ev.set_defaults(func=cmd_eval)
 
@@ -371,17 +390,17 @@ def _add_picture_commands(sub: Any) -> None:
         p.add_argument("run_dir")
         p.add_argument("--checkpoint", help="checkpoint folder (default: the latest complete)")
         p.add_argument("--split", default="test")
-        p.add_argument("--n", type=int, default=64 if name == "sample" else 8)
-        p.add_argument("--temperature", type=float, default=1.0)
-        p.add_argument("--dim", type=int, default=0)
-        p.add_argument("--rows", type=int, default=4)
-        p.add_argument("--steps", type=int, default=9)
+        p.add_argument("--n", type=count(1), default=64 if name == "sample" else 8)
+        p.add_argument("--temperature", type=non_negative_number, default=1.0)
+        p.add_argument("--dim", type=count(0), default=0)
+        p.add_argument("--rows", type=count(1), default=4)
+        p.add_argument("--steps", type=count(1), default=9)
         p.add_argument("--range", type=float, default=3.0)
         if name == "edit":
             p.add_argument("--attribute", required=True, help="e.g. Smiling, Eyeglasses, Male")
             p.add_argument("--attr-split", default="train", help="split the vector comes from")
             p.add_argument(
-                "--max-images", type=int, default=5000, help="images of --attr-split (0: all)"
+                "--max-images", type=count(0), default=5000, help="images of --attr-split (0: all)"
             )
         # edit: rows = faces, steps -2..+2; interpolate: rows = pairs, steps = latent points
         defaults = {"edit": {"steps": 5, "range": 2.0}, "interpolate": {"n": 6, "steps": 8}}

@@ -7,6 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from vae_scale.errors import ConfigError
+from vae_scale.training.logs import read_rows
+
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -20,11 +23,14 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _run_summary(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    if not (run_dir / "config.json").is_file():
+        what = "does not exist" if not run_dir.exists() else "has no config.json"
+        raise ConfigError(f"{run_dir} {what}: not a vae_scale run folder")
     config = json.loads((run_dir / "config.json").read_text())
     sections = ("run", "data", "model", "loss", "train", "eval")
     flat = _flatten({k: config[k] for k in sections if k in config})
     flat.pop("run.dir", None)
-    rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines() if r]
+    rows = read_rows(run_dir)  # no metrics.jsonl yet (a run stopped in epoch 1): no rows
     final: dict[str, Any] = {}
     if rows:
         final = {k: v for k, v in rows[-1].items() if k.startswith(("val/", "test/"))}

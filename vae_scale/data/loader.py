@@ -15,7 +15,7 @@ Design (each point answers a known trap of webdataset under Accelerate, or of da
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,7 @@ class ShardSplit:
     image_keys: tuple[str, ...] = IMAGE_SUFFIXES
     label_key: str | None = "cls"
     policy: remote.FetchPolicy = field(default_factory=remote.FetchPolicy)
+    worker_init: Callable[[int], None] | None = None  # DataLoader worker_init_fn
 
     def __post_init__(self) -> None:
         self.index = self._open_index()
@@ -204,6 +205,7 @@ class ShardSplit:
             num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(seed),
             collate_fn=_as_is,  # batches are already tensors (default_convert is slow)
+            worker_init_fn=self.worker_init if self.num_workers > 0 else None,
             pin_memory=torch.cuda.is_available(),
             **extra,
         )

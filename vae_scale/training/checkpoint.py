@@ -8,6 +8,7 @@ mid-write leaves the previous checkpoint as the latest.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -55,16 +56,34 @@ def save_checkpoint(
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             _finish(tmp, final, ckpt_root, step, train_state, keep)
-    except OSError as err:  # e.g. ENOSPC: the previous checkpoint stays the latest
+    except Exception as err:  # the previous checkpoint stays the latest
         shutil.rmtree(tmp, ignore_errors=True)
+        code = _disk_full_errno(err, ckpt_root)
+        if code is None:
+            raise
         previous = latest_checkpoint(ckpt_root)
-        raise OSError(
-            err.errno,
-            f"writing checkpoint {final} failed ({err}); the previous checkpoint "
-            f"{previous} is intact and `--resume auto` will use it",
-        ) from err
+        kept = (
+            f"the previous checkpoint {previous} is intact and `--resume auto` will use it"
+            if previous
+            else "no earlier checkpoint exists"
+        )
+        raise OSError(code, f"writing checkpoint {final} failed ({err}); {kept}") from err
     accelerator.wait_for_everyone()
     return final
+
+
+def _disk_full_errno(err: BaseException, folder: Path) -> int | None:
+    """ENOSPC/EDQUOT when `err` (an OSError, or torch's and safetensors' own write errors,
+    which carry no errno) comes from a full disk or quota; None for other errors."""
+    for e in (err, err.__cause__, err.__context__):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e.errno
+    try:
+        full = shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        full = False
+    text = str(err).lower()
+    return errno.ENOSPC if full or "no space" in text or "quota" in text else None
 
 
 def _finish(
@@ -143,7 +162,25 @@ class Checkpointer:
 
     def find(self, resume: str) -> Path | None:
         """The checkpoint `--resume` asks for: 'auto' (the newest that verifies, if any),
-        'none' (refuse a folder that has checkpoints) or a checkpoint folder."""
+        'none' (refuse a folder that has checkpoints) or a checkpoint folder. The main process
+        chooses and verifies, and every rank gets its choice (ranks on a network file system
+        could otherwise see different folders, and each would hash every file)."""
+        choice: list[Any] = [None, None]
+        if self.accelerator.is_main_process:
+            try:
+                choice[0] = self._choose(resume)
+            except ConfigError as err:
+                choice[1] = str(err)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(choice, from_process=0)
+        if choice[1] is not None:
+            raise ConfigError(choice[1])
+        self.latest = None if choice[0] is None else Path(choice[0])
+        return self.latest
+
+    def _choose(self, resume: str) -> str | None:
         if resume == "none":
             if latest_checkpoint(self.root) is not None:
                 raise ConfigError(
@@ -152,15 +189,21 @@ class Checkpointer:
                 )
             return None
         if resume == "auto":
-            self.latest = latest_checkpoint(self.root, verify_hashes=True)
-            return self.latest
+            path = latest_checkpoint(self.root, verify_hashes=True)
+            written = sorted(self.root.glob(f"{PREFIX}*")) if self.root.is_dir() else []
+            if path is None and written:
+                raise ConfigError(
+                    f"{self.root} holds {len(written)} checkpoint(s) but none verifies (damaged "
+                    f"or incomplete); training from scratch would silently restart the run. "
+                    f"Move them away and pass --resume none, or --resume a checkpoint folder"
+                )
+            return None if path is None else str(path)
         path = Path(resume)
         if not is_complete(path, verify_hashes=True):
             raise ConfigError(
                 f"--resume {path}: not a complete checkpoint folder (no valid {MANIFEST})"
             )
-        self.latest = path
-        return path
+        return str(path)
 
     def restore(self, path: Path, core: torch.nn.Module) -> TrainState:
         """Load `path` into the prepared objects; `core` is the unwrapped model (the EMA

@@ -7,6 +7,7 @@ pictures) and a checkpoint (training/checkpoint.py).
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +25,20 @@ from vae_scale.config import Config
 from vae_scale.data.inputs import prepare_inputs
 from vae_scale.data.loader import ShardSplit
 from vae_scale.data.order import EpochPlan
+from vae_scale.errors import ConfigError
 from vae_scale.metrics import MetricSums
 from vae_scale.seeding import derive_seed
 from vae_scale.training import setup, tracking
 from vae_scale.training.checkpoint import Checkpointer
-from vae_scale.training.logs import METRICS_FILE, STEPS_FILE, append_row, sample_keys_file
+from vae_scale.training.logs import (
+    METRICS_FILE,
+    STEPS_FILE,
+    append_row,
+    sample_keys_file,
+    truncate_logs,
+)
 from vae_scale.training.optim import TrainingDiverged, check_divergence
+from vae_scale.training.run_folder import RunLock, check_same_run
 from vae_scale.training.signals import StopFlag, TrainingInterrupted
 from vae_scale.training.state import TrainState
 from vae_scale.training.step import StepOutput, batch_sums, epoch_sum_names, train_step
@@ -41,10 +50,13 @@ def train(cfg: Config, resume: str = "auto") -> Path:
     """Train `cfg`; returns the run folder. `resume`: 'auto', 'none' or a checkpoint path."""
     wandb_mode = tracking.resolve_mode(cfg.wandb.mode)
     accelerator = setup.make_accelerator(cfg, wandb_mode)
+    lock = RunLock(cfg.run_dir)
     try:
         with StopFlag() as stop:
-            return _train(cfg, accelerator, wandb_mode, resume, stop)
+            run = start_run(cfg, accelerator, wandb_mode, resume, stop, lock)
+            return train_epochs(run)
     finally:
+        lock.release()
         # A clean process-group teardown, also on errors (rank 0 otherwise may abort); then
         # forget Accelerate's singletons so another train() in this process starts afresh.
         accelerator.end_training()
@@ -67,50 +79,79 @@ class Run:
     first_epoch: int  # the first epoch this process trains (its plan is printed)
 
 
-def _train(
-    cfg: Config, accelerator: Accelerator, wandb_mode: str, resume: str, stop: StopFlag
-) -> Path:
-    run_dir = cfg.run_dir
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    checkpointer = Checkpointer(accelerator, run_dir, cfg.train.keep_checkpoints)
-    resume_from = checkpointer.find(resume)
-
-    set_seed(cfg.run.seed)  # identical initial weights on every rank
-    splits = setup.open_splits(cfg, accelerator)
-    models = setup.build_models(cfg, accelerator, splits["train"].image_shape)
-    checkpointer.ema = models.ema
-    steps_in = setup.steps_per_epoch(cfg, splits["train"], accelerator.num_processes)
-    total_steps = sum(steps_in.values()) // cfg.train.grad_accum_steps
-    state = TrainState() if resume_from is None else checkpointer.restore(resume_from, models.core)
-    run_config = setup.record_run(cfg, accelerator, models, splits["train"], steps_in[1])
-    setup.start_tracking(cfg, accelerator, run_config, wandb_mode)
-    run = Run(
+def start_run(
+    cfg: Config,
+    accelerator: Accelerator,
+    wandb_mode: str,
+    resume: str,
+    stop: StopFlag,
+    lock: RunLock,
+) -> Run:
+    """Lock the run folder, choose what to resume, build data and models. A start that fails
+    leaves no run folder behind that it created."""
+    run_dir, main = cfg.run_dir, accelerator.is_main_process
+    created = main and not run_dir.exists()
+    try:
+        refusal = None
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                lock.acquire()
+            except ConfigError as err:
+                created, refusal = False, err  # the folder is the other trainer's
+        setup.agree(accelerator, refusal)
+        checkpointer = Checkpointer(accelerator, run_dir, cfg.train.keep_checkpoints)
+        resume_from = checkpointer.find(resume)
+        if resume_from is not None:
+            check_same_run(cfg, run_dir)
+        else:  # a fresh start: no rows of an attempt that died before its first checkpoint
+            logs = (sample_keys_file(accelerator.process_index),)
+            truncate_logs(run_dir, 0, (METRICS_FILE, STEPS_FILE, *logs) if main else logs)
+        set_seed(cfg.run.seed)  # identical initial weights on every rank
+        splits = setup.open_splits(cfg, accelerator)
+        models = setup.build_models(cfg, accelerator, splits["train"].image_shape)
+        checkpointer.ema = models.ema
+        steps_in = setup.steps_per_epoch(cfg, splits["train"], accelerator.num_processes)
+        total_steps = sum(steps_in.values()) // cfg.train.grad_accum_steps
+        state = TrainState()
+        if resume_from is not None:
+            state = checkpointer.restore(resume_from, models.core)
+        run_config = setup.record_run(cfg, accelerator, models, splits["train"], steps_in[1])
+        setup.start_tracking(cfg, accelerator, run_config, wandb_mode)
+    except BaseException:
+        if created and not (run_dir / "checkpoints").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    return Run(
         cfg, accelerator, splits, models, checkpointer, state, steps_in, total_steps, stop,
         state.epoch,
     )  # fmt: skip
 
+
+def train_epochs(run: Run) -> Path:
+    """for epoch: train_one_epoch, end_of_epoch (evaluate, log, pictures), checkpoint."""
+    cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    if state.epoch > cfg.train.epochs:
+        accelerator.print(
+            f"{cfg.run_dir} has already trained {state.epoch - 1} epochs (train.epochs="
+            f"{cfg.train.epochs}): nothing to do; raise train.epochs to train longer"
+        )
     picture_inputs = None
-    if accelerator.is_main_process and "test" in splits:
-        picture_inputs = first_images(splits["test"], cfg.eval.recon_rows)
+    if accelerator.is_main_process and "test" in run.splits:
+        picture_inputs = first_images(run.splits["test"], cfg.eval.recon_rows)
     for epoch in range(state.epoch, cfg.train.epochs + 1):
         sums, seconds = train_one_epoch(run, epoch)
         end_of_epoch(run, epoch, sums, seconds, picture_inputs)
-        state.epoch, state.batch_in_epoch, state.epoch_sums, state.data_plan = (
-            epoch + 1,
-            0,
-            {},
-            None,
-        )
-        checkpointer.save(state)
+        state.epoch, state.batch_in_epoch = epoch + 1, 0
+        state.epoch_sums, state.data_plan = {}, None
+        run.checkpointer.save(state)
         if epoch < cfg.train.epochs and stop_requested(run):
             raise TrainingInterrupted(
                 f"stop signal received: checkpointed at the end of epoch {epoch}; run the "
                 f"same command to resume"
             )
     accelerator.wait_for_everyone()
-    return run_dir
+    return cfg.run_dir
 
 
 def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, torch.Tensor], float]:

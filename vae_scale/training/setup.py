@@ -23,6 +23,7 @@ from vae_scale.models.base import check_single_latent
 from vae_scale.training import tracking
 from vae_scale.training.ema import make_ema
 from vae_scale.training.optim import build_optimizer
+from vae_scale.training.signals import ignore_stop_signals
 
 
 def make_accelerator(cfg: Config, wandb_mode: str) -> Accelerator:
@@ -48,11 +49,25 @@ def make_accelerator(cfg: Config, wandb_mode: str) -> Accelerator:
     )
 
 
+def agree(accelerator: Accelerator, refusal: Exception | None) -> None:
+    """Raise on every rank when any rank refuses to start (a refusal on one rank alone would
+    leave the others waiting at the next collective)."""
+    failed = refusal is not None
+    if accelerator.num_processes > 1:
+        flag = torch.tensor(float(failed), device=accelerator.device)
+        failed = accelerator.reduce(flag, "max").item() > 0
+    if failed:
+        raise refusal or ConfigError("another process refused to start this run (see its error)")
+
+
 def open_splits(cfg: Config, accelerator: Accelerator) -> dict[str, ShardSplit]:
     """The training split (data.train_splits read as one) and val/test where they exist and
     are not trained on."""
     common: dict[str, Any] = dict(
-        seed=cfg.run.seed, world_size=accelerator.num_processes, rank=accelerator.process_index
+        seed=cfg.run.seed,
+        world_size=accelerator.num_processes,
+        rank=accelerator.process_index,
+        worker_init=ignore_stop_signals,  # the main process alone stops (and checkpoints)
     )
     train = split_from_config(
         cfg.data, cfg.shard_dir, "+".join(cfg.data.train_splits), shuffle=True,

@@ -1,8 +1,10 @@
-"""Graceful stop on SIGTERM / SIGUSR1 (Slurm preemption): finish the step, checkpoint, exit.
+"""Graceful stop on SIGTERM / SIGUSR1 (Slurm preemption) and Ctrl-C (SIGINT): finish the
+step, checkpoint, exit.
 
 The handler only sets a flag; the training loop polls it at optimizer-step boundaries and, under
-DDP, all ranks agree (max-reduce) so every rank stops after the same step. A second SIGTERM
-exits at once.
+DDP, all ranks agree (max-reduce) so every rank stops after the same step. A second SIGTERM or
+Ctrl-C exits at once. Loader workers ignore the stop signals (`ignore_stop_signals`): a
+scheduler that signals the whole process group must not kill them under the main process.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from types import FrameType
 
 #: Exit status of a run that checkpointed after a stop signal: "requeue me" (slurm/train.sbatch).
 REQUEUE_EXIT_CODE = 3
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class TrainingInterrupted(Exception):
@@ -30,8 +32,10 @@ class StopFlag:
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is not None and signum == signal.SIGTERM:
-            os._exit(128 + signum)  # second SIGTERM: the user (or Slurm) means it
+        if self.received is not None and signum in (signal.SIGTERM, signal.SIGINT):
+            os._exit(128 + signum)  # a second SIGTERM or Ctrl-C: the user (or Slurm) means it
+        if signum == signal.SIGINT:
+            print("\nCtrl-C: stopping after this step with a checkpoint (again: stop now)")
         self.received = signum
 
     def __enter__(self) -> StopFlag:
@@ -46,3 +50,9 @@ class StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: the main process alone decides when to stop."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
