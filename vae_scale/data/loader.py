@@ -32,7 +32,6 @@ from vae_scale.data.order import (
     EpochPlan,
     Topology,
     global_order,
-    pack_ids,
     plan_record,
     steps_for,
     unpack_ids,
@@ -169,10 +168,7 @@ class ShardSplit:
 
     def record(self, plan: EpochPlan, rank_batches: int) -> dict[str, Any]:
         """The plan record a mid-epoch checkpoint keeps."""
-        full = plan.generation == 0
-        out = plan_record(plan, rank_batches, self.num_samples, full)
-        if not full:
-            out["plan_samples"] = pack_ids(plan.samples, self.num_samples)
+        out = plan_record(plan, rank_batches, self.num_samples, full=plan.generation == 0)
         out["shuffle_block"] = plan.shuffle_block
         return out
 

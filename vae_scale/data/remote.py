@@ -41,8 +41,7 @@ class FetchPolicy:
 
 
 def is_local(url: str) -> bool:
-    scheme = urlparse(url).scheme
-    return scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt")
+    return urlparse(url).scheme in ("", "file")
 
 
 def local_path(url: str) -> str:
