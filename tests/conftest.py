@@ -81,7 +81,8 @@ def tiny_config(config: str, shards: Path, run_dir: Path, *overrides: str):
 # Pinned so tests do not follow the shipped config's tuning.
 TINY_FREY = (
     "model.base_channels=8 model.latent_dim=8 train.epochs=2 data.batch_size=100 "
-    "loss.kl_warmup_steps=0 model.activation=relu eval.picture_epochs=[1]"
+    "loss.kl_warmup_steps=0 model.activation=relu eval.picture_epochs=[1] "
+    "loss.likelihood=bernoulli"
 ).split()
 
 

@@ -16,9 +16,16 @@ def test_all_shipped_configs_load():
 
 
 def test_frey_config_is_the_study_setup():
-    cfg = load_config(FREY)
-    assert (cfg.model.name, cfg.model.num_layers, cfg.loss.likelihood) == ("conv", 5, "bernoulli")
-    assert cfg.train.epochs == 20 and cfg.eval.picture_epochs == [1, 20]
+    study = load_config(REPO / "configs" / "frey_conv_bce.yaml")
+    assert (study.model.name, study.model.num_layers, study.loss.likelihood) == (
+        "conv",
+        5,
+        "bernoulli",
+    )
+    assert study.train.epochs == 20 and study.eval.picture_epochs == [1, 20]
+    default = load_config(FREY)  # the same model and schedule with an 8-bit likelihood
+    assert default.model == study.model and default.train.epochs == 20
+    assert (default.loss.likelihood, default.loss.beta) == ("gaussian", 1.0)  # a true ELBO
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,10 @@ def test_short_run_learns_and_writes_everything(frey_shards, tmp_path):
         assert r["test/neg_elbo"] == pytest.approx(r["test/recon"] + r["test/kl"])
         assert r["test/num_samples"] == 100 and r["val/num_samples"] == 100
         assert r["train/num_samples"] == 17 * 100  # 1765 samples -> 17 full batches
+        assert 0 < r["test/recon_mse"] and 0 <= r["test/active_units"] <= 8
+    # the ratio's denominator is the fixed test split's mean-image error: the same every epoch
+    baselines = [r["test/recon_mse"] / r["test/recon_mse_ratio"] for r in rows]
+    assert baselines == pytest.approx([baselines[0]] * 3, rel=1e-9) and 0 < baselines[0] < 0.25
     for name in ("recon_epoch001.png", "recon_epoch003.png", "samples_epoch003.png", "config.json"):
         assert (run / name).is_file(), name
     from PIL import Image

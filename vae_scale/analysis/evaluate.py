@@ -147,6 +147,7 @@ def split_statistics(
     device = accelerator.device
     dims = int(torch.tensor(model.latent_shape).prod())
     groups = model.latent_group_names
+    pixels = int(torch.tensor(data.image_shape).prod())
     scalars = ["neg_elbo", "recon", "kl", "iwae", "count"]
     sums = MetricSums(
         {
@@ -154,6 +155,11 @@ def split_statistics(
             **{"mu": dims, "mu_sq": dims, "kl_dim": dims},
             **dict.fromkeys((f"kl_{g}" for g in groups), 1),
             "refined": 1,
+            # reconstruction error of the decoder mean at the posterior mean, and the split's
+            # pixel sums (its mean image, the collapsed model's best guess)
+            "sq_err": 1,
+            "x": pixels,
+            "x_sq": pixels,
         },
         device,
     )
@@ -172,7 +178,13 @@ def split_statistics(
             model.likelihood, out.x_params, x, out.mu, out.logvar, kl_groups=out.kl_groups
         )
         mu_flat = out.mu.float().flatten(1).double()
+        x_flat = x.float().flatten(1).double()
+        with accelerator.autocast():
+            recon = model.reconstruct(x).float().flatten(1).double()
         sums.add(
+            sq_err=(recon - x_flat).pow(2).mean(1).sum(),
+            x=x_flat.sum(0),
+            x_sq=x_flat.pow(2).sum(0),
             neg_elbo=terms.neg_elbo.sum(),
             recon=terms.recon.sum(),
             kl=terms.kl.sum(),
@@ -211,11 +223,30 @@ def evaluate_split(
         **group_kls(model, sums, split),
         f"{split}/num_samples": n,
         **refined_metrics(sums, split, "", refine_steps),
+        **reconstruction_metrics(sums, split),
     }
     if model.likelihood.discrete_8bit:
         dims = int(torch.tensor(data.image_shape).prod())
         metrics[f"{split}/bpd"] = bits_per_dim(metrics[f"{split}/neg_elbo"], dims)
     return metrics
+
+
+def reconstruction_metrics(
+    sums: dict[str, torch.Tensor], split: str, threshold: float = 0.01
+) -> dict[str, float]:
+    """A posterior-collapse detector that works for every likelihood: the mean squared error
+    of reconstructions (decoder mean at the posterior mean, pixels in [0, 1]), its ratio to
+    the error of predicting the split's mean image for every input (1: the reconstructions
+    carry nothing of the input), and the active units (Cov_x(E_q[z|x]) > threshold)."""
+    n = sums["count"].item()
+    mse = sums["sq_err"].item() / n
+    mean_image_mse = (sums["x_sq"] / n - (sums["x"] / n).pow(2)).mean().item()
+    mu_var = sums["mu_sq"] / n - (sums["mu"] / n).pow(2)
+    return {
+        f"{split}/recon_mse": mse,
+        f"{split}/recon_mse_ratio": mse / max(mean_image_mse, 1e-12),
+        f"{split}/active_units": int((mu_var > threshold).sum().item()),
+    }
 
 
 def refined_metrics(
@@ -254,7 +285,7 @@ def full_evaluation(
         f"{split}/kl": sums["kl"].item() / n,
         **group_kls(model, sums, split),
         f"{split}/num_samples": int(n),
-        f"{split}/active_units": int((mu_var > active_threshold).sum().item()),
+        **reconstruction_metrics(sums, split, active_threshold),
         f"{split}/latent_dims": int(mu_var.numel()),
         f"{split}/kl_per_dim": [round(v, 6) for v in (sums["kl_dim"] / n).tolist()],
     }
@@ -281,4 +312,8 @@ def first_images(data: ShardSplit, n: int) -> torch.Tensor:
 
 def summarize(metrics: dict[str, Any]) -> str:
     keys = [k for k in metrics if k.endswith(("/neg_elbo", "/neg_elbo_refined", "/bpd"))]
-    return "  ".join(f"{k} {metrics[k]:.2f}" for k in keys)
+    keys += [k for k in ("test/recon_mse_ratio", "test/active_units") if k in metrics]
+    return "  ".join(
+        f"{k} {metrics[k]:.2f}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
+        for k in keys
+    )

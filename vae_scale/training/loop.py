@@ -315,9 +315,33 @@ def end_of_epoch(
             f"  ({seconds:.1f}s)"
         )
         if picture_epoch:
+            warn_if_collapsed(metrics, eval_model)
             epoch_pictures(
                 accelerator, eval_model, picture_inputs, epoch, cfg, state.opt_step,
                 run.splits.get("test"),
             )  # fmt: skip
     accelerator.log(metrics, step=state.opt_step)
     return metrics
+
+
+def warn_if_collapsed(metrics: dict[str, Any], model: torch.nn.Module) -> None:
+    """Posterior collapse is silent in the loss: say so when under 10 % of the latent units
+    carry information about the input."""
+    dims = int(torch.tensor(model.latent_shape).prod())
+    for split in ("test", "val"):
+        active = metrics.get(f"{split}/active_units")
+        if active is not None:
+            break
+    else:
+        return
+    if active >= 0.1 * dims:
+        return
+    ratio = metrics.get(f"{split}/recon_mse_ratio", float("nan"))
+    print(
+        f"warning: {active} of {dims} latent units are active on {split} (reconstruction "
+        f"MSE {ratio:.2f} x the mean image's): the posterior is collapsing and the "
+        f"reconstructions barely follow their inputs. Usual remedies: a likelihood that fits "
+        f"the pixels (loss.likelihood=logistic or gaussian), a KL warm-up "
+        f"(loss.kl_warmup_steps), free bits (loss.free_bits), a smaller KL weight "
+        f"(loss.beta < 1, no longer an ELBO), or a lower train.lr"
+    )
