@@ -314,7 +314,7 @@ def end_of_epoch(
             f"{summarize({k: v for k, v in metrics.items() if 'train' not in k})}"
             f"  ({seconds:.1f}s)"
         )
-        if picture_epoch:
+        if picture_epoch and state.opt_step >= cfg.loss.kl_warmup_steps:  # judged on the ELBO
             warn_if_collapsed(metrics, eval_model)
             epoch_pictures(
                 accelerator, eval_model, picture_inputs, epoch, cfg, state.opt_step,
