@@ -326,7 +326,13 @@ ModelConfig = Annotated[
     Union[ConvVAEConfig, MLPVAEConfig, ResNetVAEConfig, HierarchicalVAEConfig],  # noqa: UP007
     Field(discriminator="name"),
 ]
-MODEL_NAMES = ("conv", "hierarchical", "mlp", "resnet")
+MODELS_BY_NAME: dict[str, type[Section]] = {
+    "conv": ConvVAEConfig,
+    "hierarchical": HierarchicalVAEConfig,
+    "mlp": MLPVAEConfig,
+    "resnet": ResNetVAEConfig,
+}
+MODEL_NAMES = tuple(sorted(MODELS_BY_NAME))
 
 
 class Config(Section):
@@ -414,14 +420,6 @@ def _message(error: dict[str, Any]) -> str:
     text = error["msg"].removeprefix("Value error, ")
     text = text.replace("Input should be", "expected")
     return f"{_key(loc)}: {text}, got {got!r}"
-
-
-MODELS_BY_NAME: dict[str, type[Section]] = {
-    "conv": ConvVAEConfig,
-    "hierarchical": HierarchicalVAEConfig,
-    "mlp": MLPVAEConfig,
-    "resnet": ResNetVAEConfig,
-}
 
 
 # ---------------------------------------------------------------------------- loading

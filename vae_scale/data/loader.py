@@ -72,12 +72,14 @@ class ShardSplit:
 
     def __post_init__(self) -> None:
         self.index = self._open_index()
-        self.shards: list[catalog.ShardEntry] = []
-        for part in self.split.split("+"):
-            if self.urls:
-                self.shards += catalog.pattern_entries(self.urls, self.index)
-            else:
-                self.shards += catalog.indexed_entries(str(self.shard_dir), self.index, part)
+        if self.urls:  # already every part's URLs, joined ("::") by split_from_config
+            self.shards = catalog.pattern_entries(self.urls, self.index)
+        else:
+            self.shards = [
+                entry
+                for part in self.split.split("+")
+                for entry in catalog.indexed_entries(str(self.shard_dir), self.index, part)
+            ]
         self.indexed = all(s.num_samples is not None for s in self.shards)
         self.image_shape = self._image_shape()
         c, h, w = self.image_shape

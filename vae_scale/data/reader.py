@@ -49,7 +49,10 @@ def parse(data: bytes, url: str) -> tuple[list[dict[str, Any]], Exception | None
             members.append(member)
     except (tarfile.TarError, ValueError) as err:
         error = err
-    return list(group_samples(members, url)), error
+    try:
+        return list(group_samples(members, url)), error
+    except ValueError as err:  # a member name twice in one sample
+        return [], err
 
 
 class ShardReader:
@@ -126,13 +129,9 @@ class ShardReader:
         out: dict[int, Any] = {}
         for m in sorted(raw) if wanted is None else wanted:
             if m not in raw:
-                message = (
-                    f"shard {entry.url}: sample number {m} is missing (index.json says "
-                    f"{entry.num_samples} samples)"
-                )
+                out[m] = _missing(entry, m)
                 if self.options.on_error != "skip":
-                    raise DataError(message)
-                out[m] = BadSample(message)
+                    raise DataError(out[m].reason)
                 continue
             try:
                 out[m] = decode_sample(raw[m], self.options.spec)
@@ -149,4 +148,7 @@ def _any_bad(decoded: dict[int, Any]) -> bool:
 
 
 def _missing(entry: ShardEntry, number: int) -> BadSample:
-    return BadSample(f"shard {entry.url}: sample number {number} is missing")
+    return BadSample(
+        f"shard {entry.url}: sample number {number} is missing (index.json says "
+        f"{entry.num_samples} samples)"
+    )

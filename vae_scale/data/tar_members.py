@@ -1,4 +1,4 @@
-"""Tar shard -> (name, bytes) members, fast, as a drop-in for webdataset's tar expander.
+"""Tar shard -> (name, bytes) members and samples, fast, in place of webdataset's tar expander.
 
 Why: with one small tar member per image (the WebDataset convention), Python's `tarfile`
 walk was the largest cost of reading a shard (benchmarks/RESULTS.md): it parses every header
@@ -10,8 +10,8 @@ base-256 sizes, links) hands the whole shard to webdataset's own `tarfile` reade
 valid tar still reads; a truncated shard or a header with a bad checksum raises
 `tarfile.ReadError` after the members before the damage, as `tarfile` does.
 
-`tar_samples` has the signature of `wds.tarfile_to_samples`'s function (url_opener -> this ->
-group_by_keys, exceptions with the shard url appended and passed to the handler).
+`seek_samples` walks the headers of a local shard and reads only the samples it is asked
+for, seeking past the others (a resumed epoch, the ends of a worker's slice).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import io
 import re
 import struct
 import tarfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator, url_opener
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
 BLOCK = 512
 REGULAR = (b"0", b"\0")  # typeflags of a regular file (old tars use NUL)
@@ -104,30 +104,6 @@ def tar_members(data: bytes) -> Iterator[tuple[str, bytes]]:
         raise error
 
 
-def _expand(
-    sources: Iterable[dict[str, Any]], handler: Callable[[Exception], bool]
-) -> Iterator[dict[str, Any]]:
-    for source in sources:
-        url, stream = source["url"], source["stream"]
-        try:
-            for name, content in tar_members(stream.read()):
-                yield {"fname": name, "data": content, "__url__": url}
-        except Exception as exn:
-            exn.args = exn.args + (url,)
-            if not handler(exn):
-                break
-        finally:
-            stream.close()
-        yield {}  # end of shard: samples of different shards never merge
-
-
-def tar_samples(
-    src: Iterable[dict[str, Any]], handler: Callable[[Exception], bool]
-) -> Iterator[dict[str, Any]]:
-    """Shard urls -> samples {"__key__", "__url__", suffix: bytes, ...}."""
-    return group_by_keys(_expand(url_opener(src, handler=handler), handler), handler=handler)
-
-
 def _key_and_suffix(name: str) -> tuple[str | None, str]:
     prefix, suffix = base_plus_ext(name)
     return prefix, (suffix or "").lower()
@@ -135,19 +111,9 @@ def _key_and_suffix(name: str) -> tuple[str | None, str]:
 
 def group_samples(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict[str, Any]]:
     """(name, content) members -> samples {"__key__", "__url__", suffix: bytes}, grouped by
-    webdataset's key convention (the name up to the basename's first dot)."""
-    current: dict[str, Any] | None = None
-    for name, content in members:
-        prefix, suffix = _key_and_suffix(name)
-        if prefix is None:
-            continue
-        if current is None or prefix != current["__key__"]:
-            if current is not None:
-                yield current
-            current = {"__key__": prefix, "__url__": url}
-        current[suffix] = content
-    if current is not None:
-        yield current
+    webdataset's own `group_by_keys` (key: the name up to the basename's first dot)."""
+    files = ({"fname": name, "data": content, "__url__": url} for name, content in members)
+    return group_by_keys(files)
 
 
 def seek_samples(path: str, wanted: set[int]) -> Iterator[tuple[int, dict[str, Any]]]:
