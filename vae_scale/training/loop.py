@@ -73,7 +73,6 @@ class Run:
     models: setup.Models
     checkpointer: Checkpointer
     state: TrainState
-    steps_in: dict[int, int]  # batches per rank in each full epoch
     total_steps: int  # optimizer steps of the whole run (the lr schedule's length)
     stop: StopFlag
     first_epoch: int  # the first epoch this process trains (its plan is printed)
@@ -111,19 +110,19 @@ def start_run(
         splits = setup.open_splits(cfg, accelerator)
         models = setup.build_models(cfg, accelerator, splits["train"].image_shape)
         checkpointer.ema = models.ema
-        steps_in = setup.steps_per_epoch(cfg, splits["train"], accelerator.num_processes)
-        total_steps = sum(steps_in.values()) // cfg.train.grad_accum_steps
+        steps = setup.steps_per_epoch(cfg, splits["train"], accelerator.num_processes)
+        total_steps = steps * cfg.train.epochs // cfg.train.grad_accum_steps
         state = TrainState()
         if resume_from is not None:
             state = checkpointer.restore(resume_from, models.core)
-        run_config = setup.record_run(cfg, accelerator, models, splits["train"], steps_in[1])
+        run_config = setup.record_run(cfg, accelerator, models, splits["train"], steps)
         setup.start_tracking(cfg, accelerator, run_config, wandb_mode)
     except BaseException:
         if created and not (run_dir / "checkpoints").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     return Run(
-        cfg, accelerator, splits, models, checkpointer, state, steps_in, total_steps, stop,
+        cfg, accelerator, splits, models, checkpointer, state, total_steps, stop,
         state.epoch,
     )  # fmt: skip
 
@@ -188,9 +187,7 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, torch.Tensor], floa
         desc=f"epoch {epoch}/{cfg.train.epochs}",
         leave=False,
     )
-    for i, batch in enumerate(progress, start=start):
-        if i >= steps:
-            break
+    for i, batch in enumerate(progress, start=start):  # exactly plan.steps - start batches
         x = prepare_inputs(batch["image"], device, cfg.data.binarize)
         state.skipped_samples += batch["skipped"]
         m = models

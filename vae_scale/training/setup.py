@@ -132,7 +132,7 @@ def check_capabilities(model: VAE, cfg: Config) -> None:
             check_single_latent(model, key, feature)
 
 
-def steps_per_epoch(cfg: Config, train_data: ShardSplit, world_size: int) -> dict[int, int]:
+def steps_per_epoch(cfg: Config, train_data: ShardSplit, world_size: int) -> int:
     """Batches each rank trains per full epoch: whole accumulation cycles only, so every epoch
     ends on an optimizer step."""
     accum = cfg.train.grad_accum_steps
@@ -143,7 +143,7 @@ def steps_per_epoch(cfg: Config, train_data: ShardSplit, world_size: int) -> dic
             f"{world_size} processes is more than one epoch of {train_data.num_samples} "
             f"training samples holds"
         )
-    return dict.fromkeys(range(1, cfg.train.epochs + 1), steps)
+    return steps
 
 
 def record_run(
