@@ -173,6 +173,38 @@ def test_two_distinct_gloo_ranks(probe, cli_run):
     assert all(a["num_processes"] == 2 and a["exit_status"] == 0 for a in audits.values())
     config = json.loads((cli_run["run_dir"] / "config.json").read_text())
     assert config["num_processes"] == 2 and config["global_batch_size"] == 2 * BATCH
+    assert config["num_machines"] == 1
+
+
+def test_two_process_run_in_wandb_and_compare(cli_run, ddp_shards, tmp_path, monkeypatch):
+    """W&B's records of the 2-process run: its facts, and samples seen = 2 x batch a step;
+    `compare` tells it from a 1-process run of the same per-process batch."""
+    from helpers.wandb_records import read_runs
+    from vae_scale.analysis.compare import compare_runs
+    from vae_scale.config import load_config
+    from vae_scale.training.loop import train
+
+    (record,) = read_runs(cli_run["run_dir"])  # rank 0 alone logs
+    assert record.config["num_processes"] == 2 and record.config["num_machines"] == 1
+    assert record.config["global_batch_size"] == 2 * BATCH
+    steps = [h for h in record.history if "train/samples_seen" in h]
+    assert steps and all(h["train/samples_seen"] == 2 * BATCH * h["global_step"] for h in steps)
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    single = train(
+        load_config(
+            REPO / "configs" / "frey_conv.yaml",
+            [
+                f"data.shards_dir={ddp_shards}", f"run.dir={tmp_path}", "run.name=single",
+                "model.base_channels=4", "model.latent_dim=4", f"data.batch_size={BATCH}",
+                "data.shuffle_buffer=200", "train.epochs=1", "loss.encoder_aug.weight=1",
+            ],
+        )
+    )  # fmt: skip
+    text = compare_runs([cli_run["run_dir"], single], tmp_path / "report.md").read_text()
+    assert "| num_processes | 2 | 1 |" in text
+    assert f"| global_batch_size | {2 * BATCH} | {BATCH} |" in text
+    assert "data.batch_size" not in text  # the same per-process batch
 
 
 def test_two_processes_equal_one_process_with_accumulation(probe, ddp_shards):

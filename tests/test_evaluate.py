@@ -12,6 +12,7 @@ from conftest import tiny_frey_config
 from vae_scale.analysis.evaluate import SampleNoise, iwae_nll, refined_neg_elbo
 from vae_scale.losses import Likelihood
 from vae_scale.models.base import VAE
+from vae_scale.training.logs import read_rows
 
 
 class FixedGaussian(Likelihood):
@@ -182,10 +183,13 @@ def test_eval_command_on_a_trained_run(frey_shards, tmp_path, monkeypatch):
     run = train(tiny_frey_config(frey_shards, tmp_path, "train.epochs=2", "train.lr=3e-3"))
     assert main(["eval", str(run), "--iw-samples", "50", "--refine-steps", "30"]) == 0
     result = json.loads((run / "eval_test.json").read_text())
-    elbo, iw = result["test/neg_elbo_bce_grey"], result["test/nll_iw50_nats"]
+    elbo, iw = result["test/neg_elbo"], result["test/nll_iw50_nats"]
+    assert result["likelihood_convention"] == "bce_grey"
+    # one name per quantity: the training loop's last test/neg_elbo, same checkpoint
+    assert elbo == pytest.approx(read_rows(run)[-1]["test/neg_elbo"], rel=1e-5)
     assert iw <= elbo  # the importance-weighted bound is tighter
-    refined = result["test/neg_elbo_refined_bce_grey"]
-    assert refined < elbo and result["refine_steps"] == 30  # a 2-epoch encoder is far off
+    refined = result["test/neg_elbo_refined"]
+    assert refined < elbo and result["eval/test/refine_steps"] == 30  # a 2-epoch encoder is far off
     assert result["test/amortization_gap"] == pytest.approx(elbo - refined)
     assert result["test/num_samples"] == 100
     assert 0 <= result["test/active_units"] <= result["test/latent_dims"] == 8
@@ -267,13 +271,17 @@ def test_compare_writes_table_and_plot(frey_shards, tmp_path):
 
     a = train(tiny_frey_config(frey_shards, tmp_path, "run.name=a", "train.epochs=1"))
     b = train(
-        tiny_frey_config(frey_shards, tmp_path, "run.name=b", "train.epochs=1", "train.lr=3e-3")
-    )
+        tiny_frey_config(
+            frey_shards, tmp_path, "run.name=b", "train.epochs=1", "train.lr=3e-3",
+            "data.batch_size=50",
+        )
+    )  # fmt: skip
     report = compare_runs([a, b], tmp_path / "report.md")
     text = report.read_text()
     assert "| train.lr | 0.001 | 0.003 |" in text
-    assert "model.latent_dim" not in text  # equal keys are not listed
-    assert "| test/neg_elbo |" in text
+    assert "| global_batch_size | 100 | 50 |" in text  # a run fact, not a config key
+    assert "model.latent_dim" not in text and "| num_processes |" not in text  # equal: not listed
+    assert "| test/neg_elbo |" in text and "| best/val_neg_elbo |" in text
     from PIL import Image
 
     assert Image.open(report.with_suffix(".png")).size[0] > 300

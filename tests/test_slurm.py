@@ -394,7 +394,8 @@ def test_real_slurm_job_checkpoints_on_signal_requeues_and_completes(
     assert "resumed from" in text and "finished: launcher status 0" in text
 
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["num_processes"] == 2
+    assert config["num_processes"] == 2 and config["num_machines"] == 1
+    assert config["slurm_job_id"] == job  # in W&B's config too (the runs' records)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]  # nothing lost, nothing logged twice
     steps = [r["global_step"] for r in rows]
@@ -402,4 +403,7 @@ def test_real_slurm_job_checkpoints_on_signal_requeues_and_completes(
     run_id = (run_dir / "wandb_run_id.txt").read_text().strip()
     wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 2 and all(r.name.endswith(run_id) for r in wandb_runs)
+    from helpers.wandb_records import read_runs
+
+    assert [r.config["slurm_job_id"] for r in read_runs(run_dir)] == [job, job]
     assert not list(REPO.glob(f".vae_scale_exit_status.{job}"))

@@ -157,7 +157,7 @@ def test_training_on_train_and_val_reads_both_and_evaluates_test_only(frey_shard
     for split, trained_on in (("val", True), ("test", False)):
         assert main(["eval", str(run), "--split", split, "--iw-samples", "0"]) == 0
         result = json.loads((run / f"eval_{split}.json").read_text())
-        assert result["trained_on_split"] is trained_on
+        assert result[f"eval/{split}/trained_on_split"] is trained_on
 
 
 @pytest.mark.parametrize("splits", ["[train,test]", "[]", "[train,train]"])

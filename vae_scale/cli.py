@@ -1,10 +1,11 @@
-"""`vae-scale` command line: shard datasets, train."""
+"""`vae-scale` command line: shard datasets, train, evaluate, picture, compare, export."""
 
 from __future__ import annotations
 
 import argparse
 import errno
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -133,12 +134,27 @@ def cmd_train(args: argparse.Namespace) -> None:
     from vae_scale.training.loop import TrainingDiverged, train
 
     cfg = load_config(args.config, args.overrides)
+    trial = sweep_run_name(cfg, args.overrides)
+    if trial:
+        cfg = load_config(args.config, [*args.overrides, trial])
+    command = shlex.join(["vae-scale", "train", args.config, *args.overrides])
     try:
-        run_dir = train(cfg, resume=args.resume)
+        run_dir = train(cfg, resume=args.resume, command=command)
     except TrainingDiverged as err:  # a message, not a traceback: the checkpoints are intact
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(_record_exit_status(2)) from None
     print(f"run folder: {run_dir}")
+
+
+def sweep_run_name(cfg: Any, overrides: list[str]) -> str | None:
+    """Under `wandb agent` every trial gets its own run folder, <run.name>-<the agent's run
+    id>, unless the command line names one."""
+    from vae_scale.training.tracking import sweep_run_id
+
+    trial = sweep_run_id()
+    if trial is None or any(o.startswith("run.name=") for o in overrides):
+        return None
+    return f"run.name={cfg.run.name}-{trial}"
 
 
 def _log_pictures(run, paths: dict[str, Path]) -> None:
@@ -158,6 +174,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from vae_scale.analysis.evaluate import EvalOptions, full_evaluation
     from vae_scale.analysis.runs import load_run
     from vae_scale.data.loader import split_from_config
+    from vae_scale.losses import likelihood_convention
     from vae_scale.models.base import check_single_latent
     from vae_scale.training import tracking
 
@@ -184,13 +201,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
             )
         options = EvalOptions(cfg.run.seed, cfg.data.binarize, args.iw_samples, args.refine_steps)
         metrics = full_evaluation(accelerator, run.model, data, options)
+        # How this evaluation was made, under eval/<split>/: the run's own facts (its
+        # num_processes, ...) stay those of its training in the W&B run.
+        split = args.split
         metrics.update(
             {
-                "checkpoint_step": run.opt_step,
-                "iw_samples": args.iw_samples,
-                "refine_steps": args.refine_steps,
-                "num_processes": accelerator.num_processes,
-                "trained_on_split": trained_on_split,
+                f"eval/{split}/checkpoint_step": run.opt_step,
+                f"eval/{split}/iw_samples": args.iw_samples,
+                f"eval/{split}/refine_steps": args.refine_steps,
+                f"eval/{split}/num_processes": accelerator.num_processes,
+                f"eval/{split}/trained_on_split": trained_on_split,
+                "likelihood_convention": likelihood_convention(
+                    cfg.loss.likelihood, cfg.data.binarize
+                ),
             }
         )
         if accelerator.is_main_process:
@@ -281,6 +304,16 @@ def cmd_pictures(args: argparse.Namespace) -> None:
         wandb_run.finish()
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from vae_scale.hub.export import export_run, push_to_hub
+
+    out = export_run(args.run_dir, args.out_dir, args.checkpoint, args.weights)
+    print(f"wrote {out}: config.json, model.safetensors, samples.png, README.md")
+    if args.push_to_hub:
+        url = push_to_hub(out, args.push_to_hub, private=args.private)
+        print(f"published {url}")
+
+
 def cmd_compare(args: argparse.Namespace) -> None:
     from vae_scale.analysis.compare import compare_runs
 
@@ -299,6 +332,21 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--out", default="report.md")
     cmp_.add_argument("--metric", default="neg_elbo")
     cmp_.set_defaults(func=cmd_compare)
+    ex = sub.add_parser(
+        "export", help="a run's model as a portable folder (Hugging Face Hub layout)"
+    )
+    ex.add_argument("run_dir")
+    ex.add_argument("out_dir")
+    ex.add_argument("--checkpoint", help="checkpoint folder (default: the latest complete)")
+    ex.add_argument(
+        "--weights",
+        choices=("ema", "raw"),
+        default="ema",
+        help="the EMA of the weights when the run kept one (default), or the raw weights",
+    )
+    ex.add_argument("--push-to-hub", metavar="REPO_ID", help="then publish it (owner/name)")
+    ex.add_argument("--private", action="store_true", help="a private Hub repository")
+    ex.set_defaults(func=cmd_export)
     return parser
 
 

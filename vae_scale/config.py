@@ -223,7 +223,9 @@ class WandbConfig(Section):
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     project: str = "vae_scale"
     entity: str | None = None
-    group: str | None = None
+    group: str | None = None  # load_config's default: the config file's stem (frey_conv)
+    job_type: str | None = "train"
+    notes: str | None = None
     tags: list[str] = Field(default_factory=list)
 
 
@@ -481,7 +483,10 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    raw = raw or {}
+    if isinstance(raw.setdefault("wandb", {}), dict):  # runs of one config file: one group
+        raw["wandb"].setdefault("group", path.stem)
     try:
-        return config_from_dict(raw or {}, overrides)
+        return config_from_dict(raw, overrides)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None

@@ -205,6 +205,14 @@ def build_likelihood(name: str, image_shape: tuple[int, int, int]) -> Likelihood
     return LIKELIHOODS[name](image_shape)
 
 
+def likelihood_convention(likelihood: str, binarize: str) -> str:
+    """What a run's nats measure: the likelihood and, for Bernoulli, the data it scores (grey
+    values or binarized draws): recorded with every run, so unlike numbers never mix."""
+    if likelihood == "bernoulli":
+        return "bce_binarized" if binarize == "dynamic" else "bce_grey"
+    return likelihood
+
+
 def kl_normal_standard(mu: Tensor, logvar: Tensor) -> Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)) per latent dimension, float32, same shape as mu."""
     with _no_autocast(mu.device.type):

@@ -1,5 +1,6 @@
-"""Compare runs without W&B: a markdown table of differing config keys and final metrics, and
-the loss curves of all runs on one axis."""
+"""Compare runs without W&B: a markdown table of the settings and run facts that differ and of
+the final metrics, and the loss curves of all runs against training samples seen (the axis
+that lines up runs of different global batch sizes and process counts)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,16 @@ from typing import Any
 
 from vae_scale.errors import ConfigError
 from vae_scale.training.logs import read_rows
+
+#: Facts of a run (config.json beside its settings) that can tell two runs apart.
+RUN_FACTS = (
+    "num_processes",
+    "num_machines",
+    "global_batch_size",
+    "git_commit",
+    "git_dirty",
+    "likelihood_convention",
+)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -30,10 +41,11 @@ def _run_summary(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], d
     sections = ("run", "data", "model", "loss", "train", "eval")
     flat = _flatten({k: config[k] for k in sections if k in config})
     flat.pop("run.dir", None)
+    flat.update({key: config[key] for key in RUN_FACTS if key in config})
     rows = read_rows(run_dir)  # no metrics.jsonl yet (a run stopped in epoch 1): no rows
     final: dict[str, Any] = {}
     if rows:
-        final = {k: v for k, v in rows[-1].items() if k.startswith(("val/", "test/"))}
+        final = {k: v for k, v in rows[-1].items() if k.startswith(("val/", "test/", "best/"))}
         final["epochs"] = rows[-1]["epoch"]
     for path in sorted(run_dir.glob("eval_*.json")):
         final.update(
@@ -59,7 +71,7 @@ def compare_runs(run_dirs: list[Path], out_md: Path, metric: str = "neg_elbo") -
     differing = [k for k in keys if len({json.dumps(s[0].get(k)) for s in summaries}) > 1]
     metric_keys = sorted(set().union(*(s[2] for s in summaries)))
 
-    lines = ["# Run comparison", "", "## Config keys that differ", ""]
+    lines = ["# Run comparison", "", "## Settings and run facts that differ", ""]
     lines.append("| key | " + " | ".join(names) + " |")
     lines.append("|---|" + "---|" * len(names))
     for key in differing:
@@ -82,11 +94,13 @@ def compare_runs(run_dirs: list[Path], out_md: Path, metric: str = "neg_elbo") -
     for name, (_, rows, _) in zip(names, summaries, strict=True):
         for split, style in (("train", ":"), ("val", "--"), ("test", "-")):
             points = [
-                (r["epoch"], r[f"{split}/{metric}"]) for r in rows if f"{split}/{metric}" in r
+                (r["train/samples_seen"], r[f"{split}/{metric}"])
+                for r in rows
+                if f"{split}/{metric}" in r and "train/samples_seen" in r
             ]
             if points:
                 ax.plot(*zip(*points, strict=True), style, label=f"{name} {split}")
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("training samples seen (all processes)")
     ax.set_ylabel(f"{metric} (nats per image)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

@@ -51,13 +51,6 @@ class SampleNoise:
         )[:, :count].to(device)
 
 
-def likelihood_convention(likelihood: str, binarize: str) -> str:
-    """Names the data/likelihood convention in metric keys, so unlike numbers never mix."""
-    if likelihood == "bernoulli":
-        return "bce_binarized" if binarize == "dynamic" else "bce_grey"
-    return likelihood
-
-
 @torch.no_grad()
 def iwae_nll(
     model: VAE, x: torch.Tensor, k: int, noise: SampleNoise, max_decode: int = 4096
@@ -211,19 +204,31 @@ def group_kls(model: VAE, sums: dict[str, torch.Tensor], split: str) -> dict[str
 def evaluate_split(
     accelerator: Accelerator, model: VAE, data: ShardSplit, options: EvalOptions
 ) -> dict[str, float]:
-    """Per-epoch metrics: mean negative ELBO, recon and KL (nats per image), bits/dim, and
-    with `refine_steps` the refined-posterior neg. ELBO and the amortization gap it closes."""
-    refine_steps = options.refine_steps
+    """Per-epoch metrics: mean negative ELBO, recon and KL (nats per image), bits/dim, the
+    reconstruction error and active units, and with `refine_steps` the refined-posterior neg.
+    ELBO and the amortization gap it closes."""
     sums = split_statistics(accelerator, model, data, options)
+    return split_metrics(model, data, sums, options.refine_steps)
+
+
+def split_metrics(
+    model: VAE,
+    data: ShardSplit,
+    sums: dict[str, torch.Tensor],
+    refine_steps: int,
+    active_threshold: float = 0.01,
+) -> dict[str, Any]:
+    """The metrics training and `vae-scale eval` both report, under the same names (what
+    their nats measure is the run's `likelihood_convention`)."""
     n, split = sums["count"].item(), data.split
     metrics = {
         f"{split}/neg_elbo": sums["neg_elbo"].item() / n,
         f"{split}/recon": sums["recon"].item() / n,
         f"{split}/kl": sums["kl"].item() / n,
         **group_kls(model, sums, split),
-        f"{split}/num_samples": n,
-        **refined_metrics(sums, split, "", refine_steps),
-        **reconstruction_metrics(sums, split),
+        f"{split}/num_samples": int(n),
+        **refined_metrics(sums, split, refine_steps),
+        **reconstruction_metrics(sums, split, active_threshold),
     }
     if model.likelihood.discrete_8bit:
         dims = int(torch.tensor(data.image_shape).prod())
@@ -250,7 +255,7 @@ def reconstruction_metrics(
 
 
 def refined_metrics(
-    sums: dict[str, torch.Tensor], split: str, suffix: str, refine_steps: int
+    sums: dict[str, torch.Tensor], split: str, refine_steps: int
 ) -> dict[str, float]:
     """Mean refined-posterior neg. ELBO and its distance to the amortized one ({} if off)."""
     if not refine_steps:
@@ -258,7 +263,7 @@ def refined_metrics(
     n = sums["count"].item()
     refined = sums["refined"].item() / n
     return {
-        f"{split}/neg_elbo_refined{suffix}": refined,
+        f"{split}/neg_elbo_refined": refined,
         f"{split}/amortization_gap": sums["neg_elbo"].item() / n - refined,
     }
 
@@ -270,33 +275,18 @@ def full_evaluation(
     options: EvalOptions,
     active_threshold: float = 0.01,
 ) -> dict[str, Any]:
-    """`vae-scale eval`: neg. ELBO (+ recon, KL), the IWAE NLL bound, bits/dim, active units
-    (Cov_x(E_q[z|x]) > threshold), the per-dimension KL profile and, with `refine_steps`, the
-    neg. ELBO under per-image refined posteriors; names state conventions."""
+    """`vae-scale eval`: the per-epoch metrics (same names), the IWAE NLL bound and its
+    bits/dim, and the per-dimension KL profile."""
     sums = split_statistics(accelerator, model, data, options)
-    iw_samples, refine_steps = options.iw_samples, options.refine_steps
-    n, split = sums["count"].item(), data.split
-    neg, iwae = sums["neg_elbo"].item() / n, sums["iwae"].item() / n
-    conv = likelihood_convention(model.likelihood.name, options.binarize)
-    mu_var = sums["mu_sq"] / n - (sums["mu"] / n).pow(2)
-    out: dict[str, Any] = {
-        f"{split}/neg_elbo_{conv}": neg,
-        f"{split}/recon_{conv}": sums["recon"].item() / n,
-        f"{split}/kl": sums["kl"].item() / n,
-        **group_kls(model, sums, split),
-        f"{split}/num_samples": int(n),
-        **reconstruction_metrics(sums, split, active_threshold),
-        f"{split}/latent_dims": int(mu_var.numel()),
-        f"{split}/kl_per_dim": [round(v, 6) for v in (sums["kl_dim"] / n).tolist()],
-    }
-    if iw_samples:
-        out[f"{split}/nll_iw{iw_samples}_nats"] = iwae
-    out.update(refined_metrics(sums, split, f"_{conv}", refine_steps))
-    if model.likelihood.discrete_8bit:
-        dims = int(torch.tensor(data.image_shape).prod())
-        out[f"{split}/bpd"] = bits_per_dim(neg, dims)
-        if iw_samples:
-            out[f"{split}/bpd_iw{iw_samples}"] = bits_per_dim(iwae, dims)
+    out = split_metrics(model, data, sums, options.refine_steps, active_threshold)
+    n, split, k = sums["count"].item(), data.split, options.iw_samples
+    out[f"{split}/latent_dims"] = int(sums["kl_dim"].numel())
+    out[f"{split}/kl_per_dim"] = [round(v, 6) for v in (sums["kl_dim"] / n).tolist()]
+    if k:
+        out[f"{split}/nll_iw{k}_nats"] = sums["iwae"].item() / n
+        if model.likelihood.discrete_8bit:
+            dims = int(torch.tensor(data.image_shape).prod())
+            out[f"{split}/bpd_iw{k}"] = bits_per_dim(out[f"{split}/nll_iw{k}_nats"], dims)
     return out
 
 

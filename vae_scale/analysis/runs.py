@@ -26,6 +26,8 @@ class TrainedRun:
     checkpoint: Path
     image_shape: tuple[int, int, int]
     opt_step: int
+    weights_file: Path  # the safetensors file the weights came from (EMA or raw)
+    record: dict  # the run's config.json: config sections and the facts of the run
 
 
 def load_run_config(run_dir: Path) -> tuple[Config, dict]:
@@ -36,6 +38,13 @@ def load_run_config(run_dir: Path) -> tuple[Config, dict]:
     raw = json.loads(path.read_text())
     sections = {name: raw[name] for name in (*SECTIONS, "model") if name in raw}
     return config_from_dict(sections), raw
+
+
+def build_recorded_model(cfg: Config, record: dict) -> VAE:
+    """The (untrained) model a config.json describes: its family, image shape, likelihood."""
+    image_shape = tuple(record["dataset_index"]["image_shape"])
+    likelihood = build_likelihood(cfg.loss.likelihood, image_shape)
+    return build_model(cfg.model, image_shape, likelihood)
 
 
 def load_run(
@@ -59,12 +68,11 @@ def load_run(
     )
     if ckpt_path is None or not checkpoint.is_complete(ckpt_path):
         raise ConfigError(f"{run_dir}: no complete checkpoint to load")
-    image_shape = tuple(raw["dataset_index"]["image_shape"])
-    model = build_model(cfg.model, image_shape, build_likelihood(cfg.loss.likelihood, image_shape))
+    model = build_recorded_model(cfg, raw)
     weights_file = ckpt_path / EMA_FILE
     if weights == "raw" or not weights_file.is_file():
         weights_file = ckpt_path / "model.safetensors"
     model.load_state_dict(load_file(weights_file))
     model.to(device).eval()
     step = checkpoint.read_train_state(ckpt_path)["opt_step"]
-    return TrainedRun(run_dir, cfg, model, ckpt_path, image_shape, step)
+    return TrainedRun(run_dir, cfg, model, ckpt_path, model.image_shape, step, weights_file, raw)

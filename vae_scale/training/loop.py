@@ -46,14 +46,15 @@ from vae_scale.training.step import StepOutput, batch_sums, epoch_sum_names, tra
 __all__ = ["TrainingDiverged", "train"]
 
 
-def train(cfg: Config, resume: str = "auto") -> Path:
-    """Train `cfg`; returns the run folder. `resume`: 'auto', 'none' or a checkpoint path."""
+def train(cfg: Config, resume: str = "auto", command: str | None = None) -> Path:
+    """Train `cfg`; returns the run folder. `resume`: 'auto', 'none' or a checkpoint path;
+    `command`: the command line that asked for it (recorded with the run)."""
     wandb_mode = tracking.resolve_mode(cfg.wandb.mode)
     accelerator = setup.make_accelerator(cfg, wandb_mode)
     lock = RunLock(cfg.run_dir)
     try:
         with StopFlag() as stop:
-            run = start_run(cfg, accelerator, wandb_mode, resume, stop, lock)
+            run = start_run(cfg, accelerator, wandb_mode, resume, stop, lock, command)
             return train_epochs(run)
     finally:
         lock.release()
@@ -85,6 +86,7 @@ def start_run(
     resume: str,
     stop: StopFlag,
     lock: RunLock,
+    command: str | None = None,
 ) -> Run:
     """Lock the run folder, choose what to resume, build data and models. A start that fails
     leaves no run folder behind that it created."""
@@ -115,7 +117,7 @@ def start_run(
         state = TrainState()
         if resume_from is not None:
             state = checkpointer.restore(resume_from, models.core)
-        run_config = setup.record_run(cfg, accelerator, models, splits["train"], steps)
+        run_config = setup.record_run(cfg, accelerator, models, splits["train"], steps, command)
         setup.start_tracking(cfg, accelerator, run_config, wandb_mode)
     except BaseException:
         if created and not (run_dir / "checkpoints").exists():
@@ -190,6 +192,7 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, torch.Tensor], floa
     for i, batch in enumerate(progress, start=start):  # exactly plan.steps - start batches
         x = prepare_inputs(batch["image"], device, cfg.data.binarize)
         state.skipped_samples += batch["skipped"]
+        state.samples_seen += x.shape[0] * accelerator.num_processes  # every rank's batch is full
         m = models
         out = train_step(
             accelerator, m.model, m.plain, m.optimizer, x, cfg, state, run.total_steps, m.ema
@@ -226,6 +229,7 @@ def log_step(run: Run, epoch: int, out: StepOutput, progress: Any) -> None:
     row = {
         "global_step": state.opt_step,
         "epoch": epoch,
+        "train/samples_seen": state.samples_seen,
         "train/step_neg_elbo": loss,
         "train/kl_weight": out.beta,
         "train/lr": run.models.optimizer.param_groups[0]["lr"],
@@ -288,6 +292,7 @@ def end_of_epoch(
         "train/kl": totals["kl"].item() / n,
         **{f"train/kl_{g}": totals[f"kl_{g}"].item() / n for g in groups},
         "train/num_samples": n,
+        "train/samples_seen": state.samples_seen,
         "train/bad_steps": state.bad_steps,
         "train/skipped_updates": state.skipped_updates,
         "train/forced_updates": state.forced_updates,
@@ -304,6 +309,7 @@ def end_of_epoch(
                 refine = cfg.eval.refine_steps if name == "test" and picture_epoch else 0
                 options = EvalOptions(cfg.run.seed, cfg.data.binarize, refine_steps=refine)
                 metrics.update(evaluate_split(accelerator, eval_model, run.splits[name], options))
+    metrics.update(tracking.best_so_far(state, metrics))
     if accelerator.is_main_process:
         append_row(cfg.run_dir, METRICS_FILE, metrics)
         accelerator.print(

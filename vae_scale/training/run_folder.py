@@ -34,6 +34,10 @@ MAY_CHANGE = {
     "data.retry_delay_s",
     "run.dir",
     "wandb.mode",
+    "wandb.group",
+    "wandb.job_type",
+    "wandb.notes",
+    "wandb.tags",
 }
 
 

@@ -17,7 +17,7 @@ from vae_scale.compat import cpu_has_fast_bf16, uncompiled
 from vae_scale.config import Config
 from vae_scale.data.loader import ShardSplit, has_split, split_from_config
 from vae_scale.errors import ConfigError
-from vae_scale.losses import build_likelihood
+from vae_scale.losses import build_likelihood, likelihood_convention
 from vae_scale.models import VAE, build_model
 from vae_scale.models.base import check_single_latent
 from vae_scale.training import tracking
@@ -147,10 +147,15 @@ def steps_per_epoch(cfg: Config, train_data: ShardSplit, world_size: int) -> int
 
 
 def record_run(
-    cfg: Config, accelerator: Accelerator, models: Models, train_data: ShardSplit, steps: int
+    cfg: Config,
+    accelerator: Accelerator,
+    models: Models,
+    train_data: ShardSplit,
+    steps: int,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """The run's config.json (main process; {} elsewhere): the resolved config and the facts
-    of this run."""
+    of this run (what trained it, where, on how many processes and machines)."""
     if not accelerator.is_main_process:
         return {}
     global_batch = cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum_steps
@@ -161,10 +166,15 @@ def record_run(
     run_config = {
         **cfg.to_dict(),
         "git_commit": tracking.git_commit(),
+        "git_dirty": tracking.git_dirty(),
+        "command": command,
         "dataset_index": index_summary,
         "global_batch_size": global_batch,
         "num_processes": accelerator.num_processes,
+        **tracking.cluster_facts(accelerator.num_processes),
         "num_parameters": sum(p.numel() for p in models.core.parameters()),
+        # what the nats of */neg_elbo and */recon measure (bce_grey, bce_binarized, ...)
+        "likelihood_convention": likelihood_convention(cfg.loss.likelihood, cfg.data.binarize),
     }
     (Path(cfg.run_dir) / "config.json").write_text(json.dumps(run_config, indent=1, default=str))
     accelerator.print(
@@ -188,3 +198,5 @@ def start_tracking(
         config=run_config or None,
         init_kwargs=tracking.init_kwargs(cfg, cfg.run_dir, wandb_mode, tags) if main else {},
     )
+    if main:
+        tracking.define_metrics(accelerator.get_tracker("wandb", unwrap=True))

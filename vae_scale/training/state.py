@@ -20,6 +20,12 @@ class TrainState:
     consecutive_skips: int = 0
     forced_updates: int = 0  # applied after max_consecutive_skips skips in a row
     ema_updates: int = 0
+    # Training samples drawn on all ranks together (repeats of data.drop_last=false count):
+    # the x-axis that lines up runs of different batch sizes and process counts.
+    samples_seen: int = 0
+    # The lowest val (else test) negative ELBO so far and where it came (split, value, step,
+    # epoch, samples_seen): W&B's best/* summary entries.
+    best: dict[str, Any] = field(default_factory=dict)
     # The current epoch's metric sums so far, summed over ranks (mid-epoch checkpoints).
     epoch_sums: dict[str, list[float]] = field(default_factory=dict)
     # Where the epoch's data stands (data/order.py's plan record; mid-epoch checkpoints).

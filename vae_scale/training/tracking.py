@@ -1,4 +1,5 @@
-"""W&B through Accelerate's trackers: mode resolution, run identity, run config."""
+"""W&B through Accelerate's trackers: mode resolution, run identity, the facts of a run, the
+dashboard's axes and best-so-far summary."""
 
 from __future__ import annotations
 
@@ -43,20 +44,29 @@ def resolve_mode(mode: str) -> str:
     return "offline"
 
 
+def sweep_run_id() -> str | None:
+    """The run id a `wandb agent` chose for this process (None outside a sweep)."""
+    if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
+        return os.environ["WANDB_RUN_ID"]
+    return None
+
+
 def run_id(run_dir: Path) -> str:
-    """The W&B run id of this run folder, created once, so resumed runs continue the same run."""
+    """The W&B run id of this run folder, created once, so resumed runs continue the same run
+    (under a sweep agent: the agent's id, which the sweep knows the run by)."""
     path = run_dir / RUN_ID_FILE
     if path.is_file():
         return path.read_text().strip()
-    new_id = uuid.uuid4().hex[:12]
+    new_id = sweep_run_id() or uuid.uuid4().hex[:12]
     path.write_text(new_id + "\n")
     return new_id
 
 
-def git_commit() -> str | None:
+def _git(*args: str) -> str | None:
+    """Output of a git command in the checkout vae_scale runs from (None: not a checkout)."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
+            ["git", *args],
             capture_output=True,
             text=True,
             timeout=5,
@@ -64,7 +74,61 @@ def git_commit() -> str | None:
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_commit() -> str | None:
+    return _git("rev-parse", "HEAD") or None
+
+
+def git_dirty() -> bool | None:
+    """True when tracked files differ from the commit (the commit alone does not say what
+    trained); None outside a git checkout."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status)
+
+
+def cluster_facts(num_processes: int) -> dict[str, Any]:
+    """Where the run ran: machines (torchrun's LOCAL_WORLD_SIZE processes each) and the Slurm
+    job (array jobs as JOB_TASK), recorded in the run config."""
+    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", num_processes) or num_processes)
+    job = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    return {"num_machines": max(1, num_processes // max(per_machine, 1)), "slurm_job_id": job}
+
+
+def define_metrics(run: Any) -> None:
+    """Every metric is plotted against global_step (the optimizer step); train/samples_seen,
+    logged in every row, is the second x-axis that lines up runs of different global batch
+    sizes and process counts."""
+    run.define_metric("global_step")
+    run.define_metric("train/samples_seen", step_metric="global_step")
+    run.define_metric("*", step_metric="global_step")
+
+
+def best_so_far(state: Any, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Update `state.best` with this epoch's val (else test) negative ELBO; returns the
+    best/* entries (logged every epoch, so the summary's last value is the best)."""
+    split = next((s for s in ("val", "test") if f"{s}/neg_elbo" in metrics), None)
+    best = state.best
+    if split is not None and (not best or metrics[f"{split}/neg_elbo"] < best["value"]):
+        best = state.best = {
+            "split": split,
+            "value": metrics[f"{split}/neg_elbo"],
+            "step": metrics["global_step"],
+            "epoch": metrics["epoch"],
+            "samples_seen": state.samples_seen,
+        }
+    if not best:
+        return {}
+    name = f"best/{best['split']}_neg_elbo"
+    return {
+        name: best["value"],
+        f"{name}_step": best["step"],
+        f"{name}_epoch": best["epoch"],
+        f"{name}_samples_seen": best["samples_seen"],
+    }
 
 
 def init_kwargs(cfg: Any, run_dir: Path, mode: str, tags: list[str]) -> dict[str, Any]:
@@ -76,6 +140,8 @@ def init_kwargs(cfg: Any, run_dir: Path, mode: str, tags: list[str]) -> dict[str
             "resume": "allow",
             "name": cfg.run.name,
             "group": cfg.wandb.group,
+            "job_type": cfg.wandb.job_type,
+            "notes": cfg.wandb.notes,
             "entity": cfg.wandb.entity,
             "tags": sorted(set(cfg.wandb.tags) | set(tags)),
         }

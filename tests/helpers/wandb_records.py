@@ -1,0 +1,98 @@
+"""Read a W&B run file (`run-<id>.wandb`, offline or synced) back as wandb's own protobuf
+records: what W&B would show, not what our logs say.
+
+The file is a leveldb-style log (a 7-byte ":W&B" header, then 32 KiB blocks of records, each
+with a 7-byte header: checksum, length, type FULL/FIRST/MIDDLE/LAST); every record's payload
+is a serialized `wandb_internal_pb2.Record`. wandb >= 0.20 no longer ships a Python reader.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BLOCK = 32768
+HEADER = 7
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def payloads(path: Path) -> list[bytes]:
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path}: not a W&B run file")
+    out, pos, pending = [], HEADER, b""
+    while pos + HEADER <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < HEADER:  # a block's zero trailer
+            pos += left
+            continue
+        checksum, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        chunk = data[pos + HEADER : pos + HEADER + length]
+        if zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != checksum:
+            raise ValueError(f"{path}: bad checksum at byte {pos}")
+        pos += HEADER + length
+        if kind == FULL:
+            out.append(chunk)
+        elif kind == FIRST:
+            pending = chunk
+        elif kind == MIDDLE:
+            pending += chunk
+        elif kind == LAST:
+            out.append(pending + chunk)
+            pending = b""
+    return out
+
+
+def _key(item: Any) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+@dataclass
+class WandbRun:
+    """What the records say: the run record, config, history rows, summary, metric
+    definitions (name -> {step_metric, ...}), in file order."""
+
+    run: Any = None
+    config: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def read_run(path: Path) -> WandbRun:
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    result = WandbRun()
+    for raw in payloads(path):
+        record = pb.Record()
+        record.ParseFromString(raw)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            result.run = record.run
+            for item in record.run.config.update:
+                result.config[_key(item)] = json.loads(item.value_json)
+        elif kind == "config":
+            for item in record.config.update:
+                result.config[_key(item)] = json.loads(item.value_json)
+        elif kind == "history":
+            result.history.append({_key(i): json.loads(i.value_json) for i in record.history.item})
+        elif kind == "summary":
+            for item in record.summary.update:
+                result.summary[_key(item)] = json.loads(item.value_json)
+        elif kind == "metric":
+            m = record.metric
+            result.metrics[m.name or m.glob_name] = {"step_metric": m.step_metric}
+    return result
+
+
+def read_runs(run_dir: Path) -> list[WandbRun]:
+    """Every W&B run file under a run folder's wandb/ (one per process start), oldest first."""
+    files = sorted(Path(run_dir).glob("wandb/*run-*/run-*.wandb"), key=lambda p: p.parent.name)
+    return [read_run(f) for f in files]

@@ -1,0 +1,197 @@
+"""`vae-scale export RUN OUT_DIR`: a run's model as a portable folder — config.json,
+model.safetensors, samples.png and a README.md model card — the layout
+`huggingface_hub.upload_folder` publishes as is (`--push-to-hub REPO_ID`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from vae_scale import __version__
+from vae_scale.analysis import pictures
+from vae_scale.analysis.runs import TrainedRun, load_run
+from vae_scale.errors import ConfigError
+from vae_scale.hub.pretrained import CONFIG_FILE, WEIGHTS_FILE
+from vae_scale.netutil import is_online
+from vae_scale.seeding import derive_seed
+from vae_scale.training.logs import read_rows
+
+SAMPLES_FILE = "samples.png"
+CARD_FILE = "README.md"
+EXPORTED = (CONFIG_FILE, WEIGHTS_FILE, SAMPLES_FILE, CARD_FILE)
+
+
+def export_run(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    checkpoint: str | Path | None = None,
+    weights: Literal["ema", "raw"] = "ema",
+) -> Path:
+    """Write the export folder; files are written beside it first and moved in at the end,
+    so a failed export leaves an earlier one intact. Refuses a folder holding other files."""
+    out_dir = Path(out_dir)
+    if out_dir.is_dir():
+        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in EXPORTED)
+        if foreign:
+            raise ConfigError(
+                f"{out_dir} already holds files that are not an export ({', '.join(foreign[:5])}"
+                f"): choose an empty or new folder"
+            )
+    run = load_run(run_dir, checkpoint, "cpu", weights)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-") as tmp:
+        staging = Path(tmp)
+        record = export_record(run, weights)
+        (staging / CONFIG_FILE).write_text(json.dumps(record, indent=1, default=str))
+        shutil.copyfile(run.weights_file, staging / WEIGHTS_FILE)  # the checkpoint's bytes
+        generator = torch.Generator().manual_seed(derive_seed(run.cfg.run.seed, "export"))
+        samples = run.model.sample(64, generator)
+        pictures.save_grid(pictures.sample_grid(samples), staging / SAMPLES_FILE)
+        (staging / CARD_FILE).write_text(model_card(run, record))
+        for name in EXPORTED:
+            os.replace(staging / name, out_dir / name)
+    return out_dir
+
+
+def export_record(run: TrainedRun, weights: str) -> dict[str, Any]:
+    """The run's config.json (so one loader reads run folders and exports) plus where the
+    weights came from."""
+    return {
+        **run.record,
+        "export": {
+            "vae_scale_version": __version__,
+            "run_dir": str(Path(run.run_dir).resolve()),
+            "checkpoint": run.checkpoint.name,
+            "checkpoint_step": run.opt_step,
+            "weights": "ema" if run.weights_file.name.startswith("ema") else "raw",
+            "weights_asked": weights,
+            "image_shape": list(run.image_shape),
+            "latent_shape": list(run.model.latent_shape),
+            "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+    }
+
+
+def run_metrics(run_dir: Path) -> dict[str, Any]:
+    """The numbers a model card reports: the last epoch's val/test/best entries, then every
+    `vae-scale eval` result (eval_<split>.json; later ones win)."""
+    rows = read_rows(run_dir)
+    found: dict[str, Any] = {}
+    if rows:
+        found.update(
+            {k: v for k, v in rows[-1].items() if k.startswith(("val/", "test/", "best/"))}
+        )
+    for path in sorted(Path(run_dir).glob("eval_*.json")):
+        found.update(
+            {
+                k: v
+                for k, v in json.loads(path.read_text()).items()
+                if "/" in k and not isinstance(v, (list, dict))
+            }
+        )
+    return found
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def model_card(run: TrainedRun, record: dict[str, Any]) -> str:
+    cfg, export = run.cfg, record["export"]
+    metrics = run_metrics(run.run_dir)
+    shape = "x".join(map(str, run.image_shape))
+    latent = "x".join(map(str, run.model.latent_shape))
+    tags = ["vae", "variational-autoencoder", "vae_scale", cfg.data.dataset, cfg.model.name]
+    lines = [
+        "---",
+        "library_name: vae_scale",
+        "tags:",
+        *[f"- {t}" for t in tags],
+        "---",
+        "",
+        f"# {cfg.run.name}: a {cfg.model.name} VAE trained on {cfg.data.dataset}",
+        "",
+        f"![64 samples from z ~ N(0, I)]({SAMPLES_FILE})",
+        "",
+        "## Model",
+        "",
+        f"- family `{cfg.model.name}`, {record.get('num_parameters', 0):,} parameters, "
+        f"images {shape} (C x H x W), latent {latent}",
+        f"- likelihood `{cfg.loss.likelihood}` (nats measure "
+        f"`{record.get('likelihood_convention', cfg.loss.likelihood)}`), "
+        f"data.binarize `{cfg.data.binarize}`",
+        f"- weights: {export['weights']} of checkpoint `{export['checkpoint']}` "
+        f"(optimizer step {export['checkpoint_step']})",
+        "",
+        "## Metrics",
+        "",
+    ]
+    if metrics:
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items())]
+    else:
+        lines.append("No evaluation recorded (run `vae-scale eval RUN` before exporting).")
+    commit = record.get("git_commit") or "unknown"
+    dirty = " (with uncommitted changes)" if record.get("git_dirty") else ""
+    lines += [
+        "",
+        "## Training",
+        "",
+        "```bash",
+        record.get("command") or f"vae-scale train <config> # run {cfg.run.name}",
+        "```",
+        "",
+        f"- {record.get('num_processes', 1)} process(es) on {record.get('num_machines', 1)} "
+        f"machine(s), global batch {record.get('global_batch_size')}, "
+        f"{cfg.train.epochs} epochs, lr {cfg.train.lr}, mixed precision "
+        f"`{cfg.train.mixed_precision}`",
+        f"- vae_scale commit `{commit}`{dirty}; the whole configuration is in `{CONFIG_FILE}`",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import vae_scale",
+        "",
+        'vae = vae_scale.from_pretrained("THIS_FOLDER_OR_REPO_ID")',
+        "images = vae.sample(16, temperature=0.8)  # floats in [0, 1]",
+        "posterior = vae.encode(images)  # .mean, .log_var",
+        "recons = vae.reconstruct(images)  # uint8 or float images in",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
+    """Publish an export folder as a Hub model repository; a clear error when that cannot
+    work here (offline, no token), with the folder left as it is."""
+    from huggingface_hub import constants, create_repo, get_token, upload_folder
+
+    later = (
+        f"the exported folder {folder} is complete: publish it from a machine that is online "
+        f"with `huggingface_hub.upload_folder(repo_id={repo_id!r}, folder_path=...)` or "
+        f"`hf upload {repo_id} {folder}`"
+    )
+    # the environment as it is now (huggingface_hub read it when first imported)
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ConfigError(f"--push-to-hub {repo_id}: HF_HUB_OFFLINE is set; {later}")
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    if not is_online(endpoint, timeout=5.0):
+        raise ConfigError(
+            f"--push-to-hub {repo_id}: {endpoint} cannot be reached from this machine; {later}"
+        )
+    if not get_token():
+        raise ConfigError(
+            f"--push-to-hub {repo_id}: no Hugging Face token (set HF_TOKEN or run "
+            f"`hf auth login`); {later}"
+        )
+    url = create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model")
+    return str(url)
