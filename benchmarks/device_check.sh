@@ -6,8 +6,10 @@
 #   bash benchmarks/device_check.sh --cpu --quick --out /tmp/device_check
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] && [ -z "${CUDA_CHECK_SYSTEM_PYTHON:-}" ] && PYTHON=.venv/bin/python
+# $PYTHON, else this checkout's .venv, else python3 (the GPU machine's, which holds torch)
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
 # Carried wheels (.whl/, see the header) for what the GPU machine lacks: installed aside.
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && ! "$PYTHON" -c "import webdataset, pydantic" 2>/dev/null; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

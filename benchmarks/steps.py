@@ -105,7 +105,9 @@ def measure_setting(
         def step(images: torch.Tensor) -> None:
             x = prepare_inputs(images, device, cfg.data.binarize)
             m = models
-            train_step(accelerator, m.model, m.plain, m.optimizer, x, cfg, state, 10**9, m.ema)
+            train_step(
+                accelerator, m.model, m.plain, m.optimizer, m.policy, x, cfg, state, 10**9, m.ema
+            )
 
         synthetic = torch.randint(0, 256, (cfg.data.batch_size, *shape), dtype=torch.uint8)
         if torch.cuda.is_available():

@@ -329,7 +329,7 @@ def test_gradient_spikes_are_skipped_counted_and_never_forever(monkeypatch):
 
     from vae_scale.compat import reset_accelerate_state
     from vae_scale.config import config_from_dict
-    from vae_scale.training.optim import optimizer_step
+    from vae_scale.training.optim import UpdatePolicy
     from vae_scale.training.state import TrainState
 
     cfg = config_from_dict(
@@ -343,6 +343,12 @@ def test_gradient_spikes_are_skipped_counted_and_never_forever(monkeypatch):
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
     layer, optimizer = accelerator.prepare(layer, optimizer)
     state = TrainState()
+    policy = UpdatePolicy(cfg.train, on_device=False)
+
+    def optimizer_step(accelerator, layer, optimizer, train_cfg, state, total):
+        applied, norm = policy.step(accelerator, layer, optimizer, state, total)
+        return applied, float(norm)
+
     pattern = []
     for _ in range(9):
         before = layer.weight.detach().clone()
@@ -355,7 +361,8 @@ def test_gradient_spikes_are_skipped_counted_and_never_forever(monkeypatch):
             assert moved <= 0.1 * 1e-3 * 1.001
         pattern.append(stepped)
     assert pattern == [False, False, True] * 3
-    assert (state.skipped_updates, state.forced_updates, state.opt_step) == (6, 3, 3)
+    # every call is an optimizer step, applied or skipped
+    assert (state.skipped_updates, state.forced_updates, state.opt_step) == (6, 3, 9)
     # below the threshold nothing is skipped, and 0 consecutive skips means "never skip"
     cfg.train.skip_threshold, state.consecutive_skips = 1e9, 0
     layer(torch.ones(1, 3)).sum().backward()

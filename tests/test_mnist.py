@@ -256,12 +256,12 @@ def test_dynamic_binarization_and_kl_warmup_in_a_run(tiny_mnist, tmp_path, monke
 
     seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (epoch, grey, binarized)
     epoch = [0]
-    original = train_module.prepare_inputs
+    original = train_module.binarize
 
-    def recording(images, device, binarize, generator=None):
-        x = original(images, device, binarize, generator)
-        if binarize == "dynamic":  # training batches (pictures use "none")
-            seen.append((epoch[0], images.float() / 255, x.clone()))
+    def recording(pixels, mode, generators=None):
+        x = original(pixels, mode, generators)
+        if mode == "dynamic":  # training batches (pictures use "none")
+            seen.append((epoch[0], pixels.clone(), x.clone()))
         return x
 
     original_batches = train_module.ShardSplit.train_batches
@@ -270,7 +270,7 @@ def test_dynamic_binarization_and_kl_warmup_in_a_run(tiny_mnist, tmp_path, monke
         epoch[0] = ep
         yield from original_batches(self, ep, start, plan)
 
-    monkeypatch.setattr(train_module, "prepare_inputs", recording)
+    monkeypatch.setattr(train_module, "binarize", recording)
     monkeypatch.setattr(train_module.ShardSplit, "train_batches", counting)
     warmup, beta0 = 15, 0.2
     cfg = tiny_run_config(

@@ -5,6 +5,8 @@ Each wrapper says why the public API does not do, so an upgrade that breaks one 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -42,3 +44,17 @@ def seeded_shuffle(samples: Any, bufsize: int, rng: Any) -> Any:
     import webdataset as wds
 
     return wds.filters._shuffle(samples, bufsize=bufsize, initial=bufsize, rng=rng)
+
+
+@contextmanager
+def skip_step_if(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> Iterator[None]:
+    """Within: a fused Adam/AdamW `step()` leaves weights, moments and step count unchanged
+    where `skip` (a 0-dim bool tensor on the device) is true, decided on the device. This is
+    the protocol GradScaler uses (`found_inf` / `grad_scale` attributes the fused kernels
+    read); torch has no public way to skip a step without reading the flag on the host."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # inside Accelerate's wrapper
+    inner.found_inf, inner.grad_scale = skip.float(), None
+    try:
+        yield
+    finally:
+        del inner.found_inf, inner.grad_scale

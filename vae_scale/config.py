@@ -186,6 +186,12 @@ class TrainConfig(Section):
     # eval`/`sample` (0 = off). The decay warms up as min(ema_decay, (1 + n) / (10 + n)).
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
     compile: bool = False
+    # torch.compile's mode when train.compile is on (max-autotune-no-cudagraphs: autotuned
+    # kernels; reduce-overhead: CUDA graphs)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
+    # Fused AdamW (one kernel; the update policy then decides on the device, no host sync).
+    # null: fused on CUDA, not on the CPU.
+    fused_adamw: bool | None = None
     channels_last: bool = False
     cpu: bool = False  # force CPU even when a GPU is present
     log_every_steps: Positive = 10

@@ -1,9 +1,13 @@
 """Batches -> model inputs: uint8 images become float pixels in [0, 1] on the device.
 
-The 4x smaller uint8 crosses process and PCIe boundaries; the conversion happens on arrival.
+The 4x smaller uint8 crosses process and PCIe boundaries (from pinned memory, without
+waiting); the conversion happens on arrival, on the device.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -13,23 +17,65 @@ def images_to_float(images: torch.Tensor, device: torch.device | str) -> torch.T
     return images.to(device, non_blocking=True).float().div_(255.0)
 
 
+def binarize(
+    x: torch.Tensor, mode: str, generators: list[torch.Generator] | None = None
+) -> torch.Tensor:
+    """data.binarize: 'dynamic' samples x ~ Bernoulli(pixels) (from the global RNG, or from
+    one generator per sample); 'none' returns the pixels."""
+    if mode != "dynamic":
+        return x
+    if generators is None:
+        return torch.bernoulli(x)
+    return torch.stack(
+        [torch.bernoulli(xi.cpu(), generator=g) for xi, g in zip(x, generators, strict=True)]
+    ).to(x.device)
+
+
 def prepare_inputs(
     images: torch.Tensor,
     device: torch.device | str,
-    binarize: str,
+    mode: str,
     generators: list[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """uint8 batch -> float in [0, 1] on device; dynamic binarization samples x ~ Bernoulli
-    (from the global RNG, or from one generator per sample)."""
-    x = images_to_float(images, device)
-    if binarize == "dynamic":
-        if generators is None:
-            x = torch.bernoulli(x)
-        else:
-            x = torch.stack(
-                [
-                    torch.bernoulli(xi.cpu(), generator=g)
-                    for xi, g in zip(x, generators, strict=True)
-                ]
-            ).to(device)
-    return x
+    """uint8 batch -> float in [0, 1] on device, binarized as data.binarize says."""
+    return binarize(images_to_float(images, device), mode, generators)
+
+
+class DeviceBatches:
+    """(batch, its images as float pixels on the device) for each loader batch. On CUDA the
+    next batch's copy and conversion are issued on a side stream before the current batch is
+    handed out, so they overlap the step that trains it; elsewhere the conversion is inline.
+    Random draws (binarization) stay with the step, on the main stream, in batch order."""
+
+    def __init__(
+        self, batches: Iterable[dict[str, Any]], device: torch.device, channels_last: bool
+    ):
+        self.batches, self.device, self.channels_last = batches, torch.device(device), channels_last
+
+    def _convert(self, images: torch.Tensor) -> torch.Tensor:
+        x = images_to_float(images, self.device)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def __iter__(self) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+        if self.device.type != "cuda":
+            for batch in self.batches:
+                yield batch, self._convert(batch["image"])
+            return
+        copies = torch.cuda.Stream(self.device)
+        main = torch.cuda.current_stream(self.device)
+        pending = None
+        for batch in self.batches:
+            with torch.cuda.stream(copies):
+                issued = (batch, self._convert(batch["image"]))
+            if pending is not None:
+                yield self._ready(pending, copies, main)
+            pending = issued
+        if pending is not None:
+            yield self._ready(pending, copies, main)
+
+    @staticmethod
+    def _ready(pending: tuple, copies: Any, main: Any) -> tuple[dict[str, Any], torch.Tensor]:
+        main.wait_stream(copies)
+        batch, x = pending
+        x.record_stream(main)  # its memory belongs to the main stream's work from here on
+        return batch, x

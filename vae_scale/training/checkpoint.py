@@ -23,7 +23,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from vae_scale.errors import ConfigError
 from vae_scale.fsutil import fsync, sha256_file
-from vae_scale.training.ema import EMA_FILE, ema_tensors, load_ema
+from vae_scale.training.ema import EMA_FILE, ema_tensors, load_ema, update_ema
 from vae_scale.training.logs import sample_keys_file, truncate_logs
 from vae_scale.training.state import TrainState
 
@@ -213,7 +213,8 @@ class Checkpointer:
         ema = self.ema
         if ema is not None and not load_ema(ema, path, state.ema_updates):
             ema.n_averaged.zero_()  # EMA newly switched on: start from the loaded weights
-            ema.update_parameters(core)
+            update_ema(ema, core, 0, 0.0)
+            state.ema_updates = 1
         if self.accelerator.is_main_process:
             truncate_logs(self.run_dir, state.opt_step)
         truncate_logs(

@@ -9,7 +9,7 @@ eval` and `sample` load it like `model.safetensors`) and the update count in the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
 from pathlib import Path
 
 import torch
@@ -20,18 +20,36 @@ from torch.optim.swa_utils import AveragedModel
 EMA_FILE = "ema.safetensors"
 
 
-def warmup_ema_fn(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
-    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
-        n = float(num_averaged)
-        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
-
-    return update
-
-
-def make_ema(shadow: nn.Module, decay: float) -> AveragedModel:
+def make_ema(shadow: nn.Module) -> AveragedModel:
     """`shadow`: a plain copy of the trained model (no DDP, compile or autocast wrappers),
-    already holding its weights; it becomes the average."""
-    return AveragedModel(shadow, multi_avg_fn=warmup_ema_fn(decay), use_buffers=True)
+    already holding its weights; it becomes the average (updated by `update_ema`)."""
+    return AveragedModel(shadow, use_buffers=True)
+
+
+@torch.no_grad()
+def update_ema(
+    ema: AveragedModel,
+    model: nn.Module,
+    updates: int,
+    decay: float,
+    applied: Tensor | None = None,
+) -> None:
+    """Move the average towards `model`'s weights and buffers after `updates` earlier updates
+    (a host count: AveragedModel's own update reads its device counter on the host every
+    step). `applied` (a 0-dim bool tensor): where false the average stays as it is, decided
+    on the device; the update is counted either way."""
+    averaged = [t.detach() for t in itertools.chain(ema.module.parameters(), ema.module.buffers())]
+    current = [t.detach() for t in itertools.chain(model.parameters(), model.buffers())]
+    if updates == 0 and applied is None:
+        torch._foreach_copy_(averaged, current)
+    else:
+        weight = 1.0 if updates == 0 else 1.0 - min(decay, (1.0 + updates) / (10.0 + updates))
+        if applied is None:
+            torch._foreach_lerp_(averaged, current, weight)
+        else:  # lerp with weight 0 and 1 is exact: the average, or the model's weights
+            weights = [applied.to(averaged[0].dtype) * weight] * len(averaged)
+            torch._foreach_lerp_(averaged, current, weights)
+    ema.n_averaged += 1
 
 
 def ema_tensors(ema: AveragedModel) -> dict[str, Tensor]:

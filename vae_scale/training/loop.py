@@ -22,7 +22,7 @@ from vae_scale.analysis.evaluate import EvalOptions, evaluate_split, first_image
 from vae_scale.analysis.pictures import epoch_pictures
 from vae_scale.compat import reset_accelerate_state
 from vae_scale.config import Config
-from vae_scale.data.inputs import prepare_inputs
+from vae_scale.data.inputs import DeviceBatches, binarize
 from vae_scale.data.loader import ShardSplit
 from vae_scale.data.order import EpochPlan
 from vae_scale.errors import ConfigError
@@ -37,7 +37,7 @@ from vae_scale.training.logs import (
     sample_keys_file,
     truncate_logs,
 )
-from vae_scale.training.optim import TrainingDiverged, check_divergence
+from vae_scale.training.optim import TrainingDiverged
 from vae_scale.training.run_folder import RunLock, check_same_run
 from vae_scale.training.signals import StopFlag, TrainingInterrupted
 from vae_scale.training.state import TrainState
@@ -117,6 +117,7 @@ def start_run(
         state = TrainState()
         if resume_from is not None:
             state = checkpointer.restore(resume_from, models.core)
+            models.policy.load(state, accelerator.device)
         run_config = setup.record_run(cfg, accelerator, models, splits["train"], steps, command)
         setup.start_tracking(cfg, accelerator, run_config, wandb_mode)
     except BaseException:
@@ -189,14 +190,17 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, torch.Tensor], floa
         desc=f"epoch {epoch}/{cfg.train.epochs}",
         leave=False,
     )
-    for i, batch in enumerate(progress, start=start):  # exactly plan.steps - start batches
-        x = prepare_inputs(batch["image"], device, cfg.data.binarize)
+    # exactly plan.steps - start batches; on a GPU the next one is copied while a step runs
+    on_device = DeviceBatches(progress, device, cfg.train.channels_last)
+    for i, (batch, pixels) in enumerate(on_device, start=start):
+        x = binarize(pixels, cfg.data.binarize)
         state.skipped_samples += batch["skipped"]
         state.samples_seen += x.shape[0] * accelerator.num_processes  # every rank's batch is full
         m = models
         out = train_step(
-            accelerator, m.model, m.plain, m.optimizer, x, cfg, state, run.total_steps, m.ema
-        )
+            accelerator, m.model, m.plain, m.optimizer, m.policy, x, cfg, state,
+            run.total_steps, m.ema,
+        )  # fmt: skip
         sums.add(**batch_sums(out, x.shape[0], groups, cfg.loss.z_samples))
         if cfg.train.log_sample_keys:
             # the optimizer step this batch counts toward (a checkpoint at step S keeps <= S)
@@ -205,13 +209,16 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, torch.Tensor], floa
             append_row(cfg.run_dir, sample_keys_file(accelerator.process_index), row)
         if not out.synced:
             continue
-        if state.consecutive_bad:
-            check_divergence(state, cfg.train, run.checkpointer.latest)
         if state.opt_step % cfg.train.log_every_steps == 0:
+            models.policy.settle(state)  # the device's counters, read at log steps only
             log_step(run, epoch, out, progress)
+        if state.consecutive_bad or models.policy.peak_bad:
+            models.policy.check_divergence(state, run.checkpointer.latest)
         if i + 1 < steps:
             mid_epoch_checkpoint(run, epoch, i + 1, sums, plan)
     seconds = time.perf_counter() - t0
+    models.policy.settle(state)
+    models.policy.check_divergence(state, run.checkpointer.latest)
     return sums.reduce(accelerator), seconds
 
 
@@ -233,7 +240,7 @@ def log_step(run: Run, epoch: int, out: StepOutput, progress: Any) -> None:
         "train/step_neg_elbo": loss,
         "train/kl_weight": out.beta,
         "train/lr": run.models.optimizer.param_groups[0]["lr"],
-        "train/grad_norm": out.grad_norm,
+        "train/grad_norm": float(out.grad_norm),
         "train/skipped_updates": state.skipped_updates,
         **{f"train/step_kl_{g}": v for g, v in zip(groups, step_kls, strict=True)},
     }
@@ -249,9 +256,10 @@ def mid_epoch_checkpoint(
 ) -> None:
     """After a stop signal: checkpoint and stop; else every train.checkpoint_every_steps."""
     state, every = run.state, run.cfg.train.checkpoint_every_steps
-    stopping = stop_requested(run)
+    stopping = stop_requested(run, every=run.cfg.train.log_every_steps)
     if not (stopping or (every and state.opt_step % every == 0)):
         return
+    run.models.policy.settle(state)
     state.epoch, state.batch_in_epoch = epoch, batch
     state.data_plan = run.splits["train"].record(plan, batch)
     state.epoch_sums = sums.state_dict(run.accelerator)
@@ -263,10 +271,14 @@ def mid_epoch_checkpoint(
         )
 
 
-def stop_requested(run: Run) -> bool:
-    """True on every rank when any rank received a stop signal."""
+def stop_requested(run: Run, every: int = 1) -> bool:
+    """True on every rank when any rank received a stop signal. With several processes the
+    ranks agree through an all-reduce read on the host, so mid-epoch they ask only every
+    `every` optimizer steps (the same steps on every rank)."""
     flag = float(run.stop.received is not None)
     if run.accelerator.num_processes > 1:
+        if run.state.opt_step % every:
+            return False
         accelerator = run.accelerator
         flag = accelerator.reduce(torch.tensor(flag, device=accelerator.device), "max").item()
     return flag > 0

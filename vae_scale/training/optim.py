@@ -1,5 +1,13 @@
 """The optimizer, the learning-rate schedule and the update policy: what happens between a
-backward pass and the next forward (clipping, skipped spikes, non-finite steps, divergence)."""
+backward pass and the next forward (clipping, skipped spikes, non-finite steps, divergence).
+
+Two ways to apply the policy, with the same rules and counters:
+- on the host: the gradient norm is read every step (what the CPU, fp16's GradScaler and an
+  unfused optimizer need);
+- on the device (a fused AdamW, no fp16 scaler: the GPU default): the decision is a tensor
+  that the fused kernel reads, the counters stay on the device, and nothing waits for the GPU
+  until `settle` copies them into the TrainState (log steps, checkpoints, epoch ends).
+"""
 
 from __future__ import annotations
 
@@ -7,20 +15,41 @@ import math
 
 import torch
 from accelerate import Accelerator
-from torch import nn
+from torch import Tensor, nn
 
+from vae_scale.compat import skip_step_if
 from vae_scale.config import TrainConfig
 from vae_scale.training.state import TrainState
+
+#: The TrainState counters the policy keeps, in this order on the device.
+COUNTERS = (
+    "bad_steps",
+    "consecutive_bad",
+    "skipped_updates",
+    "consecutive_skips",
+    "forced_updates",
+)
 
 
 class TrainingDiverged(RuntimeError):
     """The loss or gradients stayed non-finite for `train.max_bad_steps` steps in a row."""
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def use_fused(cfg: TrainConfig, device: torch.device) -> bool:
+    """train.fused_adamw, else fused on CUDA (one kernel for all parameters)."""
+    return cfg.fused_adamw if cfg.fused_adamw is not None else device.type == "cuda"
+
+
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, fused: bool = False
+) -> torch.optim.Optimizer:
     # AdamW: decoupled weight decay (VDVAE's; with weight_decay 0 it is exactly Adam)
     return torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+        model.parameters(),
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        weight_decay=cfg.weight_decay,
+        fused=fused or None,
     )
 
 
@@ -35,67 +64,134 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     return cfg.lr
 
 
-def optimizer_step(
-    accelerator: Accelerator,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    cfg: TrainConfig,
-    state: TrainState,
-    total_steps: int,
-) -> tuple[bool, float]:
-    """Clip, then step, unless the gradients are non-finite (then skip and count), or their
-    norm exceeds train.skip_threshold (then skip and count, but at most
-    train.max_consecutive_skips times in a row: the next one is applied, clipped). Returns
-    (whether the weights changed, the gradient norm before clipping).
+class UpdatePolicy:
+    """Clip, then step, unless the gradients are non-finite (skip and count), or their norm
+    exceeds train.skip_threshold (skip and count, but at most train.max_consecutive_skips
+    times in a row: the next one is applied, clipped). Every call is one optimizer step of
+    `TrainState.opt_step`, applied or skipped.
 
-    The gradient norm is computed after DDP's all-reduce, so every rank makes the same
-    decision. Under fp16 the grad scaler owns overflow handling; we only count its skips.
+    The gradient norm is computed after DDP's all-reduce, so every rank decides the same.
+    Under fp16 the grad scaler owns overflow handling; we only count its skips.
     """
-    # Clipping at the skip threshold too: a forced update after a run of skips is clipped.
-    limits = [c for c in (cfg.grad_clip, cfg.skip_threshold) if c > 0]
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), min(limits, default=float("inf")))
-    norm = float(grad_norm)
-    if cfg.skip_threshold > 0 and math.isfinite(norm) and norm > cfg.skip_threshold:
-        if state.consecutive_skips < cfg.max_consecutive_skips:
-            state.skipped_updates += 1
-            state.consecutive_skips += 1
-            if accelerator.scaler is not None:
-                accelerator.scaler.update()  # end this step's unscale_, as a step would
-            optimizer.zero_grad(set_to_none=True)
-            return False, norm
-        state.forced_updates += 1
-        accelerator.print(
-            f"warning: step {state.opt_step}: gradient norm {norm:.4g} > "
-            f"train.skip_threshold={cfg.skip_threshold:g} after {state.consecutive_skips} "
-            f"skipped updates in a row; applying it clipped (raise the threshold if this repeats)"
-        )
-    if accelerator.scaler is None and not math.isfinite(norm):
-        skipped = True
-    else:
+
+    def __init__(self, cfg: TrainConfig, on_device: bool):
+        self.cfg, self.on_device = cfg, on_device
+        self.counters: Tensor | None = None  # on the device: COUNTERS, then the peak run of bad
+        self.peak_bad = 0
+
+    def load(self, state: TrainState, device: torch.device) -> None:
+        """Start from `state`'s counters (a fresh run or a restored checkpoint)."""
+        self.counters = None
+        if self.on_device:
+            values = [getattr(state, name) for name in COUNTERS] + [state.consecutive_bad]
+            self.counters = torch.tensor(values, dtype=torch.int64, device=device)
+
+    def settle(self, state: TrainState) -> None:
+        """Copy the device's counters into `state` (one host synchronisation)."""
+        if not self.on_device:
+            return
+        *values, peak = self.counters.tolist()
+        for name, value in zip(COUNTERS, values, strict=True):
+            setattr(state, name, value)
+        self.peak_bad = max(self.peak_bad, peak)
+        self.counters[-1] = self.counters[1]  # the peak restarts from the current run
+
+    def step(
+        self,
+        accelerator: Accelerator,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        state: TrainState,
+        total_steps: int,
+    ) -> tuple[bool | Tensor, Tensor]:
+        """One update; returns (applied: a bool, or a 0-dim bool tensor on the device path;
+        the gradient norm before clipping, a 0-dim tensor)."""
+        # Clipping at the skip threshold too: a forced update after a run of skips is clipped.
+        limits = [c for c in (self.cfg.grad_clip, self.cfg.skip_threshold) if c > 0]
+        limit = min(limits, default=float("inf"))
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), limit)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(state.opt_step, cfg, total_steps)
-        optimizer.step()
-        skipped = bool(optimizer.step_was_skipped)
-    optimizer.zero_grad(set_to_none=True)
-    if skipped:
-        state.bad_steps += 1
-        state.consecutive_bad += 1
-    else:
-        state.consecutive_bad = 0
-        state.consecutive_skips = 0
+            group["lr"] = lr_at(state.opt_step, self.cfg, total_steps)
+        if self.on_device:
+            applied = self._on_device(optimizer, grad_norm)
+        else:
+            applied = self._on_host(accelerator, optimizer, state, float(grad_norm))
+        optimizer.zero_grad(set_to_none=True)
         state.opt_step += 1
-    return not skipped, norm
+        return applied, grad_norm
 
+    def _on_host(
+        self,
+        accelerator: Accelerator,
+        optimizer: torch.optim.Optimizer,
+        state: TrainState,
+        norm: float,
+    ) -> bool:
+        cfg = self.cfg
+        if cfg.skip_threshold > 0 and math.isfinite(norm) and norm > cfg.skip_threshold:
+            if state.consecutive_skips < cfg.max_consecutive_skips:
+                state.skipped_updates += 1
+                state.consecutive_skips += 1
+                if accelerator.scaler is not None:
+                    accelerator.scaler.update()  # end this step's unscale_, as a step would
+                return False
+            state.forced_updates += 1
+            accelerator.print(
+                f"warning: step {state.opt_step}: gradient norm {norm:.4g} > "
+                f"train.skip_threshold={cfg.skip_threshold:g} after {state.consecutive_skips} "
+                f"skipped updates in a row; applying it clipped (raise the threshold if this "
+                f"repeats)"
+            )
+        if accelerator.scaler is None and not math.isfinite(norm):
+            skipped = True
+        else:
+            optimizer.step()
+            skipped = bool(optimizer.step_was_skipped)
+        if skipped:
+            state.bad_steps += 1
+            state.consecutive_bad += 1
+        else:
+            state.consecutive_bad = 0
+            state.consecutive_skips = 0
+        return not skipped
 
-def check_divergence(state: TrainState, cfg: TrainConfig, last_good: str | None) -> None:
-    """Stop after train.max_bad_steps non-finite steps in a row, naming what is kept."""
-    if state.consecutive_bad < cfg.max_bad_steps:
-        return
-    kept = (
-        f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-    )
-    raise TrainingDiverged(
-        f"{state.consecutive_bad} optimizer steps in a row had non-finite loss or gradients "
-        f"(train.max_bad_steps={cfg.max_bad_steps}); stopping; {kept}; try a lower train.lr, "
-        f"train.grad_clip, or bf16 instead of fp16."
-    )
+    def _on_device(self, optimizer: torch.optim.Optimizer, grad_norm: Tensor) -> Tensor:
+        bad_steps, run_bad, skipped, run_skips, forced, peak = self.counters.unbind()
+        bad = ~torch.isfinite(grad_norm)
+        if self.cfg.skip_threshold > 0:
+            spike = ~bad & (grad_norm > self.cfg.skip_threshold)
+            skip = spike & (run_skips < self.cfg.max_consecutive_skips)
+        else:
+            spike = skip = torch.zeros_like(bad)
+        with skip_step_if(optimizer, bad | skip):
+            optimizer.step()
+        zero = torch.zeros_like(run_bad)
+        run_bad = torch.where(bad, run_bad + 1, torch.where(skip, run_bad, zero))
+        self.counters = torch.stack(
+            [
+                bad_steps + bad,
+                run_bad,
+                skipped + skip,
+                torch.where(skip, run_skips + 1, torch.where(bad, run_skips, zero)),
+                forced + (spike & ~skip),
+                torch.maximum(peak, run_bad),
+            ]
+        )
+        return ~(bad | skip)
+
+    def check_divergence(self, state: TrainState, last_good: str | None) -> None:
+        """Stop after train.max_bad_steps non-finite steps in a row, naming what is kept (on
+        the device path: as of the last `settle`)."""
+        run = max(state.consecutive_bad, self.peak_bad)
+        if run < self.cfg.max_bad_steps:
+            return
+        kept = (
+            f"the last good checkpoint is {last_good}"
+            if last_good
+            else "no checkpoint was written yet"
+        )
+        raise TrainingDiverged(
+            f"{run} optimizer steps in a row had non-finite loss or gradients "
+            f"(train.max_bad_steps={self.cfg.max_bad_steps}); stopping; {kept}; try a lower "
+            f"train.lr, train.grad_clip, or bf16 instead of fp16."
+        )

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import TorchDynamoPlugin
 from torch.optim.swa_utils import AveragedModel
 
 from vae_scale.compat import cpu_has_fast_bf16, uncompiled
@@ -22,8 +23,9 @@ from vae_scale.models import VAE, build_model
 from vae_scale.models.base import check_single_latent
 from vae_scale.training import tracking
 from vae_scale.training.ema import make_ema
-from vae_scale.training.optim import build_optimizer
+from vae_scale.training.optim import UpdatePolicy, build_optimizer, use_fused
 from vae_scale.training.signals import ignore_stop_signals
+from vae_scale.training.state import TrainState
 
 
 def make_accelerator(cfg: Config, wandb_mode: str) -> Accelerator:
@@ -45,7 +47,9 @@ def make_accelerator(cfg: Config, wandb_mode: str) -> Accelerator:
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         log_with="wandb" if wandb_mode != "disabled" else None,
         project_dir=str(cfg.run_dir),
-        dynamo_backend="inductor" if cfg.train.compile else "no",
+        dynamo_plugin=TorchDynamoPlugin(
+            backend="inductor" if cfg.train.compile else "no", mode=cfg.train.compile_mode
+        ),
     )
 
 
@@ -88,6 +92,7 @@ class Models:
     model: torch.nn.Module  # prepared: DDP and/or torch.compile around the VAE
     plain: VAE  # the bare VAE inside (its parameters are the trained ones)
     optimizer: torch.optim.Optimizer
+    policy: UpdatePolicy  # what an update does with skips and non-finite gradients
     ema: AveragedModel | None
     core: torch.nn.Module  # unwrapped from DDP, possibly still compiled
 
@@ -106,7 +111,10 @@ def build_models(cfg: Config, accelerator: Accelerator, image_shape: tuple[int, 
     model = fresh()
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg.train)
+    fused = use_fused(cfg.train, accelerator.device)
+    optimizer = build_optimizer(model, cfg.train, fused)
+    # fused AdamW reads a skip decision on the device; fp16's GradScaler decides itself
+    policy = UpdatePolicy(cfg.train, on_device=fused and cfg.train.mixed_precision != "fp16")
     model, optimizer = accelerator.prepare(model, optimizer)  # the loader is never prepared
     core = accelerator.unwrap_model(model)
     plain = uncompiled(core)
@@ -116,8 +124,9 @@ def build_models(cfg: Config, accelerator: Accelerator, image_shape: tuple[int, 
         shadow = fresh()
         shadow.load_state_dict(plain.state_dict())
         fmt = torch.channels_last if cfg.train.channels_last else torch.preserve_format
-        ema = make_ema(shadow.to(accelerator.device, memory_format=fmt), cfg.train.ema_decay)
-    return Models(model, plain, optimizer, ema, core)
+        ema = make_ema(shadow.to(accelerator.device, memory_format=fmt))
+    policy.load(TrainState(), accelerator.device)
+    return Models(model, plain, optimizer, policy, ema, core)
 
 
 def check_capabilities(model: VAE, cfg: Config) -> None:

@@ -12,7 +12,8 @@ from typing import Any
 class TrainState:
     epoch: int = 1
     batch_in_epoch: int = 0  # batches of `epoch` already trained (mid-epoch checkpoints)
-    opt_step: int = 0  # optimizer steps taken: the x-axis of every log row
+    # optimizer steps (accumulation boundaries), applied or skipped: the x-axis of every log row
+    opt_step: int = 0
     bad_steps: int = 0  # steps skipped for non-finite loss or gradients
     consecutive_bad: int = 0
     skipped_samples: int = 0  # bad samples dropped by data.on_error=skip

@@ -15,7 +15,8 @@ from vae_scale.config import Config
 from vae_scale.losses import ELBOTerms, kl_weight, neg_elbo
 from vae_scale.models import VAE
 from vae_scale.training.augment import encoder_augmentation_terms
-from vae_scale.training.optim import optimizer_step
+from vae_scale.training.ema import update_ema
+from vae_scale.training.optim import UpdatePolicy
 from vae_scale.training.state import TrainState
 
 
@@ -25,7 +26,10 @@ class StepOutput:
     aug: ELBOTerms | None  # the encoder augmentation's terms, when it is on
     beta: float  # the KL weight this step used
     synced: bool  # an accumulation boundary: the optimizer was asked to step
-    grad_norm: float | None  # before clipping (only when synced)
+    # Tensors (read on the host only at log steps): the norm before clipping and whether the
+    # update was applied (a bool where the policy decided on the host); None when not synced.
+    grad_norm: torch.Tensor | None
+    applied: torch.Tensor | bool | None
 
 
 def training_objective(
@@ -70,6 +74,7 @@ def train_step(
     model: nn.Module,
     plain: VAE,
     optimizer: torch.optim.Optimizer,
+    policy: UpdatePolicy,
     x: torch.Tensor,
     cfg: Config,
     state: TrainState,
@@ -77,10 +82,11 @@ def train_step(
     ema: torch.optim.swa_utils.AveragedModel | None = None,
 ) -> StepOutput:
     """Forward and backward of one batch `x` (float pixels on the device); at the end of an
-    accumulation cycle, the update (`optim.optimizer_step`) and the EMA of the weights."""
+    accumulation cycle, the update (`policy`) and the EMA of the weights. Nothing here reads
+    a device value on the host when the policy decides on the device."""
     if cfg.train.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    grad_norm = None
+    grad_norm = applied = None
     with accelerator.accumulate(model):
         loss = cfg.loss
         beta = kl_weight(state.opt_step, loss.beta, loss.kl_warmup_steps, loss.beta_start)
@@ -88,12 +94,15 @@ def train_step(
         accelerator.backward(objective)
         synced = accelerator.sync_gradients
         if synced:
-            stepped, grad_norm = optimizer_step(
-                accelerator, model, optimizer, cfg.train, state, total_steps
-            )
-            if stepped and ema is not None:
-                ema.update_parameters(plain)
-    return StepOutput(terms, aug, beta, synced, grad_norm)
+            applied, grad_norm = policy.step(accelerator, model, optimizer, state, total_steps)
+            if ema is not None:  # counts every step; a skipped one leaves the average as is
+                mask = applied if isinstance(applied, torch.Tensor) else None
+                if applied is not False:
+                    update_ema(ema, plain, state.ema_updates, cfg.train.ema_decay, mask)
+                else:
+                    ema.n_averaged += 1
+                state.ema_updates += 1
+    return StepOutput(terms, aug, beta, synced, grad_norm, applied)
 
 
 def epoch_sum_names(groups: list[str]) -> list[str]:

@@ -1,0 +1,154 @@
+"""The GPU path's design, checked on the CPU: with a fused AdamW the update policy decides on
+the device, so a steady-state step reads nothing on the host (no synchronisation), and it
+skips exactly what the host policy skips; batches reach the device as the step wants them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from vae_scale.compat import reset_accelerate_state
+from vae_scale.config import config_from_dict
+from vae_scale.data.inputs import DeviceBatches, binarize
+from vae_scale.metrics import MetricSums
+from vae_scale.training.setup import build_models, make_accelerator
+from vae_scale.training.state import TrainState
+from vae_scale.training.step import batch_sums, epoch_sum_names, train_step
+
+HOST_READS = {"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy"}
+SHAPE = (1, 12, 8)
+
+
+class HostReads(TorchFunctionMode):
+    """Records every call that copies a tensor value to the host (on a GPU: a sync)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in HOST_READS:
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def tiny_setup(*overrides: str):
+    raw = {
+        "model": {"name": "conv", "latent_dim": 4, "base_channels": 4, "num_layers": 2},
+        "data": {"batch_size": 6},
+        "loss": {"likelihood": "gaussian"},
+        "train": {"ema_decay": 0.9, "skip_threshold": 50.0, "max_consecutive_skips": 2},
+        "wandb": {"mode": "disabled"},
+    }
+    cfg = config_from_dict(raw, list(overrides))
+    reset_accelerate_state()
+    accelerator = make_accelerator(cfg, "disabled")
+    torch.manual_seed(0)
+    return cfg, accelerator, build_models(cfg, accelerator, SHAPE)
+
+
+def batches(n: int, seed: int = 1) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {"image": torch.randint(0, 256, (6, *SHAPE), generator=g, dtype=torch.uint8), "skipped": 0}
+        for _ in range(n)
+    ]
+
+
+def loop_steps(cfg, accelerator, models, state, stream, sums) -> None:
+    """What the training loop does per batch between log steps."""
+    groups = models.plain.latent_group_names
+    for _batch, pixels in DeviceBatches(stream, accelerator.device, cfg.train.channels_last):
+        x = binarize(pixels, cfg.data.binarize)
+        m = models
+        out = train_step(
+            accelerator, m.model, m.plain, m.optimizer, m.policy, x, cfg, state, 100, m.ema
+        )
+        sums.add(**batch_sums(out, x.shape[0], groups, cfg.loss.z_samples))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_steady_state_steps_read_nothing_on_the_host_with_fused_adamw(fused):
+    cfg, accelerator, models = tiny_setup(
+        f"train.fused_adamw={str(fused).lower()}", "train.skip_threshold=1e5"
+    )
+    assert models.policy.on_device is fused
+    state = TrainState()
+    sums = MetricSums.scalars(epoch_sum_names([]), accelerator.device)
+    loop_steps(cfg, accelerator, models, state, batches(3), sums)  # warm-up (first EMA copy)
+    with HostReads() as reads:
+        loop_steps(cfg, accelerator, models, state, batches(5, seed=2), sums)
+    if fused:
+        assert reads.calls == []
+    else:  # the host policy reads the gradient norm every step: the detector sees it
+        assert reads.calls.count("__float__") >= 5
+    models.policy.settle(state)
+    assert state.opt_step == 8 and state.ema_updates == 8
+    reset_accelerate_state()
+
+
+def test_device_policy_skips_what_the_host_policy_skips(monkeypatch):
+    """The same fused AdamW, batches, NaN steps and gradient spikes: weights, EMA and counters
+    end equal whether the policy decides on the host or on the device."""
+    results = {}
+    for on_device in (False, True):
+        cfg, accelerator, models = tiny_setup(
+            "train.fused_adamw=true", "train.max_bad_steps=5", "train.skip_threshold=5e3"
+        )
+        models.policy.on_device = on_device
+        models.policy.load(TrainState(), accelerator.device)
+        state = TrainState()
+        sums = MetricSums.scalars(epoch_sum_names([]), accelerator.device)
+        original = type(models.plain).decode
+        for k, batch in enumerate(batches(12)):
+            scale = float("nan") if k in (3, 4) else (100.0 if k in (7, 8, 9) else 1.0)
+            monkeypatch.setattr(
+                type(models.plain),
+                "decode",
+                lambda self, z, s=scale, decode=original: decode(self, z) * s,
+            )
+            loop_steps(cfg, accelerator, models, state, [batch], sums)
+        monkeypatch.setattr(type(models.plain), "decode", original)
+        models.policy.settle(state)
+        counters = (state.bad_steps, state.skipped_updates, state.forced_updates, state.opt_step)
+        weights = {k: v.clone() for k, v in models.plain.state_dict().items()}
+        ema = {k: v.clone() for k, v in models.ema.module.state_dict().items()}
+        results[on_device] = counters, weights, ema
+        reset_accelerate_state()
+    (host_counts, host_w, host_ema), (dev_counts, dev_w, dev_ema) = results[False], results[True]
+    assert host_counts == dev_counts and host_counts[:3] == (2, 2, 1)  # 2 NaN, 2 skipped + 1 forced
+    assert all(torch.equal(host_w[k], dev_w[k]) for k in host_w)
+    assert all(torch.equal(host_ema[k], dev_ema[k]) for k in host_ema)
+
+
+def test_divergence_on_the_device_path_is_caught_at_the_next_settle(monkeypatch):
+    from vae_scale.training.optim import TrainingDiverged
+
+    cfg, accelerator, models = tiny_setup(
+        "train.fused_adamw=true", "train.max_bad_steps=3", "train.skip_threshold=0"
+    )
+    state = TrainState()
+    sums = MetricSums.scalars(epoch_sum_names([]), accelerator.device)
+    original = type(models.plain).decode
+    monkeypatch.setattr(type(models.plain), "decode", lambda self, z: original(self, z) * 0 / 0)
+    loop_steps(cfg, accelerator, models, state, batches(4), sums)
+    monkeypatch.setattr(type(models.plain), "decode", original)
+    loop_steps(cfg, accelerator, models, state, batches(1), sums)  # a good step ends the run
+    assert state.consecutive_bad == 0  # not settled yet
+    models.policy.settle(state)
+    assert state.bad_steps == 4 and state.consecutive_bad == 0
+    with pytest.raises(TrainingDiverged, match="4 optimizer steps in a row"):
+        models.policy.check_divergence(state, None)  # the run of 4 was seen on the device
+    assert all(torch.isfinite(p).all() for p in models.plain.parameters())  # never applied
+    reset_accelerate_state()
+
+
+def test_device_batches_are_float_pixels_in_the_step_layout():
+    stream = batches(3)
+    got = list(DeviceBatches(stream, torch.device("cpu"), channels_last=True))
+    assert [b is s for (b, _), s in zip(got, stream)] == [True] * 3
+    for (_batch, x), s in zip(got, stream):
+        assert x.dtype == torch.float32 and torch.equal(x, s["image"].float() / 255)
+        assert x.is_contiguous(memory_format=torch.channels_last)
