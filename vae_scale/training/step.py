@@ -118,6 +118,7 @@ def batch_sums(out: StepOutput, num_images: int, groups: list[str], draws: int) 
         "neg_elbo": terms.neg_elbo.detach().sum() / draws,
         "recon": terms.recon.detach().sum() / draws,
         "kl": terms.kl.detach().sum() / draws,
-        "count": torch.tensor(float(num_images), device=terms.kl.device),
+        # a fill kernel: torch.tensor(n, device=cuda) would copy from the host and wait
+        "count": torch.full((), float(num_images), device=terms.kl.device),
         **{f"kl_{g}": terms.kl_groups[g].detach().sum() for g in groups},
     }
