@@ -174,3 +174,22 @@ def test_training_on_train_and_val_reads_both_and_evaluates_test_only(frey_shard
 def test_test_split_is_never_trained_on(splits, frey_shards, tmp_path):
     with pytest.raises(ConfigError, match=r"data\.train_splits"):
         tiny_frey_config(frey_shards, tmp_path, f"data.train_splits={splits}")
+
+
+@pytest.mark.slow
+def test_pictures_at_every_picture_epoch_collapse_warning_only_after_warmup(
+    frey_shards, tmp_path, capsys
+):
+    """Epoch 1 falls inside the KL warm-up (17 of 25 steps): its pictures are drawn (the
+    newcomer's first picture) but not judged; epoch 2 is past it and this 2-epoch model has
+    no active unit, so the warning comes then, once."""
+    cfg = tiny_frey_config(frey_shards, tmp_path, "loss.kl_warmup_steps=25")
+    run = train(cfg)
+    assert (run / "recon_epoch001.png").is_file() and (run / "samples_epoch001.png").is_file()
+    assert (run / "recon_epoch002.png").is_file()
+    rows = metrics(run)
+    assert rows[0]["global_step"] < 25 <= rows[1]["global_step"]
+    assert rows[1]["test/active_units"] < 0.1 * 8
+    out = capsys.readouterr().out
+    assert out.count("the posterior is collapsing") == 1
+    assert out.index("the posterior is collapsing") > out.index("epoch 2:")

@@ -331,6 +331,7 @@ def end_of_epoch(
         )
         if picture_epoch and state.opt_step >= cfg.loss.kl_warmup_steps:  # judged on the ELBO
             warn_if_collapsed(metrics, eval_model)
+        if picture_epoch:
             epoch_pictures(
                 accelerator, eval_model, picture_inputs, epoch, cfg, state.opt_step,
                 run.splits.get("test"),
