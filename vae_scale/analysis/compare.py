@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from vae_scale.analysis.runs import final_metrics
 from vae_scale.errors import ConfigError
 from vae_scale.training.logs import read_rows
 
@@ -42,16 +43,8 @@ def _run_summary(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], d
     flat = _flatten({k: config[k] for k in sections if k in config})
     flat.pop("run.dir", None)
     flat.update({key: config[key] for key in RUN_FACTS if key in config})
-    rows = read_rows(run_dir)  # no metrics.jsonl yet (a run stopped in epoch 1): no rows
-    final: dict[str, Any] = {}
-    if rows:
-        final = {k: v for k, v in rows[-1].items() if k.startswith(("val/", "test/", "best/"))}
-        final["epochs"] = rows[-1]["epoch"]
-    for path in sorted(run_dir.glob("eval_*.json")):
-        final.update(
-            {k: v for k, v in json.loads(path.read_text()).items() if not isinstance(v, list)}
-        )
-    return flat, rows, final
+    rows = read_rows(run_dir)
+    return flat, rows, final_metrics(run_dir, rows)
 
 
 def _fmt(value: Any) -> str:

@@ -1,11 +1,12 @@
-"""A finished (or running) run folder: its resolved config and its trained model."""
+"""A finished (or running) run folder: its resolved config, its final metrics and its trained
+model."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file
@@ -16,6 +17,7 @@ from vae_scale.losses import build_likelihood
 from vae_scale.models import VAE, build_model
 from vae_scale.training import checkpoint
 from vae_scale.training.ema import EMA_FILE
+from vae_scale.training.logs import read_rows
 
 
 @dataclass
@@ -38,6 +40,21 @@ def load_run_config(run_dir: Path) -> tuple[Config, dict]:
     raw = json.loads(path.read_text())
     sections = {name: raw[name] for name in (*SECTIONS, "model") if name in raw}
     return config_from_dict(sections), raw
+
+
+def final_metrics(run_dir: Path, rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """What a run ended with: the last epoch's val/test/best entries and its epoch count, then
+    the scalars of every `vae-scale eval` result (eval_<split>.json; later names win).
+    `rows`: the run's metrics.jsonl rows when the caller has read them already."""
+    rows = read_rows(run_dir) if rows is None else rows  # none yet: stopped in epoch 1
+    final: dict[str, Any] = {}
+    if rows:
+        final = {k: v for k, v in rows[-1].items() if k.startswith(("val/", "test/", "best/"))}
+        final["epochs"] = rows[-1]["epoch"]
+    for path in sorted(Path(run_dir).glob("eval_*.json")):
+        evaluation = json.loads(path.read_text())
+        final.update({k: v for k, v in evaluation.items() if not isinstance(v, (list, dict))})
+    return final
 
 
 def build_recorded_model(cfg: Config, record: dict) -> VAE:

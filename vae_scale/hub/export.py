@@ -16,12 +16,11 @@ import torch
 
 from vae_scale import __version__
 from vae_scale.analysis import pictures
-from vae_scale.analysis.runs import TrainedRun, load_run
+from vae_scale.analysis.runs import TrainedRun, final_metrics, load_run
 from vae_scale.errors import ConfigError
 from vae_scale.hub.pretrained import CONFIG_FILE, WEIGHTS_FILE
 from vae_scale.netutil import is_online
 from vae_scale.seeding import derive_seed
-from vae_scale.training.logs import read_rows
 
 SAMPLES_FILE = "samples.png"
 CARD_FILE = "README.md"
@@ -79,33 +78,13 @@ def export_record(run: TrainedRun, weights: str) -> dict[str, Any]:
     }
 
 
-def run_metrics(run_dir: Path) -> dict[str, Any]:
-    """The numbers a model card reports: the last epoch's val/test/best entries, then every
-    `vae-scale eval` result (eval_<split>.json; later ones win)."""
-    rows = read_rows(run_dir)
-    found: dict[str, Any] = {}
-    if rows:
-        found.update(
-            {k: v for k, v in rows[-1].items() if k.startswith(("val/", "test/", "best/"))}
-        )
-    for path in sorted(Path(run_dir).glob("eval_*.json")):
-        found.update(
-            {
-                k: v
-                for k, v in json.loads(path.read_text()).items()
-                if "/" in k and not isinstance(v, (list, dict))
-            }
-        )
-    return found
-
-
 def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def model_card(run: TrainedRun, record: dict[str, Any]) -> str:
     cfg, export = run.cfg, record["export"]
-    metrics = run_metrics(run.run_dir)
+    metrics = final_metrics(run.run_dir)
     shape = "x".join(map(str, run.image_shape))
     latent = "x".join(map(str, run.model.latent_shape))
     tags = ["vae", "variational-autoencoder", "vae_scale", cfg.data.dataset, cfg.model.name]

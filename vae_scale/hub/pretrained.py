@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from vae_scale.data.inputs import images_to_float
 from vae_scale.errors import ConfigError
 from vae_scale.models import VAE
 
@@ -62,7 +63,7 @@ class PretrainedVAE(nn.Module):
                 f"{self.image_shape}, got {tuple(x.shape)}"
             )
         if x.dtype == torch.uint8:
-            return x.to(self.device).float().div_(255.0)
+            return images_to_float(x, self.device)
         if not x.is_floating_point():
             raise ValueError(f"images: expected uint8 or float pixels, got {x.dtype}")
         if x.numel() and (x.min() < 0 or x.max() > 1):

@@ -229,8 +229,7 @@ class Checkpointer:
     def save(self, state: TrainState) -> Path:
         """Collective: a checkpoint of the current weights and `state`."""
         extra = None
-        if self.ema is not None:
-            state.ema_updates = int(self.ema.n_averaged)
+        if self.ema is not None:  # state.ema_updates counts the updates on the host
             extra = {EMA_FILE: ema_tensors(self.ema)} if self.accelerator.is_main_process else None
         self.latest = save_checkpoint(
             self.accelerator, self.root, state.opt_step, state.to_dict(), self.keep, extra
