@@ -194,20 +194,20 @@ def test_fast_npy_reader_equals_np_load_and_rejects_truncated_payloads():
 
 
 def test_in_memory_cache_gives_the_same_batches_and_reads_each_shard_once(tmp_path, monkeypatch):
-    import vae_scale.data.reader as reader
+    from vae_scale.data import remote
 
     folder = make_shards(tmp_path / "d", [10, 7, 12, 9])
     args = dict(batch_size=4, shuffle=True, shuffle_buffer=8, seed=5)
     plain = ShardSplit(folder, "train", **args)
     cached = ShardSplit(folder, "train", cache_in_memory=True, **args)
     reads = []
-    real_read_whole = reader.read_whole
+    real_fetch = remote.fetch
 
-    def counting_read_whole(entry, policy):
+    def counting_fetch(*args, **kwargs):
         reads.append(1)
-        return real_read_whole(entry, policy)
+        return real_fetch(*args, **kwargs)
 
-    monkeypatch.setattr(reader, "read_whole", counting_read_whole)
+    monkeypatch.setattr(remote, "fetch", counting_fetch)
     for epoch in (1, 2, 3):
         a, b = list(plain.train_batches(epoch)), list(cached.train_batches(epoch))
         assert [x["key"] for x in a] == [x["key"] for x in b]

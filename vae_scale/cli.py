@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from vae_scale.errors import ConfigError, DataError
+from vae_scale.progress import MODES as PROGRESS_MODES
+from vae_scale.progress import set_default_mode as set_progress_mode
 from vae_scale.training.signals import TrainingInterrupted
 
 #: `accelerate launch` (torchrun) reports any failed process as exit status 1 and stops the
@@ -53,6 +55,16 @@ def cmd_shard(args: argparse.Namespace) -> None:
     )
     counts = ", ".join(f"{k} {v['num_samples']}" for k, v in index["splits"].items())
     print(f"{out_dir}: {counts}")
+
+
+def add_progress_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--progress",
+        choices=PROGRESS_MODES,
+        default="auto",
+        help="a live bar (terminal), plain lines (files, Slurm, CI) or none; auto: by where "
+        "the output goes",
+    )
 
 
 def count(minimum: int):
@@ -199,7 +211,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
                 f"note: this run trained on the {args.split!r} split (data.train_splits "
                 f"{cfg.data.train_splits}): these are training-set numbers"
             )
-        options = EvalOptions(cfg.run.seed, cfg.data.binarize, args.iw_samples, args.refine_steps)
+        options = EvalOptions(
+            cfg.run.seed, cfg.data.binarize, args.iw_samples, args.refine_steps, progress=True
+        )
         metrics = full_evaluation(accelerator, run.model, data, options)
         # How this evaluation was made, under eval/<split>/: the run's own facts (its
         # num_processes, ...) stay those of its training in the W&B run.
@@ -368,6 +382,7 @@ def _add_shard_command(sub: Any) -> None:
     shard.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split")
     shard.add_argument("--force", action="store_true", help="rebuild even if up to date")
     shard.add_argument("--no-download", action="store_true", help="never use the network")
+    add_progress_flag(shard)
     images = shard.add_argument_group("image datasets (celeba, folder)")
     images.add_argument("--size", type=count(1), help="output images are SIZE x SIZE (default 64)")
     images.add_argument(
@@ -422,6 +437,7 @@ def _add_train_and_eval_commands(sub: Any) -> None:
         "Adam steps from the encoder's (semi-amortized; 100 closes most of the gap; 0: skip)",
     )
     ev.add_argument("--batch-size", type=count(1), default=100)
+    add_progress_flag(ev)
     ev.add_argument("--checkpoint", help="checkpoint folder (default: the latest complete)")
     ev.set_defaults(func=cmd_eval)
 
@@ -466,6 +482,7 @@ def _record_exit_status(code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    set_progress_mode(getattr(args, "progress", "auto"))
     try:
         args.func(args)
     except (ConfigError, DataError) as err:

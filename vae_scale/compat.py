@@ -58,3 +58,14 @@ def skip_step_if(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> Iterat
         yield
     finally:
         del inner.found_inf, inner.grad_scale
+
+
+def shut_down_loader_workers(iterator: Any) -> None:
+    """Stop a DataLoader iterator's worker processes now. An error raised through the loop
+    can keep the iterator alive (its frame in the traceback) until interpreter exit, where
+    multiprocessing joins the workers after SIGTERM, which our workers ignore (they finish
+    their batch on a preemption signal): the process would hang. The iterator's own shutdown
+    (a sentinel on each worker's queue) is private."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()

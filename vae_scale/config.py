@@ -86,10 +86,14 @@ class DataConfig(Section):
     binarize: Literal["none", "dynamic"] = "none"
     on_error: Literal["raise", "skip"] = "raise"
     verify_shards: bool = True  # sha256 of each shard read whole, against index.json
-    # Remote shards: attempts after a transient failure (waiting retry_delay_s, doubling),
+    # Remote shards: attempts after a transient failure (waiting retry_delay_s, doubling; a
+    # 429's Retry-After if longer), the longest wait for the next byte before a read counts as
+    # stalled, shards larger than max_shard_mb_in_memory kept in a local file instead of RAM,
     # and an optional local cache of whole shards, least recently used evicted above the bound.
     retries: NonNegative = 3
     retry_delay_s: NonNegativeFloat = 1.0
+    read_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    max_shard_mb_in_memory: Annotated[float, Field(gt=0)] = 512.0
     cache_dir: str | None = None
     cache_max_gb: Annotated[float, Field(gt=0)] = 50.0
     # Keep decoded shards in RAM after their first read (for datasets that fit in memory, e.g.
@@ -195,6 +199,10 @@ class TrainConfig(Section):
     channels_last: bool = False
     cpu: bool = False  # force CPU even when a GPU is present
     log_every_steps: Positive = 10
+    # The epoch's progress: a live bar on a terminal; where output goes to a file (Slurm, CI,
+    # nohup) or under Slurm, a plain line every log_every_steps steps and 30 s at the least
+    # (auto); or always 'bar', 'lines', or 'off'.
+    progress: Literal["auto", "bar", "lines", "off"] = "auto"
     checkpoint_every_steps: NonNegative = 0  # 0 = only at epoch ends
     keep_checkpoints: Positive = 2
     # Every rank writes the keys of each batch it trains to sample_keys/rank<R>.jsonl (an

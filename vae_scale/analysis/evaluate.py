@@ -20,6 +20,7 @@ from vae_scale.losses import bits_per_dim, kl_per_dim, neg_elbo
 from vae_scale.metrics import MetricSums
 from vae_scale.models import VAE
 from vae_scale.models.base import check_single_latent
+from vae_scale.progress import Progress
 from vae_scale.seeding import derive_seed
 
 NOISE_BLOCK = 16
@@ -124,6 +125,7 @@ class EvalOptions:
     binarize: str = "none"
     iw_samples: int = 0
     refine_steps: int = 0
+    progress: bool = False  # show the split's progress (`vae-scale eval`; training's are short)
 
 
 @torch.no_grad()
@@ -156,7 +158,13 @@ def split_statistics(
         },
         device,
     )
-    for batch in data.eval_batches():
+    share = -(-data.num_samples // data.world_size) if data.indexed else 0
+    batches = Progress(
+        data.eval_batches(), total=-(-share // data.batch_size) or None,
+        desc=f"evaluating {data.split}", unit="batch",
+        disable=not (options.progress and accelerator.is_main_process),
+    )  # fmt: skip
+    for batch in batches:
         noise = SampleNoise(batch["key"], seed, f"eval/{data.split}")
         x = prepare_inputs(batch["image"], device, binarize, noise.generators)
         eps = noise.normal(tuple(model.latent_shape), device)

@@ -52,7 +52,8 @@ def read_index(location: str, policy: remote.FetchPolicy, required: bool = True)
                 f"`vae-scale shard {folder.name} --force`"
             )
     try:
-        text = remote.fetch(url, remote.FetchPolicy(retries=policy.retries, timeout_s=30))
+        quick = remote.FetchPolicy(policy.retries, policy.retry_delay_s, min(policy.timeout_s, 30))
+        text = remote.fetch(url, quick, what="index")
     except DataError:
         if required:
             raise

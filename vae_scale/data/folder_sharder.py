@@ -41,6 +41,7 @@ import numpy as np
 from vae_scale.data.sources import SourceData
 from vae_scale.errors import DataError
 from vae_scale.fsutil import fsync, sha256_file
+from vae_scale.progress import Progress
 
 # Same names and format as data/shards.py (not imported from there at module level: that pulls
 # in webdataset and torch, seconds of start-up for `vae-scale --help`).
@@ -347,8 +348,6 @@ def run_tasks(tasks: list[ShardTask], workers: int, redo: bool = False) -> list[
     )
     if not todo:
         return []
-    from tqdm import tqdm
-
     start = time.perf_counter()
     results: list[dict[str, Any]] = []
     pool = None
@@ -358,7 +357,7 @@ def run_tasks(tasks: list[ShardTask], workers: int, redo: bool = False) -> list[
     else:
         stream = map(write_shard, todo)
     try:
-        for sidecar in tqdm(stream, total=len(todo), unit="shard", file=sys.stderr, disable=None):
+        for sidecar in Progress(stream, total=len(todo), desc="sharding", unit="shard"):
             for bad in sidecar["skipped"]:
                 print(f"skipped unreadable image {bad['path']}: {bad['error']}", file=sys.stderr)
             results.append(sidecar)

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.utils import pytorch_worker_info
 
-from vae_scale.compat import seeded_shuffle
+from vae_scale.compat import seeded_shuffle, shut_down_loader_workers
 from vae_scale.data import catalog, remote
 from vae_scale.data.decode import IMAGE_SUFFIXES, DecodeSpec
 from vae_scale.data.order import (
@@ -37,8 +37,11 @@ from vae_scale.data.order import (
     unpack_ids,
 )
 from vae_scale.data.reader import BadSample, ReadOptions, ShardReader
+from vae_scale.data.remote import TransferStats
 from vae_scale.errors import DataError
 from vae_scale.seeding import derive_seed
+
+WORKER_ERROR = f"{DataError.__module__}.{DataError.__qualname__}"  # as a worker's traceback ends
 
 
 @dataclass
@@ -191,13 +194,15 @@ class ShardSplit:
         """Every sample of this rank's share of the split exactly once (partial batches)."""
         yield from self._loader(_EvalStream(self), derive_seed(self.seed, "loader", 0))
 
-    def _loader(self, stream: IterableDataset, seed: int) -> DataLoader:
+    def _loader(self, stream: IterableDataset, seed: int) -> Iterator[dict[str, Any]]:
+        """The stream's batches through a DataLoader; its workers end with the iteration,
+        also on an error, and a worker's DataError reaches the caller with its own message."""
         if self._cache is not None and self.num_workers > 0:
             self.fill_cache()
         extra = {"prefetch_factor": 4} if self.num_workers > 0 else {}
         # Its own generator: a DataLoader iterator otherwise draws its base seed from the
         # global torch RNG, shifting the reparameterization noise after a mid-epoch resume.
-        return DataLoader(
+        loader = DataLoader(
             stream,
             batch_size=None,
             num_workers=self.num_workers,
@@ -207,6 +212,13 @@ class ShardSplit:
             pin_memory=torch.cuda.is_available(),
             **extra,
         )
+        iterator = iter(loader)
+        try:
+            yield from iterator
+        except DataError as err:  # from a worker: "Caught DataError in ... Traceback ..."
+            raise DataError(str(err).rsplit(f"{WORKER_ERROR}: ", 1)[-1].strip()) from None
+        finally:
+            shut_down_loader_workers(iterator)
 
     def fill_cache(self) -> None:
         """Decode every shard of the split into the RAM cache in this process, so that loader
@@ -231,10 +243,10 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def read_ids(split: ShardSplit, ids: np.ndarray) -> Iterator[Any]:
+def read_ids(split: ShardSplit, ids: np.ndarray, stats: TransferStats) -> Iterator[Any]:
     """The decoded samples (or BadSample) of global `ids`, in that order. Each shard is
     loaded once, with all the samples these ids need of it, when first reached."""
-    reader = ShardReader(split.read_options, split._cache)
+    reader = ShardReader(split.read_options, split._cache, stats)
     shards, members = split.locate(ids)
     needed: dict[int, list[int]] = {}
     for s, m in zip(shards.tolist(), members.tolist()):
@@ -263,21 +275,24 @@ class _TrainStream(IterableDataset):
         # worker whose batch is next.
         w = (loader_worker + self.start) % workers
         count = plan.worker_batches(w) - plan.worker_batches_before(w, self.start)
+        stats = TransferStats()
         if split.indexed:
             skip = plan.worker_batches_before(w, self.start) * split.batch_size
-            samples = read_ids(split, plan.worker_stream(split.rank, w)[skip:])
+            samples = read_ids(split, plan.worker_stream(split.rank, w)[skip:], stats)
         else:
-            samples = _resampled(split, plan, w)
-        yield from _batches(samples, split.batch_size, count, fill_bad=True)
+            samples = _resampled(split, plan, w, stats)
+        yield from _batches(samples, split.batch_size, count, fill_bad=True, stats=stats)
 
 
-def _resampled(split: ShardSplit, plan: EpochPlan, worker: int) -> Iterator[Any]:
+def _resampled(
+    split: ShardSplit, plan: EpochPlan, worker: int, stats: TransferStats
+) -> Iterator[Any]:
     """Index-less training: shards drawn with replacement, seeded per (rank, worker), through a
     shuffle buffer (no exact-once guarantee; open_clip's resampled shards)."""
     rng = random.Random(
         derive_seed(split.seed, "resample", plan.epoch, plan.generation, split.rank, worker)
     )
-    reader = ShardReader(split.read_options, split._cache)
+    reader = ShardReader(split.read_options, split._cache, stats)
 
     def endless() -> Iterator[Any]:
         while True:
@@ -302,23 +317,29 @@ class _EvalStream(IterableDataset):
         w, workers = _worker()
         parts = split.world_size * workers
         part = split.rank * workers + w
+        stats = TransferStats()
         if split.indexed:
             n = split.num_samples
             ids = np.arange(part * n // parts, (part + 1) * n // parts, dtype=np.int64)
-            samples: Iterator[Any] = read_ids(split, ids)
+            samples: Iterator[Any] = read_ids(split, ids, stats)
         else:
-            reader = ShardReader(split.read_options, split._cache)
+            reader = ShardReader(split.read_options, split._cache, stats)
             mine = split.shards[split.rank :: split.world_size][w::workers]
             samples = (s for entry in mine for s in reader.load(entry).values())
-        yield from _batches(samples, split.batch_size, None, fill_bad=False)
+        yield from _batches(samples, split.batch_size, None, fill_bad=False, stats=stats)
 
 
 def _batches(
-    samples: Iterator[Any], batch_size: int, count: int | None, fill_bad: bool
+    samples: Iterator[Any],
+    batch_size: int,
+    count: int | None,
+    fill_bad: bool,
+    stats: TransferStats,
 ) -> Iterator[dict[str, Any]]:
     """Group samples into batches: `count` full ones (training; a bad sample's place is taken
     by a good one of its batch, and counted), or all of them with a partial last batch
-    (evaluation; bad samples are left out and counted)."""
+    (evaluation; bad samples are left out and counted). Each batch carries what the
+    transports redid since the previous one (`transfers`: retries, refetched_bytes)."""
     made, group, bad, last_good = 0, [], 0, None
     for sample in samples:
         if count is not None and made >= count:
@@ -331,10 +352,10 @@ def _batches(
             last_good = sample
         group.append(sample)
         if len(group) == batch_size:
-            yield collate(group, bad, last_good)
+            yield {**collate(group, bad, last_good), "transfers": stats.take()}
             made, group, bad = made + 1, [], 0
     if group and count is None:
-        yield collate(group, bad, last_good)
+        yield {**collate(group, bad, last_good), "transfers": stats.take()}
     if count is not None and made < count:
         raise DataError(f"the loader made {made} of {count} batches: shards ended early")
 
@@ -378,8 +399,10 @@ def split_from_config(data: Any, location: str, split: str, **overrides: Any) ->
     policy = remote.FetchPolicy(
         retries=data.retries,
         retry_delay_s=data.retry_delay_s,
+        timeout_s=data.read_timeout_s,
         cache_dir=data.cache_dir,
         cache_max_bytes=int(data.cache_max_gb * 2**30),
+        max_in_memory_bytes=int(data.max_shard_mb_in_memory * 2**20),
     )
     settings: dict[str, Any] = dict(
         batch_size=data.batch_size,

@@ -17,10 +17,11 @@ for, seeking past the others (a resumed epoch, the ends of a worker's slice).
 from __future__ import annotations
 
 import io
+import os
 import re
 import struct
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
@@ -51,33 +52,54 @@ def _signed_sum(header: bytes) -> int:
     return sum(signed) + 256
 
 
-def _plain_members(data: bytes) -> tuple[list[tuple[str, int, int]], Exception | None]:
-    """(name, start, stop) of every regular member, and the error that ended the walk early
-    (truncation, bad checksum) or None. Raises _NotPlain for headers left to tarfile."""
+def _parse_header(header: bytes, pos: int) -> tuple[bytes, bytes, int] | None:
+    """(typeflag, name, size) of the 512-byte header at byte `pos`, None for the
+    end-of-archive marker. Raises tarfile.ReadError (bad checksum), _NotPlain (left to
+    tarfile)."""
+    if header.count(0) == BLOCK:  # end-of-archive marker
+        return None
+    # The checksum counts its own 8-byte field as spaces (8 * 32 = 256).
+    stored = _number(header[148:156])
+    if stored != sum(header[:148]) + 256 + sum(header[156:]) and stored != _signed_sum(header):
+        raise tarfile.ReadError(f"bad tar header checksum at byte {pos}")
+    kind = header[156:157]
+    if kind not in REGULAR and kind not in SKIPPED:
+        raise _NotPlain
+    name = header[:100].split(b"\0", 1)[0]
+    if header[345] != 0:  # ustar's path prefix (read as tarfile reads it, whatever the magic)
+        name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+    return kind, name, _number(header[124:136])
+
+
+def _walk(
+    read: Callable[[int, int], bytes], end: int
+) -> tuple[list[tuple[str, int, int]], Exception | None, bool]:
+    """(name, start, stop) of every regular member of an archive of `end` bytes that
+    `read(offset, count)` reads, the error that ended the walk early (truncation, bad
+    checksum) or None, and whether the end-of-archive marker was reached (an archive cut at a
+    member boundary has none). Raises _NotPlain for headers left to tarfile."""
     members: list[tuple[str, int, int]] = []
-    pos, end = 0, len(data)
+    pos = 0
     while pos < end:
-        header = data[pos : pos + BLOCK]
+        header = read(pos, BLOCK)
         if len(header) < BLOCK:
-            return members, tarfile.ReadError(f"unexpected end of data at byte {pos}")
-        if header.count(0) == BLOCK:  # end-of-archive marker
-            break
-        # The checksum counts its own 8-byte field as spaces (8 * 32 = 256).
-        stored = _number(header[148:156])
-        if stored != sum(header[:148]) + 256 + sum(header[156:]) and stored != _signed_sum(header):
-            return members, tarfile.ReadError(f"bad tar header checksum at byte {pos}")
-        kind = header[156:157]
-        if kind not in REGULAR and kind not in SKIPPED:
-            raise _NotPlain
-        size = _number(header[124:136])
-        name = header[:100].split(b"\0", 1)[0]
-        if header[345] != 0:  # ustar's path prefix (read as tarfile reads it, whatever the magic)
-            name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+            return members, tarfile.ReadError(f"unexpected end of data at byte {pos}"), False
+        try:
+            parsed = _parse_header(header, pos)
+        except tarfile.ReadError as err:
+            return members, err, False
+        if parsed is None:
+            return members, None, True
+        kind, name, size = parsed
         start = pos + BLOCK
         stop = start + size
         if stop > end:
-            return members, tarfile.ReadError(
-                f"unexpected end of data in member {name.decode(errors='replace')!r}"
+            return (
+                members,
+                tarfile.ReadError(
+                    f"unexpected end of data in member {name.decode(errors='replace')!r}"
+                ),
+                False,
             )
         if kind in REGULAR:
             try:
@@ -85,7 +107,54 @@ def _plain_members(data: bytes) -> tuple[list[tuple[str, int, int]], Exception |
             except UnicodeDecodeError:
                 raise _NotPlain from None  # tarfile knows the other encodings
         pos = start + -(-size // BLOCK) * BLOCK
-    return members, None
+    return members, None, False
+
+
+def _plain_members(data: bytes) -> tuple[list[tuple[str, int, int]], Exception | None]:
+    members, error, _ = _walk(lambda pos, n: data[pos : pos + n], len(data))
+    return members, error
+
+
+def archive_complete(data: bytes) -> bool:
+    """Whether a plain tar in memory reaches its end-of-archive marker (a body cut at a
+    member boundary parses cleanly but has none). Other tars: the last 1 KiB is zeros."""
+    try:
+        return _walk(lambda pos, n: data[pos : pos + n], len(data))[2]
+    except _NotPlain:
+        return data[-2 * BLOCK :].count(0) == 2 * BLOCK
+
+
+def file_members(
+    fd: int, size: int
+) -> tuple[list[tuple[str, tuple[int, int]]], Exception | None, bool]:
+    """The members of a plain tar in an open file, as (name, (offset, size)) read by header
+    walk only, the error that ended the walk, and whether the end marker was reached."""
+    try:
+        members, error, complete = _walk(lambda pos, n: os.pread(fd, n, pos), size)
+    except _NotPlain:  # pax or GNU headers (webdataset's TarWriter writes pax): tarfile walks
+        members, error, complete = _tarfile_walk(fd, size)
+    found = [(n, (start, stop - start)) for n, start, stop in members if not META.match(n)]
+    return found, error, complete
+
+
+def _tarfile_walk(fd: int, size: int) -> tuple[list[tuple[str, int, int]], Exception | None, bool]:
+    """`_walk` by tarfile, for the headers it alone parses (seeking past the data)."""
+    members: list[tuple[str, int, int]] = []
+    with os.fdopen(os.dup(fd), "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        try:
+            for info in tar:
+                if info.offset_data + info.size > size:
+                    return (
+                        members,
+                        tarfile.ReadError(f"unexpected end of data in {info.name!r}"),
+                        False,
+                    )
+                if info.isreg():
+                    members.append((info.name, info.offset_data, info.offset_data + info.size))
+        except tarfile.TarError as err:
+            return members, err, False
+        end = os.pread(fd, 2 * BLOCK, tar.offset)
+    return members, None, len(end) == 2 * BLOCK and end.count(0) == 2 * BLOCK
 
 
 def tar_members(data: bytes) -> Iterator[tuple[str, bytes]]:
@@ -128,21 +197,14 @@ def seek_samples(path: str, wanted: set[int]) -> Iterator[tuple[int, dict[str, A
         while True:
             pos = f.tell()
             header = f.read(BLOCK)
-            if len(header) < BLOCK or header.count(0) == BLOCK:
-                if len(header) and len(header) < BLOCK:
+            if len(header) < BLOCK:
+                if header:
                     raise tarfile.ReadError(f"unexpected end of data at byte {pos}")
                 break
-            stored = _number(header[148:156])
-            plain_sum = sum(header[:148]) + 256 + sum(header[156:])
-            if stored != plain_sum and stored != _signed_sum(header):
-                raise tarfile.ReadError(f"bad tar header checksum at byte {pos}")
-            kind = header[156:157]
-            if kind not in REGULAR and kind not in SKIPPED:
-                raise _NotPlain
-            size = _number(header[124:136])
-            raw = header[:100].split(b"\0", 1)[0]
-            if header[345] != 0:
-                raw = header[345:500].split(b"\0", 1)[0] + b"/" + raw
+            parsed = _parse_header(header, pos)
+            if parsed is None:
+                break
+            kind, raw, size = parsed
             padded = -(-size // BLOCK) * BLOCK
             name = raw.decode("utf-8", errors="strict") if kind in REGULAR else ""
             prefix = None if not name or META.match(name) else _key_and_suffix(name)[0]

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
+from contextlib import closing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
 from vae_scale.analysis.evaluate import EvalOptions, evaluate_split, first_images, summarize
 from vae_scale.analysis.pictures import epoch_pictures
@@ -25,8 +25,10 @@ from vae_scale.config import Config
 from vae_scale.data.inputs import DeviceBatches, binarize
 from vae_scale.data.loader import ShardSplit
 from vae_scale.data.order import EpochPlan
+from vae_scale.data.remote import TransferStats
 from vae_scale.errors import ConfigError
 from vae_scale.metrics import MetricSums
+from vae_scale.progress import Progress
 from vae_scale.seeding import derive_seed
 from vae_scale.training import setup, tracking
 from vae_scale.training.checkpoint import Checkpointer
@@ -77,6 +79,8 @@ class Run:
     total_steps: int  # optimizer steps of the whole run (the lr schedule's length)
     stop: StopFlag
     first_epoch: int  # the first epoch this process trains (its plan is printed)
+    # this rank's transport retries and refetched bytes since they were last added to `state`
+    transfers: TransferStats = field(default_factory=TransferStats)
 
 
 def start_run(
@@ -182,19 +186,40 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, torch.Tensor], floa
     steps = plan.steps
     t0 = time.perf_counter()
     batches = train_data.train_batches(epoch, start, plan)
-    progress = tqdm(
-        batches,
-        total=steps,
-        initial=start,
-        disable=not main,
-        desc=f"epoch {epoch}/{cfg.train.epochs}",
-        leave=False,
-    )
+    progress = Progress(
+        total=steps, desc=f"epoch {epoch}/{cfg.train.epochs}", mode=cfg.train.progress,
+        initial=start, every_steps=cfg.train.log_every_steps, disable=not main,
+        final_line=False,  # the epoch's own line follows
+    )  # fmt: skip
     # exactly plan.steps - start batches; on a GPU the next one is copied while a step runs
-    on_device = DeviceBatches(progress, device, cfg.train.channels_last)
+    on_device = DeviceBatches(batches, device, cfg.train.channels_last)
+    with closing(progress):
+        train_batches_of_epoch(run, epoch, on_device, start, sums, plan, progress)
+    seconds = time.perf_counter() - t0
+    models.policy.settle(state)
+    settle_transfers(run)
+    models.policy.check_divergence(state, run.checkpointer.latest)
+    return sums.reduce(accelerator), seconds
+
+
+def train_batches_of_epoch(
+    run: Run,
+    epoch: int,
+    on_device: DeviceBatches,
+    start: int,
+    sums: MetricSums,
+    plan: EpochPlan,
+    progress: Progress,
+) -> None:
+    """The epoch's steps from rank batch `start` on: a step per batch, logs every
+    train.log_every_steps optimizer steps, mid-epoch checkpoints."""
+    cfg, accelerator, state, models = run.cfg, run.accelerator, run.state, run.models
+    groups = models.plain.latent_group_names
     for i, (batch, pixels) in enumerate(on_device, start=start):
         x = binarize(pixels, cfg.data.binarize)
         state.skipped_samples += batch["skipped"]
+        run.transfers.retries += batch["transfers"]["retries"]
+        run.transfers.refetched_bytes += batch["transfers"]["refetched_bytes"]
         state.samples_seen += x.shape[0] * accelerator.num_processes  # every rank's batch is full
         m = models
         out = train_step(
@@ -202,6 +227,7 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, torch.Tensor], floa
             run.total_steps, m.ema,
         )  # fmt: skip
         sums.add(**batch_sums(out, x.shape[0], groups, cfg.loss.z_samples))
+        progress.update(1, samples=x.shape[0] * accelerator.num_processes)
         if cfg.train.log_sample_keys:
             # the optimizer step this batch counts toward (a checkpoint at step S keeps <= S)
             step = state.opt_step + (0 if out.synced else 1)
@@ -214,15 +240,11 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, torch.Tensor], floa
             log_step(run, epoch, out, progress)
         if state.consecutive_bad or models.policy.peak_bad:
             models.policy.check_divergence(state, run.checkpointer.latest)
-        if i + 1 < steps:
+        if i + 1 < plan.steps:
             mid_epoch_checkpoint(run, epoch, i + 1, sums, plan)
-    seconds = time.perf_counter() - t0
-    models.policy.settle(state)
-    models.policy.check_divergence(state, run.checkpointer.latest)
-    return sums.reduce(accelerator), seconds
 
 
-def log_step(run: Run, epoch: int, out: StepOutput, progress: Any) -> None:
+def log_step(run: Run, epoch: int, out: StepOutput, progress: Progress) -> None:
     """A steps.jsonl row and a W&B row: the step's loss means over all ranks."""
     groups = run.models.plain.latent_group_names
     terms, state = out.terms, run.state
@@ -232,7 +254,8 @@ def log_step(run: Run, epoch: int, out: StepOutput, progress: Any) -> None:
     )
     loss, *rest = run.accelerator.reduce(means, "mean").tolist()
     step_kls, aug_loss = rest[: len(groups)], rest[len(groups) :]
-    progress.set_postfix(neg_elbo=f"{loss:.2f}")
+    progress.set_values(neg_elbo=loss)
+    settle_transfers(run)
     row = {
         "global_step": state.opt_step,
         "epoch": epoch,
@@ -243,6 +266,7 @@ def log_step(run: Run, epoch: int, out: StepOutput, progress: Any) -> None:
         "train/grad_norm": float(out.grad_norm),
         "train/skipped_updates": state.skipped_updates,
         **{f"train/step_kl_{g}": v for g, v in zip(groups, step_kls, strict=True)},
+        **transfer_metrics(state),
     }
     if aug_loss:
         row["train/step_encoder_aug_neg_elbo"] = aug_loss[0]
@@ -260,6 +284,7 @@ def mid_epoch_checkpoint(
     if not (stopping or (every and state.opt_step % every == 0)):
         return
     run.models.policy.settle(state)
+    settle_transfers(run)
     state.epoch, state.batch_in_epoch = epoch, batch
     state.data_plan = run.splits["train"].record(plan, batch)
     state.epoch_sums = sums.state_dict(run.accelerator)
@@ -269,6 +294,22 @@ def mid_epoch_checkpoint(
             f"stop signal received: checkpointed at step {state.opt_step} (epoch {epoch}, "
             f"batch {batch}); run the same command to resume"
         )
+
+
+def settle_transfers(run: Run) -> None:
+    """Add every rank's transport retries and refetched bytes since the last call to the
+    state's totals. Collective: called at the same steps on every rank."""
+    pending = run.transfers.take()
+    counts = torch.tensor([pending["retries"], pending["refetched_bytes"]], dtype=torch.float64)
+    if run.accelerator.num_processes > 1:
+        counts = run.accelerator.reduce(counts.to(run.accelerator.device), "sum").cpu()
+    retries, refetched = (int(c) for c in counts.tolist())
+    run.state.data_retries += retries
+    run.state.data_refetched_bytes += refetched
+
+
+def transfer_metrics(state: TrainState) -> dict[str, int]:
+    return {"data/retries": state.data_retries, "data/refetched_bytes": state.data_refetched_bytes}
 
 
 def stop_requested(run: Run, every: int = 1) -> bool:
@@ -309,6 +350,7 @@ def end_of_epoch(
         "train/skipped_updates": state.skipped_updates,
         "train/forced_updates": state.forced_updates,
         "train/skipped_samples": state.skipped_samples,
+        **transfer_metrics(state),
         "time/epoch_s": seconds,
         "throughput/train_img_per_s": n / max(seconds, 1e-9),
     }

@@ -24,6 +24,10 @@ class TrainState:
     # Training samples drawn on all ranks together (repeats of data.drop_last=false count):
     # the x-axis that lines up runs of different batch sizes and process counts.
     samples_seen: int = 0
+    # What the shard transports redid, all ranks together: attempts after a failed read, and
+    # bytes received then thrown away (W&B's data/retries, data/refetched_bytes).
+    data_retries: int = 0
+    data_refetched_bytes: int = 0
     # The lowest val (else test) negative ELBO so far and where it came (split, value, step,
     # epoch, samples_seen): W&B's best/* summary entries.
     best: dict[str, Any] = field(default_factory=dict)
