@@ -215,3 +215,17 @@ def test_13_14_bad_command_line_values_name_the_flag(frey_shards, tmp_path, caps
         assert code == 2 and f"argument {flag}: expected an integer" in err, err
     code, err = cli(["compare", str(tmp_path / "nonexistent"), run], capsys)
     assert code == 2 and "nonexistent does not exist" in err and "Traceback" not in err
+
+
+def test_a_run_written_before_a_config_key_existed_resumes(frey_shards, tmp_path, capsys):
+    """Upgrading vae_scale adds config keys: a run whose config.json predates a key resumes
+    (the key's default stands for what the run did), unless it is set to another value."""
+    assert cli(train_args(frey_shards, tmp_path), capsys)[0] == 0
+    path = tmp_path / "tiny" / "config.json"
+    recorded = json.loads(path.read_text())
+    del recorded["eval"]["refine_steps"], recorded["loss"]["free_bits"]  # not yet invented
+    path.write_text(json.dumps(recorded))
+    code, err = cli(train_args(frey_shards, tmp_path, "eval.refine_steps=5"), capsys)
+    assert code == 2 and "eval.refine_steps: 0 -> 5" in err  # the default it ran with
+    assert cli(train_args(frey_shards, tmp_path, "train.epochs=3"), capsys)[0] == 0
+    assert len((tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()) == 3

@@ -84,6 +84,13 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _defaults(model_name: str) -> dict[str, Any]:
+    """Every key's default, for a run of model family `model_name`."""
+    from vae_scale.config import config_from_dict
+
+    return _flat(config_from_dict({"model": {"name": model_name}}).to_dict())
+
+
 def check_same_run(cfg: Config, run_dir: Path) -> None:
     """Refuse to resume `run_dir` with settings that differ from those it was trained with
     (except MAY_CHANGE), listing them: a resumed run must not claim settings its earlier
@@ -92,11 +99,15 @@ def check_same_run(cfg: Config, run_dir: Path) -> None:
     if not path.is_file():
         return
     recorded = json.loads(path.read_text())
-    before = _flat({k: recorded[k] for k in cfg.to_dict() if k in recorded})
     now = _flat(cfg.to_dict())
+    # A key the record lacks was added to vae_scale after the run was written: the run did
+    # what its default does. A key the code no longer has is no setting of this run.
+    before = {**_defaults(recorded.get("model", {}).get("name", cfg.model.name)), **_flat(
+        {k: recorded[k] for k in cfg.to_dict() if k in recorded}
+    )}  # fmt: skip
     differing = sorted(
         k
-        for k in set(before) | set(now)
+        for k in now
         if k not in MAY_CHANGE and json.dumps(before.get(k)) != json.dumps(now.get(k))
     )
     if differing:
