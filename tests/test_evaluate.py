@@ -295,12 +295,12 @@ def test_bpd_uses_all_dimensions(tmp_path):
 
     from vae_scale.analysis.evaluate import EvalOptions, evaluate_split
     from vae_scale.compat import reset_accelerate_state
-    from vae_scale.config import MLPVAEConfig
     from vae_scale.data.loader import ShardSplit
     from vae_scale.data.shards import write_dataset
     from vae_scale.data.sources import SourceData
     from vae_scale.losses import build_likelihood
     from vae_scale.models import build_model
+    from vae_scale.models.mlp import MLPVAEConfig
 
     shape = (3, 4, 6)  # C, H, W: every axis a different size
     rng = np.random.default_rng(0)

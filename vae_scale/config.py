@@ -3,15 +3,16 @@
 A config file has the sections `run`, `data`, `model`, `loss`, `train`, `eval`, `wandb`.
 Every key is checked before any work starts: an unknown key, a wrong type, a non-finite number
 or an impossible value raises `ConfigError` naming the key (e.g. ``train.lr``) and what was
-expected. The `model` section is a discriminated union on `model.name`; each model family's
-section is defined here, and `vae_scale.models` builds the network from it. Overrides on the
-command line use dotted keys of any depth: ``train.lr=3e-4 loss.encoder_aug.weight=1``.
+expected. The `model` section is a discriminated union on `model.name` of the sections the
+model families register (each is defined beside its network, vae_scale/models/<family>.py).
+Overrides on the command line use dotted keys of any depth:
+``train.lr=3e-4 loss.encoder_aug.weight=1``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -245,116 +246,43 @@ class WandbConfig(Section):
 
 # ---------------------------------------------------------------------------- model families
 
-
-class ConvVAEConfig(Section):
-    """The study's conv VAE (vae_scale/models/conv.py)."""
-
-    name: Literal["conv"] = "conv"
-    latent_dim: Positive = 20
-    base_channels: Positive = 32  # filters of the first conv; doubled at every layer
-    num_layers: Positive = 5
-    kernel_size: Positive = 3
-    stride: Positive = 2
-    padding: NonNegative = 1
-    activation: Activation = "relu"
+#: model.name -> the family's config section; each family in vae_scale/models registers its
+#: own (`register_model_section`), and the `model` union below is derived from this table.
+MODEL_SECTIONS: dict[str, type[Section]] = {}
 
 
-class MLPVAEConfig(Section):
-    """The study's MNIST MLP VAE (vae_scale/models/mlp.py)."""
-
-    name: Literal["mlp"] = "mlp"
-    latent_dim: Positive = 2
-    hidden: list[Positive] = Field(default_factory=lambda: [512, 256])  # encoder widths
-    activation: Activation = "relu"
+def register_model_section(section: type[Section]) -> type[Section]:
+    """Add a model family's section (its `name` field's default is the family's name)."""
+    MODEL_SECTIONS[section.model_fields["name"].default] = section
+    return section
 
 
-class ResNetVAEConfig(Section):
-    """The ResNet VAE (vae_scale/models/resnet.py)."""
-
-    name: Literal["resnet"] = "resnet"
-    widths: Annotated[list[Positive], Field(min_length=1)] = Field(
-        default_factory=lambda: [64, 128, 256]
-    )  # channels per stage
-    blocks_per_stage: NonNegative = 2
-    latent: Literal["vector", "spatial"] = "spatial"
-    latent_dim: Positive = 128  # used when latent is 'vector'
-    latent_channels: Positive = 16  # used when latent is 'spatial'
-    groups: Positive = 32  # GroupNorm groups (fewer when a stage has fewer channels)
-    upsample: Literal["nearest", "pixel_shuffle"] = "nearest"
-
-    @model_validator(mode="after")
-    def _groups_divide_widths(self) -> ResNetVAEConfig:
-        for i, width in enumerate(self.widths):
-            if width % min(self.groups, width):
-                raise FieldError(
-                    f"widths[{i}]",
-                    f"{width} channels cannot be split into model.groups={self.groups} "
-                    f"GroupNorm groups; use a multiple of it",
-                )
-        return self
+def model_names() -> tuple[str, ...]:
+    _families()
+    return tuple(sorted(MODEL_SECTIONS))
 
 
-class HierarchicalVAEConfig(Section):
-    """The VDVAE-style hierarchical VAE (vae_scale/models/hierarchical.py)."""
+def _families() -> None:
+    """Import the model families (they register their sections) and complete `Config`."""
+    import vae_scale.models  # noqa: F401  (registers every family once)
 
-    name: Literal["hierarchical"] = "hierarchical"
-    # Top-down stages, coarsest first; the last one is the image's resolution.
-    resolutions: Annotated[list[Positive], Field(min_length=1)] = Field(
-        default_factory=lambda: [1, 4, 8, 16, 32]
-    )
-    widths: list[Positive] = Field(default_factory=lambda: [128, 128, 128, 64, 32])
-    latent_groups: list[NonNegative] = Field(default_factory=lambda: [1, 2, 2, 2, 1])
-    encoder_blocks: list[NonNegative] = Field(default_factory=lambda: [2, 2, 2, 2, 2])
-    latent_channels: Positive = 16  # channels of every group's z
-    bottleneck: Annotated[float, Field(gt=0, le=1)] = 0.25  # blocks' inner width fraction
-    # Soft bound b on prior/posterior log-scales: s -> b * tanh(s / b), in float32 (0 = off).
-    log_scale_bound: NonNegativeFloat = 5.0
-    grad_checkpoint: bool = False  # recompute residual blocks in backward (deep models)
-
-    @model_validator(mode="after")
-    def _one_entry_per_stage(self) -> HierarchicalVAEConfig:
-        stages = len(self.resolutions)
-        for key in ("widths", "latent_groups", "encoder_blocks"):
-            if len(getattr(self, key)) != stages:
-                raise FieldError(
-                    key,
-                    f"expected one entry per stage of model.resolutions ({stages}), got "
-                    f"{getattr(self, key)!r}",
-                )
-        for i, (low, high) in enumerate(zip(self.resolutions, self.resolutions[1:])):
-            if high <= low or high % low:
-                raise FieldError(
-                    f"resolutions[{i + 1}]",
-                    f"expected increasing resolutions, each a multiple of the one before, got "
-                    f"{self.resolutions!r}",
-                )
-        if self.latent_groups[0] < 1:
-            # the top of the ladder (and with no group there, its encoder stage feeds nothing)
-            raise FieldError(
-                "latent_groups[0]",
-                f"expected at least one latent group at the coarsest resolution, got "
-                f"{self.latent_groups!r}",
-            )
-        return self
-
-
-ModelConfig = Annotated[
-    Union[ConvVAEConfig, MLPVAEConfig, ResNetVAEConfig, HierarchicalVAEConfig],  # noqa: UP007
-    Field(discriminator="name"),
-]
-MODELS_BY_NAME: dict[str, type[Section]] = {
-    "conv": ConvVAEConfig,
-    "hierarchical": HierarchicalVAEConfig,
-    "mlp": MLPVAEConfig,
-    "resnet": ResNetVAEConfig,
-}
-MODEL_NAMES = tuple(sorted(MODELS_BY_NAME))
+    if Config.__pydantic_complete__ and Config.__model_union__ == tuple(MODEL_SECTIONS):
+        return
+    global ModelConfig
+    ModelConfig = Annotated[  # type: ignore[misc]
+        Union[tuple(MODEL_SECTIONS[n] for n in sorted(MODEL_SECTIONS))],  # noqa: UP007
+        Field(discriminator="name"),
+    ]
+    Config.__model_union__ = tuple(MODEL_SECTIONS)
+    Config.model_rebuild(force=True)
 
 
 class Config(Section):
+    # The union of the registered families' sections, discriminated by model.name.
+    __model_union__: ClassVar[tuple[str, ...]] = ()
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig
+    model: ModelConfig  # noqa: F821  (defined by _families() once the families registered)
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -383,7 +311,7 @@ class Config(Section):
         return self.model_dump(mode="json")
 
 
-SECTIONS = tuple(name for name in Config.model_fields if name != "model")
+SECTIONS = ("run", "data", "loss", "train", "eval", "wandb")
 
 
 # ---------------------------------------------------------------------------- errors
@@ -412,7 +340,7 @@ def _section_class(loc: tuple[Any, ...]) -> type[BaseModel] | None:
 def _message(error: dict[str, Any]) -> str:
     loc = tuple(error["loc"])
     # A discriminated union puts the family's tag into the location: model.conv.latent_dim.
-    family = loc[1] if len(loc) > 1 and loc[0] == "model" and loc[1] in MODEL_NAMES else None
+    family = loc[1] if len(loc) > 1 and loc[0] == "model" and loc[1] in MODEL_SECTIONS else None
     if family is not None:
         loc = loc[:1] + loc[2:]
     kind, got = error["type"], error.get("input")
@@ -420,11 +348,11 @@ def _message(error: dict[str, Any]) -> str:
     if isinstance(cause, FieldError):
         return f"{_key((*loc, cause.field))}: {cause.message}"
     if kind == "union_tag_not_found":
-        return f"model.name: required; one of {list(MODEL_NAMES)}"
+        return f"model.name: required; one of {list(model_names())}"
     if kind == "union_tag_invalid":
-        return f"model.name: expected one of {list(MODEL_NAMES)}, got {error['ctx']['tag']!r}"
+        return f"model.name: expected one of {list(model_names())}, got {error['ctx']['tag']!r}"
     if kind == "extra_forbidden":
-        parent = MODELS_BY_NAME[family] if family else _section_class(loc[:-1])
+        parent = MODEL_SECTIONS[family] if family else _section_class(loc[:-1])
         allowed = sorted(parent.model_fields) if parent is not None else []
         if len(loc) == 1:
             return f"{loc[0]}: unknown section; allowed sections: {allowed}"
@@ -472,11 +400,12 @@ def apply_override(raw: dict[str, Any], text: str) -> None:
 
 
 def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    _families()
     raw = _copy_sections(raw or {})
     for text in overrides:
         apply_override(raw, text)
     if not isinstance(raw.get("model"), dict):
-        raise ConfigError(f"model.name: required; one of {list(MODEL_NAMES)}")
+        raise ConfigError(f"model.name: required; one of {list(model_names())}")
     try:
         return Config.model_validate(raw)
     except ValidationError as err:

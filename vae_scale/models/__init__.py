@@ -1,26 +1,33 @@
-"""Model families, picked by `model.name` in a config (sections: `vae_scale.config`)."""
+"""Model families, picked by `model.name` in a config. Each family's file holds its config
+section and its network, registered together by `@register(Section)` (models/base.py); a new
+family is a new file here and its import below."""
 
 from __future__ import annotations
 
-from vae_scale.config import ModelConfig
+from vae_scale.config import Section
 from vae_scale.losses import Likelihood
-from vae_scale.models.base import VAE, VAEOutput
+from vae_scale.models import conv, hierarchical, mlp, resnet  # noqa: F401  (they register)
+from vae_scale.models.base import FAMILIES, VAE, VAEOutput
 from vae_scale.models.conv import ConvVAE
 from vae_scale.models.hierarchical import HierarchicalVAE
 from vae_scale.models.mlp import MLPVAE
 from vae_scale.models.resnet import ResNetVAE
 
-MODELS: dict[str, type[VAE]] = {
-    "conv": ConvVAE,
-    "hierarchical": HierarchicalVAE,
-    "mlp": MLPVAE,
-    "resnet": ResNetVAE,
-}
+MODELS = FAMILIES  # model.name -> network class
 
 
-def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int], likelihood: Likelihood) -> VAE:
+def build_model(cfg: Section, image_shape: tuple[int, int, int], likelihood: Likelihood) -> VAE:
     """Instantiate the model family named by `cfg.name` for images of `image_shape` (C, H, W)."""
-    return MODELS[cfg.name](cfg, tuple(image_shape), likelihood)
+    return FAMILIES[cfg.name](cfg, tuple(image_shape), likelihood)
 
 
-__all__ = ["MODELS", "VAE", "VAEOutput", "build_model"]
+__all__ = [
+    "MODELS",
+    "VAE",
+    "ConvVAE",
+    "HierarchicalVAE",
+    "MLPVAE",
+    "ResNetVAE",
+    "VAEOutput",
+    "build_model",
+]

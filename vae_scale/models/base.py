@@ -8,8 +8,25 @@ import torch
 from einops import repeat
 from torch import Tensor, nn
 
+from vae_scale.config import Section, register_model_section
 from vae_scale.errors import ConfigError
 from vae_scale.losses import Likelihood
+
+#: model.name -> the family's network; filled by `register`, one line per family.
+FAMILIES: dict[str, type[VAE]] = {}
+
+
+def register(section: type[Section]):
+    """Class decorator of a model family's network: `section` (its config section, whose
+    `name` default is the family's name) joins the config's `model` union, and the network is
+    what `build_model` builds for that name."""
+
+    def add(cls: type[VAE]) -> type[VAE]:
+        register_model_section(section)
+        FAMILIES[section.model_fields["name"].default] = cls
+        return cls
+
+    return add
 
 
 class VAEOutput(NamedTuple):

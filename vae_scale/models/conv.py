@@ -6,13 +6,15 @@ layer so it gives back exactly the input size.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from einops import rearrange
 from torch import Tensor, nn
 
-from vae_scale.config import ConvVAEConfig
+from vae_scale.config import Activation, NonNegative, Positive, Section
 from vae_scale.errors import ConfigError
 from vae_scale.losses import Likelihood
-from vae_scale.models.base import VAE
+from vae_scale.models.base import VAE, register
 
 ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU}
 
@@ -21,6 +23,20 @@ def conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
+class ConvVAEConfig(Section):
+    """The study's conv VAE (vae_scale/models/conv.py)."""
+
+    name: Literal["conv"] = "conv"
+    latent_dim: Positive = 20
+    base_channels: Positive = 32  # filters of the first conv; doubled at every layer
+    num_layers: Positive = 5
+    kernel_size: Positive = 3
+    stride: Positive = 2
+    padding: NonNegative = 1
+    activation: Activation = "relu"
+
+
+@register(ConvVAEConfig)
 class ConvVAE(VAE):
     def __init__(
         self, cfg: ConvVAEConfig, image_shape: tuple[int, int, int], likelihood: Likelihood

@@ -30,20 +30,65 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import Annotated, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from vae_scale.config import HierarchicalVAEConfig
+from vae_scale.config import FieldError, NonNegative, NonNegativeFloat, Positive, Section
 from vae_scale.errors import ConfigError
 from vae_scale.losses import Likelihood, kl_normal, kl_normal_standard
-from vae_scale.models.base import VAE, VAEOutput
+from vae_scale.models.base import VAE, VAEOutput, register
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+class HierarchicalVAEConfig(Section):
+    """The VDVAE-style hierarchical VAE (vae_scale/models/hierarchical.py)."""
+
+    name: Literal["hierarchical"] = "hierarchical"
+    # Top-down stages, coarsest first; the last one is the image's resolution.
+    resolutions: Annotated[list[Positive], Field(min_length=1)] = Field(
+        default_factory=lambda: [1, 4, 8, 16, 32]
+    )
+    widths: list[Positive] = Field(default_factory=lambda: [128, 128, 128, 64, 32])
+    latent_groups: list[NonNegative] = Field(default_factory=lambda: [1, 2, 2, 2, 1])
+    encoder_blocks: list[NonNegative] = Field(default_factory=lambda: [2, 2, 2, 2, 2])
+    latent_channels: Positive = 16  # channels of every group's z
+    bottleneck: Annotated[float, Field(gt=0, le=1)] = 0.25  # blocks' inner width fraction
+    # Soft bound b on prior/posterior log-scales: s -> b * tanh(s / b), in float32 (0 = off).
+    log_scale_bound: NonNegativeFloat = 5.0
+    grad_checkpoint: bool = False  # recompute residual blocks in backward (deep models)
+
+    @model_validator(mode="after")
+    def _one_entry_per_stage(self) -> HierarchicalVAEConfig:
+        stages = len(self.resolutions)
+        for key in ("widths", "latent_groups", "encoder_blocks"):
+            if len(getattr(self, key)) != stages:
+                raise FieldError(
+                    key,
+                    f"expected one entry per stage of model.resolutions ({stages}), got "
+                    f"{getattr(self, key)!r}",
+                )
+        for i, (low, high) in enumerate(zip(self.resolutions, self.resolutions[1:])):
+            if high <= low or high % low:
+                raise FieldError(
+                    f"resolutions[{i + 1}]",
+                    f"expected increasing resolutions, each a multiple of the one before, got "
+                    f"{self.resolutions!r}",
+                )
+        if self.latent_groups[0] < 1:
+            # the top of the ladder (and with no group there, its encoder stage feeds nothing)
+            raise FieldError(
+                "latent_groups[0]",
+                f"expected at least one latent group at the coarsest resolution, got "
+                f"{self.latent_groups!r}",
+            )
+        return self
 
 
 class Block(nn.Module):
@@ -158,6 +203,7 @@ class TopDownBlock(nn.Module):
         return self.res(h), stats
 
 
+@register(HierarchicalVAEConfig)
 class HierarchicalVAE(VAE):
     def __init__(
         self, cfg: HierarchicalVAEConfig, image_shape: tuple[int, int, int], likelihood: Likelihood

@@ -3,12 +3,15 @@ mirrors it (z-256-512-784). Works for any (C, H, W): images are flattened in and
 
 from __future__ import annotations
 
+from typing import Literal
+
 from einops import rearrange
+from pydantic import Field
 from torch import Tensor, nn
 
-from vae_scale.config import MLPVAEConfig
+from vae_scale.config import Activation, Positive, Section
 from vae_scale.losses import Likelihood
-from vae_scale.models.base import VAE
+from vae_scale.models.base import VAE, register
 from vae_scale.models.conv import ACTIVATIONS
 
 
@@ -20,6 +23,16 @@ def mlp(widths: list[int], act: type[nn.Module]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class MLPVAEConfig(Section):
+    """The study's MNIST MLP VAE (vae_scale/models/mlp.py)."""
+
+    name: Literal["mlp"] = "mlp"
+    latent_dim: Positive = 2
+    hidden: list[Positive] = Field(default_factory=lambda: [512, 256])  # encoder widths
+    activation: Activation = "relu"
+
+
+@register(MLPVAEConfig)
 class MLPVAE(VAE):
     def __init__(
         self, cfg: MLPVAEConfig, image_shape: tuple[int, int, int], likelihood: Likelihood

@@ -17,13 +17,16 @@ channels_last inputs; reshapes go through einops (reshape, never view).
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 from einops import rearrange
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from vae_scale.config import ResNetVAEConfig
+from vae_scale.config import FieldError, NonNegative, Positive, Section
 from vae_scale.errors import ConfigError
 from vae_scale.losses import Likelihood
-from vae_scale.models.base import VAE
+from vae_scale.models.base import VAE, register
 
 
 def num_groups(channels: int, groups: int) -> int:
@@ -32,6 +35,32 @@ def num_groups(channels: int, groups: int) -> int:
 
 def norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups(channels, groups), channels)
+
+
+class ResNetVAEConfig(Section):
+    """The ResNet VAE (vae_scale/models/resnet.py)."""
+
+    name: Literal["resnet"] = "resnet"
+    widths: Annotated[list[Positive], Field(min_length=1)] = Field(
+        default_factory=lambda: [64, 128, 256]
+    )  # channels per stage
+    blocks_per_stage: NonNegative = 2
+    latent: Literal["vector", "spatial"] = "spatial"
+    latent_dim: Positive = 128  # used when latent is 'vector'
+    latent_channels: Positive = 16  # used when latent is 'spatial'
+    groups: Positive = 32  # GroupNorm groups (fewer when a stage has fewer channels)
+    upsample: Literal["nearest", "pixel_shuffle"] = "nearest"
+
+    @model_validator(mode="after")
+    def _groups_divide_widths(self) -> ResNetVAEConfig:
+        for i, width in enumerate(self.widths):
+            if width % min(self.groups, width):
+                raise FieldError(
+                    f"widths[{i}]",
+                    f"{width} channels cannot be split into model.groups={self.groups} "
+                    f"GroupNorm groups; use a multiple of it",
+                )
+        return self
 
 
 class PreActBlock(nn.Module):
@@ -63,6 +92,7 @@ def upsample(c_in: int, c_out: int, mode: str) -> nn.Module:
     )
 
 
+@register(ResNetVAEConfig)
 class ResNetVAE(VAE):
     def __init__(
         self, cfg: ResNetVAEConfig, image_shape: tuple[int, int, int], likelihood: Likelihood
