@@ -14,7 +14,7 @@ from vae_scale.data.inputs import DeviceBatches, binarize
 from vae_scale.metrics import MetricSums
 from vae_scale.training.setup import build_models, make_accelerator
 from vae_scale.training.state import TrainState
-from vae_scale.training.step import batch_sums, epoch_sum_names, train_step
+from vae_scale.training.step import batch_sums, train_step
 
 HOST_READS = {"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy"}
 SHAPE = (1, 12, 8)
@@ -59,14 +59,13 @@ def batches(n: int, seed: int = 1) -> list[dict]:
 
 def loop_steps(cfg, accelerator, models, state, stream, sums) -> None:
     """What the training loop does per batch between log steps."""
-    groups = models.plain.latent_group_names
     for _batch, pixels in DeviceBatches(stream, accelerator.device, cfg.train.channels_last):
         x = binarize(pixels, cfg.data.binarize)
         m = models
         out = train_step(
             accelerator, m.model, m.plain, m.optimizer, m.policy, x, cfg, state, 100, m.ema
         )
-        sums.add(**batch_sums(out, x.shape[0], groups, cfg.loss.z_samples))
+        sums.add(**batch_sums(out, x.shape[0]))
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -76,7 +75,7 @@ def test_steady_state_steps_read_nothing_on_the_host_with_fused_adamw(fused):
     )
     assert models.policy.on_device is fused
     state = TrainState()
-    sums = MetricSums.scalars(epoch_sum_names([]), accelerator.device)
+    sums = MetricSums.lazy(accelerator.device)
     loop_steps(cfg, accelerator, models, state, batches(3), sums)  # warm-up (first EMA copy)
     with HostReads() as reads:
         loop_steps(cfg, accelerator, models, state, batches(5, seed=2), sums)
@@ -100,7 +99,7 @@ def test_device_policy_skips_what_the_host_policy_skips(monkeypatch):
         models.policy.on_device = on_device
         models.policy.load(TrainState(), accelerator.device)
         state = TrainState()
-        sums = MetricSums.scalars(epoch_sum_names([]), accelerator.device)
+        sums = MetricSums.lazy(accelerator.device)
         original = type(models.plain).decode
         for k, batch in enumerate(batches(12)):
             scale = float("nan") if k in (3, 4) else (100.0 if k in (7, 8, 9) else 1.0)
@@ -130,7 +129,7 @@ def test_divergence_on_the_device_path_is_caught_at_the_next_settle(monkeypatch)
         "train.fused_adamw=true", "train.max_bad_steps=3", "train.skip_threshold=0"
     )
     state = TrainState()
-    sums = MetricSums.scalars(epoch_sum_names([]), accelerator.device)
+    sums = MetricSums.lazy(accelerator.device)
     original = type(models.plain).decode
     monkeypatch.setattr(type(models.plain), "decode", lambda self, z: original(self, z) * 0 / 0)
     loop_steps(cfg, accelerator, models, state, batches(4), sums)

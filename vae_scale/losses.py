@@ -255,6 +255,21 @@ class ELBOTerms:
     kl: Tensor
     kl_groups: dict[str, Tensor] | None = None  # per latent group, for hierarchical models
 
+    def named(self) -> dict[str, Tensor]:
+        """Every reported term by name (per image): what training's epoch sums, step rows
+        and W&B rows and evaluation's metrics take, key by key (`kl_<group>` per group)."""
+        values = {name: getattr(self, name) for name in ELBO_TERMS}
+        return {**values, **{f"kl_{g}": v for g, v in (self.kl_groups or {}).items()}}
+
+
+#: The reported fields of ELBOTerms, in order (a new term: a field above and its name here).
+ELBO_TERMS = ("neg_elbo", "recon", "kl")
+
+
+def elbo_term_names(groups: list[str]) -> list[str]:
+    """The keys of `ELBOTerms.named()` for a model with latent `groups`."""
+    return [*ELBO_TERMS, *(f"kl_{g}" for g in groups)]
+
 
 def neg_elbo(
     likelihood: Likelihood,

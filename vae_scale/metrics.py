@@ -22,15 +22,28 @@ class MetricSums:
         for name, size in names.items():
             self.layout[name] = slice(offset, offset + size)
             offset += size
+        self.device = device
+        self.pending: dict[str, list[float]] | None = None  # a lazy layout's loaded state
         self.values = torch.zeros(offset, dtype=torch.float64, device=device)
 
     @classmethod
     def scalars(cls, names: list[str], device: torch.device | str) -> MetricSums:
         return cls(dict.fromkeys(names, 1), device)
 
+    @classmethod
+    def lazy(cls, device: torch.device | str) -> MetricSums:
+        """Sums whose names are those of the first `add`: the terms a step returns, whatever
+        they are (a checkpoint's sums loaded before it are added then)."""
+        return cls({}, device)
+
     def add(self, **sums: torch.Tensor) -> None:
         """Add each metric's batch sum (a tensor of its length); all metrics at once in one
         fused add, or any subset."""
+        if not self.layout:  # lazy: the first batch names the sums (the same on every rank)
+            pending = self.pending
+            self.__init__({name: value.numel() for name, value in sums.items()}, self.device)
+            if pending:
+                self.load_state_dict(pending)
         if sums.keys() == self.layout.keys():
             self.values += torch.cat([sums[n].reshape(-1).double() for n in self.layout])
             return
@@ -46,11 +59,16 @@ class MetricSums:
         """The sums over all processes, for a mid-epoch checkpoint (collective)."""
         return {name: value.tolist() for name, value in self.reduce(accelerator).items()}
 
-    def load_state_dict(self, state: dict[str, list[float]] | list[float] | Any) -> None:
-        """Add the sums of a checkpoint (the main process only: they are already global).
-        A list is the positional layout of checkpoints written before the sums had names."""
-        if isinstance(state, list):
-            state = {name: state[where] for name, where in self.layout.items()}
+    def load_state_dict(self, state: dict[str, list[float]] | Any) -> None:
+        """Add the sums of a checkpoint (the main process only: they are already global)."""
+        if not isinstance(state, dict):
+            raise ValueError(
+                "a mid-epoch checkpoint of a vae_scale older than its named epoch sums: resume "
+                "from an epoch-end checkpoint (--resume PATH)"
+            )
+        if not self.layout:  # lazy: added once the first batch names the sums
+            self.pending = state
+            return
         for name, value in state.items():
             self.values[self.layout[name]] += torch.tensor(value, dtype=torch.float64).to(
                 self.values.device

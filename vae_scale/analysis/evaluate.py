@@ -16,7 +16,7 @@ from accelerate import Accelerator
 
 from vae_scale.data.inputs import prepare_inputs
 from vae_scale.data.loader import ShardSplit
-from vae_scale.losses import bits_per_dim, kl_per_dim, neg_elbo
+from vae_scale.losses import bits_per_dim, elbo_term_names, kl_per_dim, neg_elbo
 from vae_scale.metrics import MetricSums
 from vae_scale.models import VAE
 from vae_scale.models.base import check_single_latent
@@ -143,12 +143,11 @@ def split_statistics(
     dims = int(torch.tensor(model.latent_shape).prod())
     groups = model.latent_group_names
     pixels = int(torch.tensor(data.image_shape).prod())
-    scalars = ["neg_elbo", "recon", "kl", "iwae", "count"]
     sums = MetricSums(
         {
-            **dict.fromkeys(scalars, 1),
+            **dict.fromkeys(elbo_term_names(groups), 1),
+            **dict.fromkeys(["iwae", "count"], 1),
             **{"mu": dims, "mu_sq": dims, "kl_dim": dims},
-            **dict.fromkeys((f"kl_{g}" for g in groups), 1),
             "refined": 1,
             # reconstruction error of the decoder mean at the posterior mean, and the split's
             # pixel sums (its mean image, the collapsed model's best guess)
@@ -186,27 +185,18 @@ def split_statistics(
             sq_err=(recon - x_flat).pow(2).mean(1).sum(),
             x=x_flat.sum(0),
             x_sq=x_flat.pow(2).sum(0),
-            neg_elbo=terms.neg_elbo.sum(),
-            recon=terms.recon.sum(),
-            kl=terms.kl.sum(),
+            **{k: v.sum() for k, v in terms.named().items()},
             iwae=iw.to(device).sum(),
             count=torch.tensor(float(len(x)), device=device),
             mu=mu_flat.sum(0),
             mu_sq=mu_flat.pow(2).sum(0),
             kl_dim=kl_per_dim(out.mu, out.logvar, out.kl_groups).double().sum(0),
-            **{f"kl_{g}": terms.kl_groups[g].sum() for g in groups},
             refined=refined.to(device),
         )
     totals = sums.reduce(accelerator)
     if totals["count"].item() == 0:
         raise RuntimeError(f"split {data.split!r} produced no samples")
     return totals
-
-
-def group_kls(model: VAE, sums: dict[str, torch.Tensor], split: str) -> dict[str, float]:
-    """Mean KL per latent group, e.g. test/kl_group0_1x1 (hierarchical models only)."""
-    n = sums["count"].item()
-    return {f"{split}/kl_{g}": sums[f"kl_{g}"].item() / n for g in model.latent_group_names}
 
 
 def evaluate_split(
@@ -229,11 +219,9 @@ def split_metrics(
     """The metrics training and `vae-scale eval` both report, under the same names (what
     their nats measure is the run's `likelihood_convention`)."""
     n, split = sums["count"].item(), data.split
+    terms = elbo_term_names(model.latent_group_names)
     metrics = {
-        f"{split}/neg_elbo": sums["neg_elbo"].item() / n,
-        f"{split}/recon": sums["recon"].item() / n,
-        f"{split}/kl": sums["kl"].item() / n,
-        **group_kls(model, sums, split),
+        **{f"{split}/{k}": sums[k].item() / n for k in terms},
         f"{split}/num_samples": int(n),
         **refined_metrics(sums, split, refine_steps),
         **reconstruction_metrics(sums, split, active_threshold),

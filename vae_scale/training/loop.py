@@ -43,7 +43,7 @@ from vae_scale.training.optim import TrainingDiverged
 from vae_scale.training.run_folder import RunLock, check_same_run
 from vae_scale.training.signals import StopFlag, TrainingInterrupted
 from vae_scale.training.state import TrainState
-from vae_scale.training.step import StepOutput, batch_sums, epoch_sum_names, train_step
+from vae_scale.training.step import StepOutput, batch_sums, step_means, train_step
 
 __all__ = ["TrainingDiverged", "train"]
 
@@ -179,8 +179,7 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, torch.Tensor], floa
     if epoch == run.first_epoch:
         accelerator.print(plan.describe())
     models.model.train()
-    groups = models.plain.latent_group_names
-    sums = MetricSums.scalars(epoch_sum_names(groups), device)
+    sums = MetricSums.lazy(device)  # named by the objective's terms
     if state.batch_in_epoch > 0 and main:  # resumed mid-epoch: the earlier batches' sums
         sums.load_state_dict(state.epoch_sums)
     steps = plan.steps
@@ -214,7 +213,6 @@ def train_batches_of_epoch(
     """The epoch's steps from rank batch `start` on: a step per batch, logs every
     train.log_every_steps optimizer steps, mid-epoch checkpoints."""
     cfg, accelerator, state, models = run.cfg, run.accelerator, run.state, run.models
-    groups = models.plain.latent_group_names
     for i, (batch, pixels) in enumerate(on_device, start=start):
         x = binarize(pixels, cfg.data.binarize)
         state.skipped_samples += batch["skipped"]
@@ -226,7 +224,7 @@ def train_batches_of_epoch(
             accelerator, m.model, m.plain, m.optimizer, m.policy, x, cfg, state,
             run.total_steps, m.ema,
         )  # fmt: skip
-        sums.add(**batch_sums(out, x.shape[0], groups, cfg.loss.z_samples))
+        sums.add(**batch_sums(out, x.shape[0]))
         progress.update(1, samples=x.shape[0] * accelerator.num_processes)
         if cfg.train.log_sample_keys:
             # the optimizer step this batch counts toward (a checkpoint at step S keeps <= S)
@@ -245,31 +243,24 @@ def train_batches_of_epoch(
 
 
 def log_step(run: Run, epoch: int, out: StepOutput, progress: Progress) -> None:
-    """A steps.jsonl row and a W&B row: the step's loss means over all ranks."""
-    groups = run.models.plain.latent_group_names
-    terms, state = out.terms, run.state
-    aug_mean = [] if out.aug is None else [out.aug.neg_elbo.detach().float().mean()]
-    means = torch.stack(
-        [terms.neg_elbo.detach().mean(), *[terms.kl_groups[g].mean() for g in groups], *aug_mean]
-    )
-    loss, *rest = run.accelerator.reduce(means, "mean").tolist()
-    step_kls, aug_loss = rest[: len(groups)], rest[len(groups) :]
-    progress.set_values(neg_elbo=loss)
+    """A steps.jsonl row and a W&B row: each objective term's mean over all ranks."""
+    state = run.state
+    means = step_means(out)
+    reduced = run.accelerator.reduce(torch.stack(list(means.values())), "mean").tolist()
+    step_terms = dict(zip(means, reduced, strict=True))
+    progress.set_values(neg_elbo=step_terms["neg_elbo"])
     settle_transfers(run)
     row = {
         "global_step": state.opt_step,
         "epoch": epoch,
         "train/samples_seen": state.samples_seen,
-        "train/step_neg_elbo": loss,
+        **{f"train/step_{k}": v for k, v in step_terms.items()},
         "train/kl_weight": out.beta,
         "train/lr": run.models.optimizer.param_groups[0]["lr"],
         "train/grad_norm": float(out.grad_norm),
         "train/skipped_updates": state.skipped_updates,
-        **{f"train/step_kl_{g}": v for g, v in zip(groups, step_kls, strict=True)},
         **transfer_metrics(state),
     }
-    if aug_loss:
-        row["train/step_encoder_aug_neg_elbo"] = aug_loss[0]
     if run.accelerator.is_main_process:
         append_row(run.cfg.run_dir, STEPS_FILE, row)
     run.accelerator.log(row, step=state.opt_step)
@@ -335,15 +326,11 @@ def end_of_epoch(
     """The epoch's metrics row (train sums, val/test evaluation), logged everywhere, and the
     pictures at picture epochs."""
     cfg, accelerator, state = run.cfg, run.accelerator, run.state
-    groups = run.models.plain.latent_group_names
     n = totals["count"].item()
     metrics: dict[str, Any] = {
         "epoch": epoch,
         "global_step": state.opt_step,
-        "train/neg_elbo": totals["neg_elbo"].item() / n,
-        "train/recon": totals["recon"].item() / n,
-        "train/kl": totals["kl"].item() / n,
-        **{f"train/kl_{g}": totals[f"kl_{g}"].item() / n for g in groups},
+        **{f"train/{k}": v.item() / n for k, v in totals.items() if k != "count"},
         "train/num_samples": n,
         "train/samples_seen": state.samples_seen,
         "train/bad_steps": state.bad_steps,

@@ -12,7 +12,7 @@ from einops import repeat
 from torch import nn
 
 from vae_scale.config import Config
-from vae_scale.losses import ELBOTerms, kl_weight, neg_elbo
+from vae_scale.losses import kl_weight, neg_elbo
 from vae_scale.models import VAE
 from vae_scale.training.augment import encoder_augmentation_terms
 from vae_scale.training.ema import update_ema
@@ -21,9 +21,19 @@ from vae_scale.training.state import TrainState
 
 
 @dataclass
+class Objective:
+    """What one step minimises: `loss`, the scalar to backpropagate, and `terms`, every term
+    to report by name, each a 1-D tensor of rows (images, posterior draws, deformed copies)
+    whose mean is the term's per-image value. Epoch sums, steps.jsonl, W&B and the progress
+    line take every key, so a new term appears everywhere once it is added here."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+
+
+@dataclass
 class StepOutput:
-    terms: ELBOTerms  # the batch's per-image terms (one row per posterior draw)
-    aug: ELBOTerms | None  # the encoder augmentation's terms, when it is on
+    terms: dict[str, torch.Tensor]  # the objective's terms (rows; see Objective)
     beta: float  # the KL weight this step used
     synced: bool  # an accumulation boundary: the optimizer was asked to step
     # Tensors (read on the host only at log steps): the norm before clipping and whether the
@@ -39,16 +49,15 @@ def training_objective(
     x: torch.Tensor,
     cfg: Config,
     beta: float,
-) -> tuple[ELBOTerms, ELBOTerms | None, torch.Tensor]:
-    """What one step minimises: the batch's neg. ELBO (KL weight `beta`, free bits), averaged
-    over loss.z_samples posterior draws per image (the terms then have one row per draw,
-    draw-major), and, with loss.encoder_aug.weight > 0, the encoder-only term on deformed
-    copies of the batch. `model` is the prepared (DDP/compiled) model, `plain` the bare VAE
-    inside it. Returns (the batch's terms, the augmented terms or None, the scalar to
-    backpropagate)."""
+) -> Objective:
+    """The batch's neg. ELBO (KL weight `beta`, free bits), averaged over loss.z_samples
+    posterior draws per image (its terms then have one row per draw, draw-major), and, with
+    loss.encoder_aug.weight > 0, the encoder-only term on deformed copies of the batch
+    (`encoder_aug_neg_elbo`). `model` is the prepared (DDP/compiled) model, `plain` the bare
+    VAE inside it."""
     draws = cfg.loss.z_samples
     out = model(x, samples=draws)
-    terms = neg_elbo(
+    elbo = neg_elbo(
         plain.likelihood,
         out.x_params,
         x if draws == 1 else repeat(x, "b ... -> (k b) ...", k=draws),
@@ -58,15 +67,17 @@ def training_objective(
         cfg.loss.free_bits,
         out.kl_groups,
     )
+    terms = elbo.named()
     aug_cfg = cfg.loss.encoder_aug
     if not aug_cfg.weight:
-        return terms, None, terms.loss
+        return Objective(elbo.loss, terms)
     # outside DDP's and compile's forward: the extra pass reaches the weights through autograd
     with accelerator.autocast():
         aug = encoder_augmentation_terms(
             plain, x, aug_cfg, beta, cfg.loss.free_bits, copies=aug_cfg.copies
         )
-    return terms, aug, terms.loss + aug_cfg.weight * aug.loss
+    terms["encoder_aug_neg_elbo"] = aug.neg_elbo.float()
+    return Objective(elbo.loss + aug_cfg.weight * aug.loss, terms)
 
 
 def train_step(
@@ -90,8 +101,8 @@ def train_step(
     with accelerator.accumulate(model):
         loss = cfg.loss
         beta = kl_weight(state.opt_step, loss.beta, loss.kl_warmup_steps, loss.beta_start)
-        terms, aug, objective = training_objective(accelerator, model, plain, x, cfg, beta)
-        accelerator.backward(objective)
+        objective = training_objective(accelerator, model, plain, x, cfg, beta)
+        accelerator.backward(objective.loss)
         synced = accelerator.sync_gradients
         if synced:
             applied, grad_norm = policy.step(accelerator, model, optimizer, state, total_steps)
@@ -102,23 +113,18 @@ def train_step(
                 else:
                     ema.n_averaged += 1
                 state.ema_updates += 1
-    return StepOutput(terms, aug, beta, synced, grad_norm, applied)
+    return StepOutput(objective.terms, beta, synced, grad_norm, applied)
 
 
-def epoch_sum_names(groups: list[str]) -> list[str]:
-    """What an epoch sums per image (`batch_sums`), in order."""
-    return ["neg_elbo", "recon", "kl", "count", *(f"kl_{g}" for g in groups)]
+def batch_sums(out: StepOutput, num_images: int) -> dict[str, torch.Tensor]:
+    """The batch's contribution to the epoch sums: each term's rows summed and scaled to the
+    batch's images (the mean over an image's draws or copies), and the number of images."""
+    sums = {k: v.detach().sum() * (num_images / v.numel()) for k, v in out.terms.items()}
+    # a fill kernel: torch.tensor(n, device=cuda) would copy from the host and wait
+    count = torch.full((), float(num_images), device=out.terms["neg_elbo"].device)
+    return {**sums, "count": count}
 
 
-def batch_sums(out: StepOutput, num_images: int, groups: list[str], draws: int) -> dict:
-    """The batch's contribution to the epoch sums: per-image terms summed (the mean over the
-    `draws` rows of each image), and the number of images."""
-    terms = out.terms
-    return {
-        "neg_elbo": terms.neg_elbo.detach().sum() / draws,
-        "recon": terms.recon.detach().sum() / draws,
-        "kl": terms.kl.detach().sum() / draws,
-        # a fill kernel: torch.tensor(n, device=cuda) would copy from the host and wait
-        "count": torch.full((), float(num_images), device=terms.kl.device),
-        **{f"kl_{g}": terms.kl_groups[g].detach().sum() for g in groups},
-    }
+def step_means(out: StepOutput) -> dict[str, torch.Tensor]:
+    """Each term's mean over the batch's rows (a steps.jsonl / W&B row's train/step_<term>)."""
+    return {k: v.detach().float().mean() for k, v in out.terms.items()}
