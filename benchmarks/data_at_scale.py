@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from vae_scale.data.loader import ShardSplit
-from vae_scale.data.order import EpochPlan, Topology, global_order, steps_for
-from vae_scale.data.shards import write_dataset
-from vae_scale.data.sources import SourceData
+from vae_scale.data.sourcing.base import SourceData
+from vae_scale.data.sourcing.shards import write_dataset
+from vae_scale.data.streaming.loader import ShardSplit
+from vae_scale.data.streaming.order import EpochPlan, Topology, global_order, steps_for
 
 CIFAR = [500] * 90
 FREY = [128] * 13 + [101]

@@ -26,10 +26,15 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from vae_scale.data.fetch import resolve_data_root
-from vae_scale.data.folder_sharder import Preprocess, crop_box, parse_crop, shard_collection
-from vae_scale.data.loader import ShardSplit
-from vae_scale.data.sources import recipes
+from vae_scale.data.sourcing.fetch import resolve_data_root
+from vae_scale.data.sourcing.folder_sharder import (
+    Preprocess,
+    crop_box,
+    parse_crop,
+    shard_collection,
+)
+from vae_scale.data.sourcing.recipes import recipes
+from vae_scale.data.streaming.loader import ShardSplit
 
 
 class CropResize:

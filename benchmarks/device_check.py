@@ -94,7 +94,7 @@ def write_cifar_batches(folder: Path, train: tuple, test: tuple) -> None:
 
 def prepare_slice(shared: Path) -> Path:
     """The first images of the shared data_batch_1 and test_batch, as CIFAR-10 files."""
-    from vae_scale.data.cifar10 import load_batch
+    from vae_scale.data.sourcing.cifar10 import load_batch
 
     source = shared / "cifar10" / "cifar-10-batches-py"
     if not source.is_dir():
@@ -127,8 +127,8 @@ def synthetic_cifar(folder: Path, train: int, test: int) -> Path:
 
 def make_shards(work: Path, quick: bool) -> tuple[Path, str]:
     from vae_scale.cli import main as cli
-    from vae_scale.data.shards import write_dataset
-    from vae_scale.data.sources import SourceData
+    from vae_scale.data.sourcing.base import SourceData
+    from vae_scale.data.sourcing.shards import write_dataset
 
     if (SLICE / "data_batch_1").is_file() and not quick:
         source, what = SLICE, f"real CIFAR-10 slice ({SLICE_TRAIN} train, {SLICE_TEST} test)"

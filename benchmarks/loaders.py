@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision import datasets, transforms
 
 from benchmarks.data_pipeline import CropResize
-from vae_scale.data.loader import ShardSplit
+from vae_scale.data.streaming.loader import ShardSplit
 
 Batches = Callable[[], Iterable[torch.Tensor]]  # one pass -> image batches
 
@@ -103,7 +103,7 @@ def mnist_root(raw_dir: Path, work: Path) -> Path:
 
 
 def frey_baseline(data_root: Path) -> Dataset:
-    from vae_scale.data import frey
+    from vae_scale.data.sourcing import frey
 
     images = frey.load_images(data_root / "freyface" / frey.FILENAME)
     return TensorDataset(torch.from_numpy(images).unsqueeze(1).float().div(255.0))
@@ -113,8 +113,8 @@ def celeba_baseline(data_root: Path, shard_dir: Path, work: Path) -> Dataset:
     """ImageFolder over the JPEGs of the shards' train split, with the sharder's crop."""
     import json
 
-    from vae_scale.data.folder_sharder import Preprocess, parse_crop
-    from vae_scale.data.sources import recipes
+    from vae_scale.data.sourcing.folder_sharder import Preprocess, parse_crop
+    from vae_scale.data.sourcing.recipes import recipes
 
     params = json.loads((shard_dir / "index.json").read_text())["params"]
     collection = recipes()["celeba"].collect(data_root / "celeba", seed=params["seed"])

@@ -197,7 +197,7 @@ def run_train(budget: Budget, shards: dict[str, Path], on_gpu: bool) -> list[Tra
 
 
 def image_shape(shards: Path) -> tuple[int, int, int]:
-    from vae_scale.data.shards import load_index
+    from vae_scale.data.sourcing.shards import load_index
 
     c, h, w = load_index(shards)["image_shape"]
     return (c, h, w)
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"--only: unknown part(s) {sorted(unknown)}; choose from {report.PARTS}")
 
-    from vae_scale.data.fetch import resolve_data_root
+    from vae_scale.data.sourcing.fetch import resolve_data_root
 
     if args.threads:
         torch.set_num_threads(args.threads)

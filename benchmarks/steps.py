@@ -29,15 +29,15 @@ from pathlib import Path
 import torch
 
 from benchmarks.report import TrainRow
-from vae_scale.compat import cpu_has_fast_bf16, reset_accelerate_state
 from vae_scale.config import Config, load_config
-from vae_scale.data.inputs import prepare_inputs
-from vae_scale.data.loader import split_from_config
+from vae_scale.data.streaming.inputs import prepare_inputs
+from vae_scale.data.streaming.loader import split_from_config
 from vae_scale.losses import build_likelihood, neg_elbo
 from vae_scale.models import build_model
 from vae_scale.training.setup import build_models, make_accelerator
 from vae_scale.training.state import TrainState
 from vae_scale.training.step import train_step
+from vae_scale.utils.compat import cpu_has_fast_bf16, reset_accelerate_state
 
 
 @dataclass(frozen=True)

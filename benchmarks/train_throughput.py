@@ -36,13 +36,13 @@ from pathlib import Path
 
 import torch
 
-from vae_scale.compat import reset_accelerate_state
+from vae_scale.utils.compat import reset_accelerate_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks.steps import count_flops_per_image  # noqa: E402
 from vae_scale.config import Config, load_config  # noqa: E402
-from vae_scale.data.inputs import images_to_float
+from vae_scale.data.streaming.inputs import images_to_float
 from vae_scale.losses import build_likelihood, neg_elbo
 from vae_scale.models import build_model
 from vae_scale.training.loop import make_accelerator

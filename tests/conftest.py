@@ -47,8 +47,8 @@ def frey_source(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def frey_shards(frey_source, tmp_path_factory) -> Path:
     """shards/ folder (parent of frey/) built once per test session."""
-    from vae_scale.data import frey
-    from vae_scale.data.shards import write_dataset
+    from vae_scale.data.sourcing import frey
+    from vae_scale.data.sourcing.shards import write_dataset
 
     out = tmp_path_factory.mktemp("shards")
     write_dataset(

@@ -96,7 +96,7 @@ def tiny_attr_run(tmp_path_factory):
 
     from conftest import REPO
     from vae_scale.config import load_config
-    from vae_scale.data.folder_sharder import (
+    from vae_scale.data.sourcing.folder_sharder import (
         ImageCollection,
         ImageItem,
         Preprocess,

@@ -16,8 +16,8 @@ from PIL import Image
 
 from conftest import REPO, real_data_root
 from vae_scale.cli import main as cli_main
-from vae_scale.data import celeba, folder, folder_sharder, shards
-from vae_scale.data.folder_sharder import (
+from vae_scale.data.sourcing import celeba, folder, folder_sharder, shards
+from vae_scale.data.sourcing.folder_sharder import (
     Preprocess,
     crop_box,
     load_image,
@@ -25,7 +25,7 @@ from vae_scale.data.folder_sharder import (
     parse_crop,
     shard_collection,
 )
-from vae_scale.data.loader import ShardSplit
+from vae_scale.data.streaming.loader import ShardSplit
 from vae_scale.errors import DataError
 
 NUM_IMAGES = 40  # 32 / 4 / 4 after the seeded split; 4 per shard -> 10 shards
@@ -212,7 +212,7 @@ def test_missing_celeba_says_where_to_put_it(tmp_path):
 
 KILLER = """
 import os, signal, sys
-from vae_scale.data import folder_sharder
+from vae_scale.data.sourcing import folder_sharder
 from vae_scale.cli import main
 
 loads, real_load = [0], folder_sharder.load_image
@@ -340,14 +340,15 @@ def test_image_options_rejected_for_array_datasets(capsys):
     assert "--size, --workers: only for image datasets" in capsys.readouterr().err
 
 
-def test_format_constants_match_shards_module():
-    assert folder_sharder.INDEX_NAME == shards.INDEX_NAME
-    assert folder_sharder.FORMAT_VERSION == shards.FORMAT_VERSION
-    assert folder_sharder.SHARD_PATTERN == shards.SHARD_PATTERN
+def test_both_writers_use_the_one_index_format():
+    from vae_scale.data import index
+
+    for writer in (folder_sharder, shards):
+        assert writer.INDEX_NAME is index.INDEX_NAME and writer.SHARD_PATTERN is index.SHARD_PATTERN
 
 
 def test_chunk_of_only_bad_files_leaves_no_empty_shard(tmp_path):
-    from vae_scale.data.folder_sharder import ImageCollection, ImageItem
+    from vae_scale.data.sourcing.folder_sharder import ImageCollection, ImageItem
 
     rng = np.random.default_rng(2)
     for i in range(4):

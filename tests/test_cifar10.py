@@ -13,8 +13,8 @@ import torch
 from conftest import REPO, real_data_root, tiny_config, tiny_overrides
 from vae_scale import cli
 from vae_scale.config import load_config
-from vae_scale.data import cifar10
-from vae_scale.data.shards import load_index, write_dataset
+from vae_scale.data.sourcing import cifar10
+from vae_scale.data.sourcing.shards import load_index, write_dataset
 from vae_scale.errors import ConfigError, DataError
 from vae_scale.losses import build_likelihood, neg_elbo
 from vae_scale.models import build_model

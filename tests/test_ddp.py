@@ -23,10 +23,10 @@ import pytest
 import torch
 
 from conftest import REPO
-from vae_scale.data.loader import ShardSplit
-from vae_scale.data.order import EpochPlan, Topology, global_order, steps_for
-from vae_scale.data.shards import load_index, write_dataset
-from vae_scale.data.sources import SourceData
+from vae_scale.data.sourcing.base import SourceData
+from vae_scale.data.sourcing.shards import load_index, write_dataset
+from vae_scale.data.streaming.loader import ShardSplit
+from vae_scale.data.streaming.order import EpochPlan, Topology, global_order, steps_for
 
 pytestmark = pytest.mark.slow  # every test here launches real processes
 
@@ -94,7 +94,7 @@ def plan_keys(
 @pytest.fixture(scope="module")
 def ddp_shards(frey_source, tmp_path_factory) -> Path:
     """shards/ with frey/ in small shards (each rank gets part of val) and toy/ (even)."""
-    from vae_scale.data import frey
+    from vae_scale.data.sourcing import frey
 
     out = tmp_path_factory.mktemp("ddp_shards")
     write_dataset(frey.prepare(frey_source, seed=0, download_ok=False), out / "frey", SHARD_SIZE)
@@ -332,7 +332,7 @@ def test_logged_validation_is_over_the_whole_split_once(cli_run, ddp_shards):
 
     from vae_scale.analysis.evaluate import EvalOptions, evaluate_split
     from vae_scale.analysis.runs import load_run
-    from vae_scale.compat import reset_accelerate_state
+    from vae_scale.utils.compat import reset_accelerate_state
 
     run_dir = cli_run["run_dir"]
     index = load_index(ddp_shards / "frey")

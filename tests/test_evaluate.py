@@ -12,7 +12,7 @@ from conftest import tiny_frey_config
 from vae_scale.analysis.evaluate import SampleNoise, iwae_nll, refined_neg_elbo
 from vae_scale.losses import Likelihood
 from vae_scale.models.base import VAE
-from vae_scale.training.logs import read_rows
+from vae_scale.run_files.logs import read_rows
 
 
 class FixedGaussian(Likelihood):
@@ -237,7 +237,7 @@ def test_active_units_count_dead_dimensions(frey_shards, tmp_path):
     from accelerate import Accelerator
 
     from vae_scale.analysis.evaluate import EvalOptions, full_evaluation
-    from vae_scale.data.loader import ShardSplit
+    from vae_scale.data.streaming.loader import ShardSplit
     from vae_scale.losses import Bernoulli
 
     class HalfDead(VAE):
@@ -294,13 +294,13 @@ def test_bpd_uses_all_dimensions(tmp_path):
     from accelerate import Accelerator
 
     from vae_scale.analysis.evaluate import EvalOptions, evaluate_split
-    from vae_scale.compat import reset_accelerate_state
-    from vae_scale.data.loader import ShardSplit
-    from vae_scale.data.shards import write_dataset
-    from vae_scale.data.sources import SourceData
+    from vae_scale.data.sourcing.base import SourceData
+    from vae_scale.data.sourcing.shards import write_dataset
+    from vae_scale.data.streaming.loader import ShardSplit
     from vae_scale.losses import build_likelihood
     from vae_scale.models import build_model
     from vae_scale.models.mlp import MLPVAEConfig
+    from vae_scale.utils.compat import reset_accelerate_state
 
     shape = (3, 4, 6)  # C, H, W: every axis a different size
     rng = np.random.default_rng(0)

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vae_scale.data import frey
-from vae_scale.data.loader import ShardSplit
-from vae_scale.data.shards import load_index, write_dataset
+from vae_scale.data.sourcing import frey
+from vae_scale.data.sourcing.shards import load_index, write_dataset
+from vae_scale.data.streaming.loader import ShardSplit
 from vae_scale.errors import DataError
 
 

@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from conftest import REPO
-from vae_scale.compat import reset_accelerate_state
 from vae_scale.config import load_config
-from vae_scale.data.inputs import DeviceBatches, binarize, images_to_float
+from vae_scale.data.streaming.inputs import DeviceBatches, binarize, images_to_float
 from vae_scale.losses import build_likelihood, neg_elbo
 from vae_scale.metrics import MetricSums
 from vae_scale.models import build_model
 from vae_scale.training.setup import build_models, make_accelerator
 from vae_scale.training.state import TrainState
 from vae_scale.training.step import batch_sums, train_step
+from vae_scale.utils.compat import reset_accelerate_state
 
 pytestmark = [
     pytest.mark.gpu,
@@ -127,8 +127,8 @@ def test_prefetched_batches_equal_direct_conversion():
 
 @pytest.fixture(scope="module")
 def gpu_cifar_shards(tmp_path_factory) -> Path:
-    from vae_scale.data.shards import write_dataset
-    from vae_scale.data.sources import SourceData
+    from vae_scale.data.sourcing.base import SourceData
+    from vae_scale.data.sourcing.shards import write_dataset
 
     rng = np.random.default_rng(0)
     base = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)  # 8 prototypes + noise
@@ -150,7 +150,7 @@ def gpu_cifar_shards(tmp_path_factory) -> Path:
 
 
 def test_short_gpu_run_loss_falls(gpu_cifar_shards, tmp_path):
-    from vae_scale.training.logs import read_rows
+    from vae_scale.run_files.logs import read_rows
     from vae_scale.training.loop import train
 
     cfg = config(

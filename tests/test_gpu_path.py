@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from vae_scale.compat import reset_accelerate_state
 from vae_scale.config import config_from_dict
-from vae_scale.data.inputs import DeviceBatches, binarize
+from vae_scale.data.streaming.inputs import DeviceBatches, binarize
 from vae_scale.metrics import MetricSums
 from vae_scale.training.setup import build_models, make_accelerator
 from vae_scale.training.state import TrainState
 from vae_scale.training.step import batch_sums, train_step
+from vae_scale.utils.compat import reset_accelerate_state
 
 HOST_READS = {"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy"}
 SHAPE = (1, 12, 8)

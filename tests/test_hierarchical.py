@@ -10,8 +10,8 @@ from test_cifar10 import make_cifar_folder
 
 from conftest import REPO, tiny_config
 from vae_scale.config import load_config
-from vae_scale.data import cifar10
-from vae_scale.data.shards import write_dataset
+from vae_scale.data.sourcing import cifar10
+from vae_scale.data.sourcing.shards import write_dataset
 from vae_scale.errors import ConfigError
 from vae_scale.losses import build_likelihood, neg_elbo
 from vae_scale.models import build_model
@@ -275,7 +275,7 @@ def test_ema_is_checkpointed_and_is_what_eval_and_sampling_use(hvae_run):
     from vae_scale.analysis.evaluate import EvalOptions, full_evaluation
     from vae_scale.analysis.runs import load_run
     from vae_scale.cli import main
-    from vae_scale.data.loader import ShardSplit
+    from vae_scale.data.streaming.loader import ShardSplit
 
     ckpt = checkpoint.latest_checkpoint(hvae_run / "checkpoints")
     raw, ema = load_file(ckpt / "model.safetensors"), load_file(ckpt / "ema.safetensors")
@@ -327,10 +327,10 @@ def test_gradient_spikes_are_skipped_counted_and_never_forever(monkeypatch):
     here every (max_consecutive_skips + 1)-th update is applied, clipped to the threshold."""
     from accelerate import Accelerator
 
-    from vae_scale.compat import reset_accelerate_state
     from vae_scale.config import config_from_dict
     from vae_scale.training.optim import UpdatePolicy
     from vae_scale.training.state import TrainState
+    from vae_scale.utils.compat import reset_accelerate_state
 
     cfg = config_from_dict(
         {

@@ -9,10 +9,10 @@ import pytest
 import torch
 import webdataset as wds
 
-from vae_scale.data.loader import ShardSplit
-from vae_scale.data.shards import encode_sample
+from vae_scale.data.sourcing.shards import encode_sample
+from vae_scale.data.streaming.loader import ShardSplit
 from vae_scale.errors import DataError
-from vae_scale.fsutil import sha256_file
+from vae_scale.utils.fsutil import sha256_file
 
 
 def make_shards(folder: Path, counts: list[int], shape=(4, 4, 1), mutate=None) -> Path:
@@ -181,7 +181,7 @@ def test_bad_samples_raise_or_are_skipped_and_counted(tmp_path):
 
 
 def test_fast_npy_reader_equals_np_load_and_rejects_truncated_payloads():
-    from vae_scale.data.decode import load_npy
+    from vae_scale.data.streaming.decode import load_npy
 
     rng = np.random.default_rng(0)
     for shape in [(28, 28, 1), (28, 28, 1), (32, 32, 3), (28, 20, 1)]:  # 2nd: cached header
@@ -194,7 +194,7 @@ def test_fast_npy_reader_equals_np_load_and_rejects_truncated_payloads():
 
 
 def test_in_memory_cache_gives_the_same_batches_and_reads_each_shard_once(tmp_path, monkeypatch):
-    from vae_scale.data import remote
+    from vae_scale.data.streaming import remote
 
     folder = make_shards(tmp_path / "d", [10, 7, 12, 9])
     args = dict(batch_size=4, shuffle=True, shuffle_buffer=8, seed=5)

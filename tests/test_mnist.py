@@ -16,9 +16,9 @@ from scipy.stats import norm
 from conftest import REPO, real_data_root, tiny_config
 from vae_scale.analysis import pictures
 from vae_scale.config import load_config
-from vae_scale.data import mnist
-from vae_scale.data.loader import ShardSplit
-from vae_scale.data.shards import load_index, write_dataset
+from vae_scale.data.sourcing import mnist
+from vae_scale.data.sourcing.shards import load_index, write_dataset
+from vae_scale.data.streaming.loader import ShardSplit
 from vae_scale.errors import ConfigError, DataError
 from vae_scale.losses import build_likelihood
 from vae_scale.models import build_model

@@ -4,7 +4,7 @@ and elastic re-plans, at cluster sizes no test machine has (pure functions of nu
 import numpy as np
 import pytest
 
-from vae_scale.data.order import (
+from vae_scale.data.streaming.order import (
     EpochPlan,
     Topology,
     global_order,

@@ -19,7 +19,7 @@ import time
 import pytest
 
 from conftest import REPO, TINY_FREY, tiny_overrides
-from vae_scale.progress import Progress, resolve_mode
+from vae_scale.utils.progress import Progress, resolve_mode
 
 
 class FakeTerminal(io.StringIO):

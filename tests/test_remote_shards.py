@@ -13,8 +13,8 @@ from PIL import Image
 
 from conftest import tiny_frey_config
 from helpers.http_shards import ShardServer
-from vae_scale.data.loader import ShardSplit
-from vae_scale.data.remote import FetchPolicy
+from vae_scale.data.streaming.loader import ShardSplit
+from vae_scale.data.streaming.remote import FetchPolicy
 from vae_scale.errors import DataError
 
 FAST_RETRY = FetchPolicy(retries=3, retry_delay_s=0.01)

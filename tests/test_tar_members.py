@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from vae_scale.data.tar_members import tar_members
+from vae_scale.data.streaming.tar_members import tar_members
 
 
 def make_tar(members: list[tuple[str, bytes]], fmt: int = tarfile.USTAR_FORMAT) -> bytes:

@@ -149,7 +149,7 @@ def test_wandb_offline_run_in_run_folder(frey_shards, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_training_on_train_and_val_reads_both_and_evaluates_test_only(frey_shards, tmp_path):
-    from vae_scale.data.loader import ShardSplit
+    from vae_scale.data.streaming.loader import ShardSplit
 
     both = ShardSplit(frey_shards / "frey", "train+val", batch_size=100)
     keys = [k for batch in both.eval_batches() for k in batch["key"]]

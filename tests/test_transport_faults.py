@@ -24,9 +24,9 @@ import torch
 from conftest import REPO, TINY_FREY, tiny_overrides
 from helpers.http_shards import ShardServer
 from helpers.wandb_records import read_runs
-from vae_scale.data import remote
-from vae_scale.data.loader import ShardSplit
-from vae_scale.data.remote import FetchPolicy, TransferStats
+from vae_scale.data.streaming import remote
+from vae_scale.data.streaming.loader import ShardSplit
+from vae_scale.data.streaming.remote import FetchPolicy, TransferStats
 from vae_scale.errors import DataError
 
 FAST = FetchPolicy(retries=3, retry_delay_s=0.01, timeout_s=0.3)

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from vae_scale.errors import ConfigError, DataError
-from vae_scale.progress import MODES as PROGRESS_MODES
-from vae_scale.progress import set_default_mode as set_progress_mode
 from vae_scale.training.signals import TrainingInterrupted
+from vae_scale.utils.progress import MODES as PROGRESS_MODES
+from vae_scale.utils.progress import set_default_mode as set_progress_mode
 
 #: `accelerate launch` (torchrun) reports any failed process as exit status 1 and stops the
 #: others as soon as one exits. A job script that must tell "checkpointed after a stop signal,
@@ -35,9 +35,9 @@ IMAGE_OPTIONS = (
 
 
 def cmd_shard(args: argparse.Namespace) -> None:
-    from vae_scale.data.fetch import resolve_data_root
-    from vae_scale.data.shards import write_dataset
-    from vae_scale.data.sources import recipes, source_dir_for
+    from vae_scale.data.sourcing.fetch import resolve_data_root
+    from vae_scale.data.sourcing.recipes import recipes, source_dir_for
+    from vae_scale.data.sourcing.shards import write_dataset
 
     recipe = recipes()[args.dataset]
     if recipe.collect is not None:  # image files: the parallel, resumable writer
@@ -93,7 +93,7 @@ def non_negative_number(text: str) -> float:
 
 
 def _crop_option(text: str) -> str:
-    from vae_scale.data.folder_sharder import parse_crop
+    from vae_scale.data.sourcing.folder_sharder import parse_crop
 
     try:
         return parse_crop(text)
@@ -103,7 +103,7 @@ def _crop_option(text: str) -> str:
 
 def _shard_images(args: argparse.Namespace, recipe: Any, data_root: Path) -> None:
     """`vae-scale shard celeba|folder ...`: image files through the parallel writer."""
-    from vae_scale.data import folder_sharder
+    from vae_scale.data.sourcing import folder_sharder
 
     if not args.source and not recipe.default_subdir:
         raise DataError(f"`vae-scale shard {args.dataset}` needs --source DIR (the image folder)")
@@ -185,7 +185,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from vae_scale.analysis.evaluate import EvalOptions, full_evaluation
     from vae_scale.analysis.runs import load_run
-    from vae_scale.data.loader import split_from_config
+    from vae_scale.data.streaming.loader import split_from_config
     from vae_scale.losses import likelihood_convention
     from vae_scale.models.base import check_single_latent
     from vae_scale.training import tracking
@@ -259,9 +259,9 @@ def cmd_pictures(args: argparse.Namespace) -> None:
     from vae_scale.analysis import attributes, pictures
     from vae_scale.analysis.evaluate import first_images, prepare_inputs
     from vae_scale.analysis.runs import load_run
-    from vae_scale.data.loader import split_from_config
-    from vae_scale.seeding import derive_seed
+    from vae_scale.data.streaming.loader import split_from_config
     from vae_scale.training import tracking
+    from vae_scale.utils.seeding import derive_seed
 
     run = load_run(args.run_dir, args.checkpoint)
     model, cfg = run.model, run.cfg
@@ -365,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_shard_command(sub: Any) -> None:
-    from vae_scale.data.sources import recipes
+    from vae_scale.data.sourcing.recipes import recipes
 
     shard = sub.add_parser("shard", help="convert a dataset into WebDataset shards (once)")
     shard.add_argument("dataset", choices=sorted(recipes()))

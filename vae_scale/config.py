@@ -12,36 +12,22 @@ Overrides on the command line use dotted keys of any depth:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from vae_scale.errors import ConfigError
 from vae_scale.losses import LIKELIHOODS
-
-Positive = Annotated[int, Field(ge=1)]
-NonNegative = Annotated[int, Field(ge=0)]
-NonNegativeFloat = Annotated[float, Field(ge=0)]
-Activation = Literal["relu", "leaky_relu", "silu"]
-
-
-class Section(BaseModel):
-    """A config section: unknown keys, wrong types and non-finite numbers are errors."""
-
-    model_config = ConfigDict(
-        extra="forbid", strict=True, allow_inf_nan=False, validate_assignment=True
-    )
-
-
-class FieldError(ValueError):
-    """A check across a section's fields that names the offending key (`field`, relative to
-    the section, e.g. 'widths[1]')."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field, self.message = field, message
-
+from vae_scale.models import FAMILIES
+from vae_scale.schema import (  # noqa: F401  (re-exported for the sections' users)
+    Activation,
+    FieldError,
+    NonNegative,
+    NonNegativeFloat,
+    Positive,
+    Section,
+)
 
 # ---------------------------------------------------------------------------- sections
 
@@ -246,43 +232,21 @@ class WandbConfig(Section):
 
 # ---------------------------------------------------------------------------- model families
 
-#: model.name -> the family's config section; each family in vae_scale/models registers its
-#: own (`register_model_section`), and the `model` union below is derived from this table.
-MODEL_SECTIONS: dict[str, type[Section]] = {}
-
-
-def register_model_section(section: type[Section]) -> type[Section]:
-    """Add a model family's section (its `name` field's default is the family's name)."""
-    MODEL_SECTIONS[section.model_fields["name"].default] = section
-    return section
-
-
-def model_names() -> tuple[str, ...]:
-    _families()
-    return tuple(sorted(MODEL_SECTIONS))
-
-
-def _families() -> None:
-    """Import the model families (they register their sections) and complete `Config`."""
-    import vae_scale.models  # noqa: F401  (registers every family once)
-
-    if Config.__pydantic_complete__ and Config.__model_union__ == tuple(MODEL_SECTIONS):
-        return
-    global ModelConfig
-    ModelConfig = Annotated[  # type: ignore[misc]
-        Union[tuple(MODEL_SECTIONS[n] for n in sorted(MODEL_SECTIONS))],  # noqa: UP007
-        Field(discriminator="name"),
-    ]
-    Config.__model_union__ = tuple(MODEL_SECTIONS)
-    Config.model_rebuild(force=True)
+#: model.name -> the family's config section, as the families register them (vae_scale/models)
+MODEL_SECTIONS: dict[str, type[Section]] = {
+    name: family.config_section for name, family in sorted(FAMILIES.items())
+}
+MODEL_NAMES = tuple(MODEL_SECTIONS)
+ModelConfig = Annotated[
+    Union[tuple(MODEL_SECTIONS.values())],  # noqa: UP007
+    Field(discriminator="name"),
+]
 
 
 class Config(Section):
-    # The union of the registered families' sections, discriminated by model.name.
-    __model_union__: ClassVar[tuple[str, ...]] = ()
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig  # noqa: F821  (defined by _families() once the families registered)
+    model: ModelConfig  # the union of the families' sections, discriminated by model.name
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -303,7 +267,7 @@ class Config(Section):
     @property
     def shard_dir(self) -> str:
         """Where this config's dataset is: <data.shards_dir>/<data.dataset> (folder or URL)."""
-        from vae_scale.data.remote import join
+        from vae_scale.data.streaming.remote import join
 
         return join(self.data.shards_dir, self.data.dataset)
 
@@ -348,9 +312,9 @@ def _message(error: dict[str, Any]) -> str:
     if isinstance(cause, FieldError):
         return f"{_key((*loc, cause.field))}: {cause.message}"
     if kind == "union_tag_not_found":
-        return f"model.name: required; one of {list(model_names())}"
+        return f"model.name: required; one of {list(MODEL_NAMES)}"
     if kind == "union_tag_invalid":
-        return f"model.name: expected one of {list(model_names())}, got {error['ctx']['tag']!r}"
+        return f"model.name: expected one of {list(MODEL_NAMES)}, got {error['ctx']['tag']!r}"
     if kind == "extra_forbidden":
         parent = MODEL_SECTIONS[family] if family else _section_class(loc[:-1])
         allowed = sorted(parent.model_fields) if parent is not None else []
@@ -400,12 +364,11 @@ def apply_override(raw: dict[str, Any], text: str) -> None:
 
 
 def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    _families()
     raw = _copy_sections(raw or {})
     for text in overrides:
         apply_override(raw, text)
     if not isinstance(raw.get("model"), dict):
-        raise ConfigError(f"model.name: required; one of {list(model_names())}")
+        raise ConfigError(f"model.name: required; one of {list(MODEL_NAMES)}")
     try:
         return Config.model_validate(raw)
     except ValidationError as err:

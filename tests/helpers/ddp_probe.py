@@ -27,12 +27,12 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from vae_scale.analysis.evaluate import EvalOptions, evaluate_split
-from vae_scale.data.inputs import images_to_float
-from vae_scale.data.loader import ShardSplit
+from vae_scale.data.streaming.inputs import images_to_float
+from vae_scale.data.streaming.loader import ShardSplit
 from vae_scale.losses import build_likelihood, neg_elbo
 from vae_scale.models import build_model
 from vae_scale.models.conv import ConvVAEConfig
-from vae_scale.seeding import derive_seed
+from vae_scale.utils.seeding import derive_seed
 
 LATENT_DIM = 4
 LR = 1e-3
@@ -85,7 +85,7 @@ def reference_train(
     accum: int,
 ) -> dict[str, torch.Tensor]:
     """1 process, gradient accumulation `accum`, over the given micro-batches in order."""
-    from vae_scale.compat import reset_accelerate_state
+    from vae_scale.utils.compat import reset_accelerate_state
 
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accum)
     try:

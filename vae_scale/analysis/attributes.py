@@ -15,8 +15,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from vae_scale.data.inputs import images_to_float
-from vae_scale.data.loader import ShardSplit
+from vae_scale.data.streaming.inputs import images_to_float
+from vae_scale.data.streaming.loader import ShardSplit
 from vae_scale.errors import DataError
 
 

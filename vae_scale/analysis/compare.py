@@ -10,7 +10,7 @@ from typing import Any
 
 from vae_scale.analysis.runs import final_metrics
 from vae_scale.errors import ConfigError
-from vae_scale.training.logs import read_rows
+from vae_scale.run_files.logs import read_rows
 
 #: Facts of a run (config.json beside its settings) that can tell two runs apart.
 RUN_FACTS = (

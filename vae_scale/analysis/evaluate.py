@@ -14,14 +14,14 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from vae_scale.data.inputs import prepare_inputs
-from vae_scale.data.loader import ShardSplit
+from vae_scale.data.streaming.inputs import prepare_inputs
+from vae_scale.data.streaming.loader import ShardSplit
 from vae_scale.losses import bits_per_dim, elbo_term_names, kl_per_dim, neg_elbo
 from vae_scale.metrics import MetricSums
 from vae_scale.models import VAE
 from vae_scale.models.base import check_single_latent
-from vae_scale.progress import Progress
-from vae_scale.seeding import derive_seed
+from vae_scale.utils.progress import Progress
+from vae_scale.utils.seeding import derive_seed
 
 NOISE_BLOCK = 16
 

@@ -61,7 +61,7 @@ def manifold_grid(model: Any, n: int = 20) -> torch.Tensor:
 @torch.no_grad()
 def posterior_means(model: Any, split: Any) -> tuple[np.ndarray, np.ndarray | None]:
     """Posterior means mu(x) of every image in `split` (this rank's share), and labels."""
-    from vae_scale.data.inputs import images_to_float
+    from vae_scale.data.streaming.inputs import images_to_float
 
     device = next(model.parameters()).device
     mus, labels = [], []
@@ -126,8 +126,8 @@ def epoch_pictures(
 ) -> dict[str, Path]:
     """The training loop's pictures of `epoch` (main process): originals | reconstructions of
     the fixed test images, prior samples, and the 2-D latent pictures; also to W&B."""
-    from vae_scale.data.inputs import prepare_inputs
-    from vae_scale.seeding import derive_seed
+    from vae_scale.data.streaming.inputs import prepare_inputs
+    from vae_scale.utils.seeding import derive_seed
 
     run_dir = cfg.run_dir
     model.eval()

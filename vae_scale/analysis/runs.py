@@ -15,9 +15,9 @@ from vae_scale.config import SECTIONS, Config, config_from_dict
 from vae_scale.errors import ConfigError
 from vae_scale.losses import build_likelihood
 from vae_scale.models import VAE, build_model
-from vae_scale.training import checkpoint
-from vae_scale.training.ema import EMA_FILE
-from vae_scale.training.logs import read_rows
+from vae_scale.run_files import checkpoints as checkpoint
+from vae_scale.run_files.checkpoints import EMA_FILE
+from vae_scale.run_files.logs import read_rows
 
 
 @dataclass

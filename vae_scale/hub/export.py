@@ -9,18 +9,18 @@ import os
 import shutil
 import tempfile
 from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from vae_scale import __version__
 from vae_scale.analysis import pictures
 from vae_scale.analysis.runs import TrainedRun, final_metrics, load_run
 from vae_scale.errors import ConfigError
 from vae_scale.hub.pretrained import CONFIG_FILE, WEIGHTS_FILE
-from vae_scale.netutil import is_online
-from vae_scale.seeding import derive_seed
+from vae_scale.utils.netutil import is_online
+from vae_scale.utils.seeding import derive_seed
 
 SAMPLES_FILE = "samples.png"
 CARD_FILE = "README.md"
@@ -65,7 +65,7 @@ def export_record(run: TrainedRun, weights: str) -> dict[str, Any]:
     return {
         **run.record,
         "export": {
-            "vae_scale_version": __version__,
+            "vae_scale_version": version("vae_scale"),
             "run_dir": str(Path(run.run_dir).resolve()),
             "checkpoint": run.checkpoint.name,
             "checkpoint_step": run.opt_step,

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from vae_scale.data.inputs import images_to_float
+from vae_scale.data.streaming.inputs import images_to_float
 from vae_scale.errors import ConfigError
 from vae_scale.models import VAE
 

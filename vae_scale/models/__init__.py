@@ -4,7 +4,6 @@ family is a new file here and its import below."""
 
 from __future__ import annotations
 
-from vae_scale.config import Section
 from vae_scale.losses import Likelihood
 from vae_scale.models import conv, hierarchical, mlp, resnet  # noqa: F401  (they register)
 from vae_scale.models.base import FAMILIES, VAE, VAEOutput
@@ -12,6 +11,7 @@ from vae_scale.models.conv import ConvVAE
 from vae_scale.models.hierarchical import HierarchicalVAE
 from vae_scale.models.mlp import MLPVAE
 from vae_scale.models.resnet import ResNetVAE
+from vae_scale.schema import Section
 
 MODELS = FAMILIES  # model.name -> network class
 

@@ -8,9 +8,9 @@ import torch
 from einops import repeat
 from torch import Tensor, nn
 
-from vae_scale.config import Section, register_model_section
 from vae_scale.errors import ConfigError
 from vae_scale.losses import Likelihood
+from vae_scale.schema import Section
 
 #: model.name -> the family's network; filled by `register`, one line per family.
 FAMILIES: dict[str, type[VAE]] = {}
@@ -22,7 +22,7 @@ def register(section: type[Section]):
     what `build_model` builds for that name."""
 
     def add(cls: type[VAE]) -> type[VAE]:
-        register_model_section(section)
+        cls.config_section = section
         FAMILIES[section.model_fields["name"].default] = cls
         return cls
 
@@ -45,6 +45,8 @@ class VAE(nn.Module):
     `likelihood` belongs to the model so that learned likelihood parameters (e.g. a per-pixel
     scale) are trained, checkpointed and synchronised like every other weight.
     """
+
+    config_section: type[Section]  # the family's config section (set by `register`)
 
     def __init__(self, image_shape: tuple[int, int, int], likelihood: Likelihood):
         super().__init__()

@@ -11,10 +11,10 @@ from typing import Literal
 from einops import rearrange
 from torch import Tensor, nn
 
-from vae_scale.config import Activation, NonNegative, Positive, Section
 from vae_scale.errors import ConfigError
 from vae_scale.losses import Likelihood
 from vae_scale.models.base import VAE, register
+from vae_scale.schema import Activation, NonNegative, Positive, Section
 
 ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU}
 

@@ -39,10 +39,10 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from vae_scale.config import FieldError, NonNegative, NonNegativeFloat, Positive, Section
 from vae_scale.errors import ConfigError
 from vae_scale.losses import Likelihood, kl_normal, kl_normal_standard
 from vae_scale.models.base import VAE, VAEOutput, register
+from vae_scale.schema import FieldError, NonNegative, NonNegativeFloat, Positive, Section
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 

@@ -9,10 +9,10 @@ from einops import rearrange
 from pydantic import Field
 from torch import Tensor, nn
 
-from vae_scale.config import Activation, Positive, Section
 from vae_scale.losses import Likelihood
 from vae_scale.models.base import VAE, register
 from vae_scale.models.conv import ACTIVATIONS
+from vae_scale.schema import Activation, Positive, Section
 
 
 def mlp(widths: list[int], act: type[nn.Module]) -> nn.Sequential:

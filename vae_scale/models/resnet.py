@@ -23,10 +23,10 @@ from einops import rearrange
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from vae_scale.config import FieldError, NonNegative, Positive, Section
 from vae_scale.errors import ConfigError
 from vae_scale.losses import Likelihood
 from vae_scale.models.base import VAE, register
+from vae_scale.schema import FieldError, NonNegative, Positive, Section
 
 
 def num_groups(channels: int, groups: int) -> int:

@@ -12,7 +12,6 @@ import errno
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +21,19 @@ from safetensors.torch import save_file
 from torch.optim.swa_utils import AveragedModel
 
 from vae_scale.errors import ConfigError
-from vae_scale.fsutil import fsync, sha256_file
+from vae_scale.run_files.checkpoints import (  # noqa: F401  (the format, re-exported)
+    MANIFEST,
+    PREFIX,
+    TRAIN_STATE,
+    complete_checkpoints,
+    is_complete,
+    latest_checkpoint,
+    read_train_state,
+)
+from vae_scale.run_files.logs import sample_keys_file, truncate_logs
 from vae_scale.training.ema import EMA_FILE, ema_tensors, load_ema, update_ema
-from vae_scale.training.logs import sample_keys_file, truncate_logs
 from vae_scale.training.state import TrainState
-
-MANIFEST = "manifest.json"
-TRAIN_STATE = "train_state.json"
-PREFIX = "step_"
+from vae_scale.utils.fsutil import fsync, sha256_file
 
 
 def save_checkpoint(
@@ -105,49 +109,6 @@ def _finish(
     fsync(ckpt_root)
     for old in complete_checkpoints(ckpt_root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def is_complete(path: Path, verify_hashes: bool = False) -> bool:
-    """A checkpoint folder whose manifest exists and whose files have the recorded sizes
-    (and sha256, when `verify_hashes`)."""
-    try:
-        files = json.loads((path / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError):
-        return False
-    for name, meta in files.items():
-        file = path / name
-        if not file.is_file() or file.stat().st_size != meta["size"]:
-            return False
-        if verify_hashes and sha256_file(file) != meta["sha256"]:
-            return False
-    return True
-
-
-def complete_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first; incomplete ones are reported and ignored."""
-    if not ckpt_root.is_dir():
-        return []
-    found = []
-    for path in sorted(ckpt_root.glob(f"{PREFIX}*")):
-        if is_complete(path):
-            found.append(path)
-        else:
-            warnings.warn(f"ignoring incomplete checkpoint {path}", stacklevel=2)
-    return found
-
-
-def latest_checkpoint(ckpt_root: Path, verify_hashes: bool = False) -> Path | None:
-    """The newest complete checkpoint; with `verify_hashes`, the newest whose files all match
-    their manifest (a damaged newer one is skipped with a warning)."""
-    for path in reversed(complete_checkpoints(ckpt_root)):
-        if not verify_hashes or is_complete(path, verify_hashes=True):
-            return path
-        warnings.warn(f"skipping checkpoint {path}: a file does not match its sha256", stacklevel=2)
-    return None
-
-
-def read_train_state(path: Path) -> dict[str, Any]:
-    return json.loads((path / TRAIN_STATE).read_text())
 
 
 class Checkpointer:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
-EMA_FILE = "ema.safetensors"
+from vae_scale.run_files.checkpoints import EMA_FILE
 
 
 def make_ema(shadow: nn.Module) -> AveragedModel:

@@ -20,30 +20,30 @@ from accelerate.utils import set_seed
 
 from vae_scale.analysis.evaluate import EvalOptions, evaluate_split, first_images, summarize
 from vae_scale.analysis.pictures import epoch_pictures
-from vae_scale.compat import reset_accelerate_state
 from vae_scale.config import Config
-from vae_scale.data.inputs import DeviceBatches, binarize
-from vae_scale.data.loader import ShardSplit
-from vae_scale.data.order import EpochPlan
-from vae_scale.data.remote import TransferStats
+from vae_scale.data.streaming.inputs import DeviceBatches, binarize
+from vae_scale.data.streaming.loader import ShardSplit
+from vae_scale.data.streaming.order import EpochPlan
+from vae_scale.data.streaming.remote import TransferStats
 from vae_scale.errors import ConfigError
 from vae_scale.metrics import MetricSums
-from vae_scale.progress import Progress
-from vae_scale.seeding import derive_seed
-from vae_scale.training import setup, tracking
-from vae_scale.training.checkpoint import Checkpointer
-from vae_scale.training.logs import (
+from vae_scale.run_files.logs import (
     METRICS_FILE,
     STEPS_FILE,
     append_row,
     sample_keys_file,
     truncate_logs,
 )
+from vae_scale.training import setup, tracking
+from vae_scale.training.checkpoint import Checkpointer
 from vae_scale.training.optim import TrainingDiverged
 from vae_scale.training.run_folder import RunLock, check_same_run
 from vae_scale.training.signals import StopFlag, TrainingInterrupted
 from vae_scale.training.state import TrainState
 from vae_scale.training.step import StepOutput, batch_sums, step_means, train_step
+from vae_scale.utils.compat import reset_accelerate_state
+from vae_scale.utils.progress import Progress
+from vae_scale.utils.seeding import derive_seed
 
 __all__ = ["TrainingDiverged", "train"]
 

@@ -17,9 +17,9 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from vae_scale.compat import skip_step_if
 from vae_scale.config import TrainConfig
 from vae_scale.training.state import TrainState
+from vae_scale.utils.compat import skip_step_if
 
 #: The TrainState counters the policy keeps, in this order on the device.
 COUNTERS = (

@@ -14,9 +14,8 @@ from accelerate import Accelerator
 from accelerate.utils import TorchDynamoPlugin
 from torch.optim.swa_utils import AveragedModel
 
-from vae_scale.compat import cpu_has_fast_bf16, uncompiled
 from vae_scale.config import Config
-from vae_scale.data.loader import ShardSplit, has_split, split_from_config
+from vae_scale.data.streaming.loader import ShardSplit, has_split, split_from_config
 from vae_scale.errors import ConfigError
 from vae_scale.losses import build_likelihood, likelihood_convention
 from vae_scale.models import VAE, build_model
@@ -26,6 +25,7 @@ from vae_scale.training.ema import make_ema
 from vae_scale.training.optim import UpdatePolicy, build_optimizer, use_fused
 from vae_scale.training.signals import ignore_stop_signals
 from vae_scale.training.state import TrainState
+from vae_scale.utils.compat import cpu_has_fast_bf16, uncompiled
 
 
 def make_accelerator(cfg: Config, wandb_mode: str) -> Accelerator:

@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from vae_scale.netutil import is_online
+from vae_scale.utils.netutil import is_online
 
 WANDB_HOST = "https://api.wandb.ai"
 RUN_ID_FILE = "wandb_run_id.txt"

@@ -38,16 +38,21 @@ from typing import Any
 
 import numpy as np
 
-from vae_scale.data.sources import SourceData
+from vae_scale.data.index import (
+    FORMAT_VERSION,
+    INDEX_NAME,
+    SHARD_PATTERN,
+    index_matches,
+    make_index,
+    publish,
+)
+from vae_scale.data.sourcing.base import SourceData
 from vae_scale.errors import DataError
-from vae_scale.fsutil import fsync, sha256_file
-from vae_scale.progress import Progress
+from vae_scale.utils.fsutil import fsync, sha256_file, write_json_atomic
+from vae_scale.utils.progress import Progress
 
 # Same names and format as data/shards.py (not imported from there at module level: that pulls
 # in webdataset and torch, seconds of start-up for `vae-scale --help`).
-INDEX_NAME = "index.json"
-FORMAT_VERSION = 1
-SHARD_PATTERN = "{split}-%06d.tar"
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 PARTS_DIR = ".parts"  # per-shard sidecars inside the partial folder
@@ -243,16 +248,6 @@ def sample_for(task: ShardTask, item: ImageItem, image: np.ndarray) -> dict[str,
     return sample
 
 
-def _write_json_atomic(path: Path, payload: Any, indent: int | None = None) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=indent)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync(path.parent)
-
-
 def sidecar_path(task: ShardTask) -> Path:
     return Path(task.work_dir) / PARTS_DIR / f"{task.name}.json"
 
@@ -277,7 +272,7 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
     """Write one whole shard (tmp name -> fsync -> rename), then its sidecar; return it."""
     import webdataset as wds
 
-    from vae_scale.data.shards import encode_sample
+    from vae_scale.data.sourcing.shards import encode_sample
 
     work = Path(task.work_dir)
     final = work / task.name
@@ -324,7 +319,7 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
         "skipped": skipped,
         "fingerprint": task.fingerprint,
     }
-    _write_json_atomic(sidecar_path(task), sidecar)
+    write_json_atomic(sidecar_path(task), sidecar)
     return sidecar
 
 
@@ -442,27 +437,14 @@ def merge_index(
             "shards": shards,
         }
         skipped += bad
-    index = {
-        "format_version": FORMAT_VERSION,
-        "dataset": collection.name,
-        "image_shape": [3, preprocess.size, preprocess.size],
-        "encoding": "npy uint8 HWC",
-        "splits": splits,
-        "source": collection.source,
-        "params": {**expected_params(collection, preprocess), "shard_size": shard_size},
-        "skipped": {"count": len(skipped), "files": skipped},
-        **collection.notes,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    _write_json_atomic(work / INDEX_NAME, index, indent=1)
+    index = make_index(
+        collection.name, [3, preprocess.size, preprocess.size], splits, collection.source,
+        {**expected_params(collection, preprocess), "shard_size": shard_size},
+        skipped={"count": len(skipped), "files": skipped}, **collection.notes,
+    )  # fmt: skip
     for stray in work.glob("*.tmp-*"):
         stray.unlink(missing_ok=True)
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(work, out_dir)
-    fsync(out_dir.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    publish(work, out_dir, index)
     shutil.rmtree(out_dir / PARTS_DIR, ignore_errors=True)
     counts = ", ".join(f"{k} {v['num_samples']}" for k, v in splits.items())
     print(
@@ -489,8 +471,6 @@ def shard_collection(
     A no-op when `out_dir` already holds shards of the same inputs and settings, unless
     `force`, which rewrites this task's shards even if a partial run finished them.
     """
-    from vae_scale.data.shards import index_matches
-
     out_dir = Path(out_dir)
     if not 0 <= task_index < num_tasks:
         raise DataError(f"task index {task_index} is not in [0, {num_tasks})")
@@ -519,8 +499,6 @@ def merge_index_if_needed(
     collection: ImageCollection, out_dir: Path, preprocess: Preprocess, shard_size: int
 ) -> dict[str, Any]:
     """After every task of a sharding array: the index, unless an identical one exists."""
-    from vae_scale.data.shards import index_matches
-
     if index_matches(out_dir, _as_source_data(collection, preprocess), shard_size):
         print(f"{out_dir} is up to date ({INDEX_NAME} matches the source)")
         return json.loads((out_dir / INDEX_NAME).read_text())

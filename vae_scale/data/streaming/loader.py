@@ -25,10 +25,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.utils import pytorch_worker_info
 
-from vae_scale.compat import seeded_shuffle, shut_down_loader_workers
-from vae_scale.data import catalog, remote
-from vae_scale.data.decode import IMAGE_SUFFIXES, DecodeSpec
-from vae_scale.data.order import (
+from vae_scale.data.streaming import catalog, remote
+from vae_scale.data.streaming.decode import IMAGE_SUFFIXES, DecodeSpec
+from vae_scale.data.streaming.order import (
     EpochPlan,
     Topology,
     global_order,
@@ -36,10 +35,11 @@ from vae_scale.data.order import (
     steps_for,
     unpack_ids,
 )
-from vae_scale.data.reader import BadSample, ReadOptions, ShardReader
-from vae_scale.data.remote import TransferStats
+from vae_scale.data.streaming.reader import BadSample, ReadOptions, ShardReader
+from vae_scale.data.streaming.remote import TransferStats
 from vae_scale.errors import DataError
-from vae_scale.seeding import derive_seed
+from vae_scale.utils.compat import seeded_shuffle, shut_down_loader_workers
+from vae_scale.utils.seeding import derive_seed
 
 WORKER_ERROR = f"{DataError.__module__}.{DataError.__qualname__}"  # as a worker's traceback ends
 

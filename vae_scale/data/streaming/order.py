@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from vae_scale.seeding import derive_seed
+from vae_scale.utils.seeding import derive_seed
 
 
 @dataclass(frozen=True)

@@ -143,7 +143,7 @@ def expand(pattern: str) -> list[str]:
 def sha256_of(body: Body) -> str:
     if isinstance(body, bytes):
         return hashlib.sha256(body).hexdigest()
-    from vae_scale.fsutil import sha256_file
+    from vae_scale.utils.fsutil import sha256_file
 
     return sha256_file(body.path)
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from vae_scale.data.fetch import download
-from vae_scale.data.sources import SourceData, seeded_split
+from vae_scale.data.sourcing.base import SourceData, seeded_split
+from vae_scale.data.sourcing.fetch import download
 from vae_scale.errors import DataError
-from vae_scale.fsutil import sha256_file
-from vae_scale.netutil import is_online
+from vae_scale.utils.fsutil import sha256_file
+from vae_scale.utils.netutil import is_online
 
 URL = "https://cs.nyu.edu/~roweis/data/frey_rawface.mat"
 SHA256 = "265a83a23adb081755cd3de375509828e690324d1d60f076b8ecebc840d59c64"

@@ -15,7 +15,6 @@ import io
 import json
 import os
 import shutil
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,10 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from vae_scale.data.sources import SourceData
+from vae_scale.data.index import INDEX_NAME, SHARD_PATTERN, index_matches, make_index, publish
+from vae_scale.data.sourcing.base import SourceData
 from vae_scale.errors import DataError
-from vae_scale.fsutil import fsync, sha256_file
-
-INDEX_NAME = "index.json"
-FORMAT_VERSION = 1
-SHARD_PATTERN = "{split}-%06d.tar"
+from vae_scale.utils.fsutil import fsync, sha256_file
 
 
 def encode_sample(sample: dict[str, Any]) -> dict[str, Any]:
@@ -88,27 +84,6 @@ def write_split(
     return shards
 
 
-def index_matches(out_dir: Path, data: SourceData, shard_size: int) -> bool:
-    """True when `out_dir` already holds shards made from the same inputs and settings."""
-    path = out_dir / INDEX_NAME
-    if not path.is_file():
-        return False
-    try:
-        index = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return False
-    return (
-        index.get("format_version") == FORMAT_VERSION
-        and index.get("source") == data.source
-        and index.get("params") == {**data.params, "shard_size": shard_size}
-        and all(
-            (out_dir / s["name"]).is_file()
-            for split in index["splits"].values()
-            for s in split["shards"]
-        )
-    )
-
-
 def write_dataset(data: SourceData, out_dir: Path, shard_size: int, force: bool = False) -> dict:
     """Write every split of `data` into `out_dir` (e.g. shards/frey) and its index.
 
@@ -129,23 +104,11 @@ def write_dataset(data: SourceData, out_dir: Path, shard_size: int, force: bool 
             shards = write_split(samples, building, split, shard_size, data.image_shape)
             splits[split] = {"num_samples": sum(s["num_samples"] for s in shards), "shards": shards}
             print(f"  {split}: {splits[split]['num_samples']} samples in {len(shards)} shards")
-        index = {
-            "format_version": FORMAT_VERSION,
-            "dataset": data.name,
-            "image_shape": list(data.image_shape),
-            "encoding": "npy uint8 HWC",
-            "splits": splits,
-            "source": data.source,
-            "params": {**data.params, "shard_size": shard_size},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        (building / INDEX_NAME).write_text(json.dumps(index, indent=1))
-        fsync(building / INDEX_NAME)
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(building, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        index = make_index(
+            data.name, data.image_shape, splits, data.source,
+            {**data.params, "shard_size": shard_size},
+        )  # fmt: skip
+        publish(building, out_dir, index)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
@@ -155,7 +118,7 @@ def write_dataset(data: SourceData, out_dir: Path, shard_size: int, force: bool 
 def load_index(shard_dir: Path | str) -> dict[str, Any]:
     """index.json of a shard folder (or URL), with a clear error when it is missing or
     unreadable."""
-    from vae_scale.data.catalog import read_index
-    from vae_scale.data.remote import FetchPolicy
+    from vae_scale.data.streaming.catalog import read_index
+    from vae_scale.data.streaming.remote import FetchPolicy
 
     return read_index(str(shard_dir), FetchPolicy())

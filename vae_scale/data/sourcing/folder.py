@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vae_scale.data.folder_sharder import IMAGE_EXTENSIONS, ImageCollection, ImageItem
+from vae_scale.data.sourcing.folder_sharder import IMAGE_EXTENSIONS, ImageCollection, ImageItem
 from vae_scale.errors import DataError
 
 VAL_FRACTION = TEST_FRACTION = 0.1

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from vae_scale.data.sources import SourceData, seeded_split
+from vae_scale.data.sourcing.base import SourceData, seeded_split
 from vae_scale.errors import DataError
-from vae_scale.fsutil import sha256_file
-from vae_scale.netutil import is_online
+from vae_scale.utils.fsutil import sha256_file
+from vae_scale.utils.netutil import is_online
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 SUBDIR = "cifar-10-batches-py"  # what torchvision's CIFAR10(root, download=True) unpacks

@@ -7,7 +7,7 @@ import urllib.request
 from pathlib import Path
 
 from vae_scale.errors import DataError
-from vae_scale.fsutil import sha256_file
+from vae_scale.utils.fsutil import sha256_file
 
 
 def resolve_data_root(data_root: str | os.PathLike | None = None) -> Path:

@@ -16,10 +16,10 @@ import hashlib
 import os
 from pathlib import Path
 
-from vae_scale.data.folder import TEST_FRACTION, VAL_FRACTION, seeded_fraction_split
-from vae_scale.data.folder_sharder import ImageCollection, ImageItem
+from vae_scale.data.sourcing.folder import TEST_FRACTION, VAL_FRACTION, seeded_fraction_split
+from vae_scale.data.sourcing.folder_sharder import ImageCollection, ImageItem
 from vae_scale.errors import DataError
-from vae_scale.fsutil import sha256_file
+from vae_scale.utils.fsutil import sha256_file
 
 IMAGE_DIRS = ("img_align_celeba", "img_align_celeba_89x109")
 ATTR_FILE = "list_attr_celeba.txt"

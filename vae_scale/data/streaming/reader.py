@@ -20,10 +20,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from vae_scale.data import remote
-from vae_scale.data.catalog import ShardEntry
-from vae_scale.data.decode import DecodeSpec, decode_sample
-from vae_scale.data.tar_members import (
+from vae_scale.data.streaming import remote
+from vae_scale.data.streaming.catalog import ShardEntry
+from vae_scale.data.streaming.decode import DecodeSpec, decode_sample
+from vae_scale.data.streaming.tar_members import (
     _NotPlain,
     archive_complete,
     file_members,

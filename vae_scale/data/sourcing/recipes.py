@@ -1,37 +1,14 @@
-"""What a dataset converter hands to the shard writer, and the registry of converters."""
+"""The registry `vae-scale shard NAME` reads: how each dataset is found and converted."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-
-@dataclass
-class SourceData:
-    """Samples of every split, ready to write: dicts with `__key__`, `npy` (uint8 HWC) and
-    optionally `cls` (int label) and `json` (metadata)."""
-
-    name: str
-    image_shape: tuple[int, int, int]  # C, H, W
-    splits: dict[str, Iterable[dict[str, Any]]]
-    source: dict[str, Any]  # files used and their checksums
-    params: dict[str, Any] = field(default_factory=dict)  # what else determines the shards
-
-
-def seeded_split(count: int, sizes: dict[str, int], seed: int) -> dict[str, np.ndarray]:
-    """A fixed random partition of range(count) into named parts of the given sizes."""
-    if sum(sizes.values()) != count:
-        raise ValueError(f"split sizes {sizes} do not add up to {count}")
-    perm = np.random.default_rng(seed).permutation(count)
-    out, start = {}, 0
-    for name, size in sizes.items():
-        out[name] = np.sort(perm[start : start + size])
-        start += size
-    return out
+from vae_scale.data.sourcing import celeba, cifar10, folder, frey, mnist
+from vae_scale.data.sourcing.base import SourceData
 
 
 @dataclass
@@ -47,8 +24,6 @@ class DatasetRecipe:
 
 
 def recipes() -> dict[str, DatasetRecipe]:
-    from vae_scale.data import celeba, cifar10, folder, frey, mnist
-
     return {
         "frey": DatasetRecipe(frey.prepare, "freyface", default_shard_size=128),
         # 800 per shard: 69 train shards, enough for 8 processes x 8 loader workers.

@@ -10,13 +10,12 @@ Two kinds of source:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vae_scale.data import remote
-from vae_scale.data.shards import FORMAT_VERSION, INDEX_NAME
+from vae_scale.data.index import INDEX_NAME, check_index
+from vae_scale.data.streaming import remote
 from vae_scale.errors import DataError
 
 
@@ -59,39 +58,6 @@ def read_index(location: str, policy: remote.FetchPolicy, required: bool = True)
             raise
         return None
     return check_index(url, text)
-
-
-def check_index(url: str, text: bytes | str) -> dict[str, Any]:
-    try:
-        index = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{url}: not valid JSON ({err})") from err
-    if not isinstance(index, dict):
-        raise DataError(f"{url}: expected a JSON object, got {type(index).__name__}")
-    if index.get("format_version") != FORMAT_VERSION:
-        raise DataError(
-            f"{url}: format_version {index.get('format_version')!r}, expected "
-            f"{FORMAT_VERSION}; re-shard with `vae-scale shard ... --force`"
-        )
-    splits = index.get("splits")
-    shape = index.get("image_shape")
-    if not isinstance(splits, dict) or not (isinstance(shape, list) and len(shape) == 3):
-        raise DataError(f"{url}: expected 'splits' (an object) and 'image_shape' ([C, H, W])")
-    for name, split in splits.items():
-        shards = split.get("shards") if isinstance(split, dict) else None
-        if not isinstance(shards, list) or not all(
-            isinstance(s, dict) and isinstance(s.get("name"), str) and _count_ok(s) for s in shards
-        ):
-            raise DataError(
-                f"{url}: split {name!r}: expected 'shards', a list of objects with 'name' and "
-                f"'num_samples' (an integer >= 0)"
-            )
-    return index
-
-
-def _count_ok(entry: dict[str, Any]) -> bool:
-    n = entry.get("num_samples")
-    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
 
 
 def indexed_entries(location: str, index: dict[str, Any], split: str) -> list[ShardEntry]:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vae_scale.data.sources import SourceData, seeded_split
+from vae_scale.data.sourcing.base import SourceData, seeded_split
 from vae_scale.errors import DataError
-from vae_scale.netutil import is_online
+from vae_scale.utils.netutil import is_online
 
 HEIGHT = WIDTH = 28
 FILES = {

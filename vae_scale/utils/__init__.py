@@ -1,0 +1,2 @@
+"""Small helpers every room uses: seeds, files, the network, the progress display, and the
+private APIs of our dependencies (compat)."""
