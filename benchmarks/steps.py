@@ -30,7 +30,7 @@ import torch
 
 from benchmarks.report import TrainRow
 from vae_scale.config import Config, load_config
-from vae_scale.data.streaming.inputs import prepare_inputs
+from vae_scale.data.streaming.inputs import prepare_batch
 from vae_scale.data.streaming.loader import split_from_config
 from vae_scale.losses import build_likelihood, neg_elbo
 from vae_scale.models import build_model
@@ -103,7 +103,7 @@ def measure_setting(
         state = TrainState()
 
         def step(images: torch.Tensor) -> None:
-            x = prepare_inputs(images, device, cfg.data.binarize)
+            x = prepare_batch(images, device, cfg.data.binarize)
             m = models
             train_step(
                 accelerator, m.model, m.plain, m.optimizer, m.policy, x, cfg, state, 10**9, m.ema

@@ -13,7 +13,7 @@ import torch
 
 from conftest import REPO
 from vae_scale.config import load_config
-from vae_scale.data.streaming.inputs import DeviceBatches, binarize, images_to_float
+from vae_scale.data.streaming.inputs import DeviceBatches, images_to_float
 from vae_scale.losses import build_likelihood, neg_elbo
 from vae_scale.metrics import MetricSums
 from vae_scale.models import build_model
@@ -96,8 +96,10 @@ def test_steady_state_steps_make_no_host_sync(name):
 
     def steps(n: int, seed: int) -> None:
         stream = [{"image": batch_of(shape, 32, seed + k).pin_memory()} for k in range(n)]
-        for _, pixels in DeviceBatches(stream, accelerator.device, cfg.train.channels_last):
-            x = binarize(pixels, cfg.data.binarize)
+        on_device = DeviceBatches(
+            stream, accelerator.device, cfg.train.channels_last, cfg.data.binarize
+        )
+        for _, x in on_device:
             m = models
             out = train_step(
                 accelerator, m.model, m.plain, m.optimizer, m.policy, x, cfg, state, 1000, m.ema

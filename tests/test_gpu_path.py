@@ -9,7 +9,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from vae_scale.config import config_from_dict
-from vae_scale.data.streaming.inputs import DeviceBatches, binarize
+from vae_scale.data.streaming.inputs import DeviceBatches
 from vae_scale.metrics import MetricSums
 from vae_scale.training.setup import build_models, make_accelerator
 from vae_scale.training.state import TrainState
@@ -59,8 +59,10 @@ def batches(n: int, seed: int = 1) -> list[dict]:
 
 def loop_steps(cfg, accelerator, models, state, stream, sums) -> None:
     """What the training loop does per batch between log steps."""
-    for _batch, pixels in DeviceBatches(stream, accelerator.device, cfg.train.channels_last):
-        x = binarize(pixels, cfg.data.binarize)
+    on_device = DeviceBatches(
+        stream, accelerator.device, cfg.train.channels_last, cfg.data.binarize
+    )
+    for _batch, x in on_device:
         m = models
         out = train_step(
             accelerator, m.model, m.plain, m.optimizer, m.policy, x, cfg, state, 100, m.ema

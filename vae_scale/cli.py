@@ -257,8 +257,9 @@ def cmd_pictures(args: argparse.Namespace) -> None:
     import torch
 
     from vae_scale.analysis import attributes, pictures
-    from vae_scale.analysis.evaluate import first_images, prepare_inputs
+    from vae_scale.analysis.evaluate import first_images
     from vae_scale.analysis.runs import load_run
+    from vae_scale.data.streaming.inputs import prepare_batch
     from vae_scale.data.streaming.loader import split_from_config
     from vae_scale.training import tracking
     from vae_scale.utils.seeding import derive_seed
@@ -269,7 +270,7 @@ def cmd_pictures(args: argparse.Namespace) -> None:
 
     def test_images(n: int) -> torch.Tensor:
         data = split_from_config(cfg.data, cfg.shard_dir, args.split, batch_size=max(n, 1))
-        return prepare_inputs(first_images(data, n), "cpu", "none")
+        return prepare_batch(first_images(data, n), "cpu", "none")
 
     key = args.command  # the W&B picture name
     with torch.no_grad():

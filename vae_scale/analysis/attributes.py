@@ -15,7 +15,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from vae_scale.data.streaming.inputs import images_to_float
+from vae_scale.data.streaming.inputs import prepare_batch
 from vae_scale.data.streaming.loader import ShardSplit
 from vae_scale.errors import DataError
 
@@ -46,7 +46,7 @@ def posterior_means(
             break
         if "json" not in batch or any(m is None or "attr_vector" not in m for m in batch["json"]):
             raise DataError("samples carry no attr_vector: shard an attribute dataset (celeba)")
-        mu, _ = model.encode(images_to_float(batch["image"], device))
+        mu, _ = model.encode(prepare_batch(batch["image"], device))
         means.append(mu.float().cpu())
         attrs.append(torch.tensor([m["attr_vector"] for m in batch["json"]], dtype=torch.float32))
     if not means:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from vae_scale.data.streaming.inputs import prepare_inputs
+from vae_scale.data.streaming.inputs import prepare_batch
 from vae_scale.data.streaming.loader import ShardSplit
 from vae_scale.losses import bits_per_dim, elbo_term_names, kl_per_dim, neg_elbo
 from vae_scale.metrics import MetricSums
@@ -165,7 +165,7 @@ def split_statistics(
     )  # fmt: skip
     for batch in batches:
         noise = SampleNoise(batch["key"], seed, f"eval/{data.split}")
-        x = prepare_inputs(batch["image"], device, binarize, noise.generators)
+        x = prepare_batch(batch["image"], device, binarize, noise.generators)
         eps = noise.normal(tuple(model.latent_shape), device)
         with accelerator.autocast():
             out = model(x, eps)

@@ -61,12 +61,12 @@ def manifold_grid(model: Any, n: int = 20) -> torch.Tensor:
 @torch.no_grad()
 def posterior_means(model: Any, split: Any) -> tuple[np.ndarray, np.ndarray | None]:
     """Posterior means mu(x) of every image in `split` (this rank's share), and labels."""
-    from vae_scale.data.streaming.inputs import images_to_float
+    from vae_scale.data.streaming.inputs import prepare_batch
 
     device = next(model.parameters()).device
     mus, labels = [], []
     for batch in split.eval_batches():
-        mu, _ = model.encode(images_to_float(batch["image"], device))
+        mu, _ = model.encode(prepare_batch(batch["image"], device))
         mus.append(mu.float().cpu())
         if "cls" in batch:
             labels.append(batch["cls"])
@@ -126,7 +126,7 @@ def epoch_pictures(
 ) -> dict[str, Path]:
     """The training loop's pictures of `epoch` (main process): originals | reconstructions of
     the fixed test images, prior samples, and the 2-D latent pictures; also to W&B."""
-    from vae_scale.data.streaming.inputs import prepare_inputs
+    from vae_scale.data.streaming.inputs import prepare_batch
     from vae_scale.utils.seeding import derive_seed
 
     run_dir = cfg.run_dir
@@ -134,7 +134,7 @@ def epoch_pictures(
     images = {}
     with torch.no_grad(), accelerator.autocast():
         if inputs is not None:
-            x = prepare_inputs(inputs, accelerator.device, "none")
+            x = prepare_batch(inputs, accelerator.device, "none")
             grid = recon_grid(x, model.reconstruct(x))
             images["recon"] = save_grid(grid, run_dir / f"recon_epoch{epoch:03d}.png")
         gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, "samples"))

@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 from vae_scale.analysis.evaluate import EvalOptions, evaluate_split, first_images, summarize
 from vae_scale.analysis.pictures import epoch_pictures
 from vae_scale.config import Config
-from vae_scale.data.streaming.inputs import DeviceBatches, binarize
+from vae_scale.data.streaming.inputs import DeviceBatches
 from vae_scale.data.streaming.loader import ShardSplit
 from vae_scale.data.streaming.order import EpochPlan
 from vae_scale.data.streaming.remote import TransferStats
@@ -191,7 +191,7 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, torch.Tensor], floa
         final_line=False,  # the epoch's own line follows
     )  # fmt: skip
     # exactly plan.steps - start batches; on a GPU the next one is copied while a step runs
-    on_device = DeviceBatches(batches, device, cfg.train.channels_last)
+    on_device = DeviceBatches(batches, device, cfg.train.channels_last, cfg.data.binarize)
     with closing(progress):
         train_batches_of_epoch(run, epoch, on_device, start, sums, plan, progress)
     seconds = time.perf_counter() - t0
@@ -213,8 +213,7 @@ def train_batches_of_epoch(
     """The epoch's steps from rank batch `start` on: a step per batch, logs every
     train.log_every_steps optimizer steps, mid-epoch checkpoints."""
     cfg, accelerator, state, models = run.cfg, run.accelerator, run.state, run.models
-    for i, (batch, pixels) in enumerate(on_device, start=start):
-        x = binarize(pixels, cfg.data.binarize)
+    for i, (batch, x) in enumerate(on_device, start=start):
         state.skipped_samples += batch["skipped"]
         run.transfers.retries += batch["transfers"]["retries"]
         run.transfers.refetched_bytes += batch["transfers"]["refetched_bytes"]

@@ -31,51 +31,60 @@ def binarize(
     ).to(x.device)
 
 
-def prepare_inputs(
+def prepare_batch(
     images: torch.Tensor,
     device: torch.device | str,
-    mode: str,
+    mode: str = "none",
     generators: list[torch.Generator] | None = None,
+    channels_last: bool = False,
 ) -> torch.Tensor:
-    """uint8 batch -> float in [0, 1] on device, binarized as data.binarize says."""
-    return binarize(images_to_float(images, device), mode, generators)
+    """A loader batch's uint8 images -> the model's input: float in [0, 1] on `device`
+    (channels_last if asked), binarized as data.binarize (`mode`) says. Training (through
+    DeviceBatches), evaluation and the pictures all prepare their inputs here."""
+    x = images_to_float(images, device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return binarize(x, mode, generators)
 
 
 class DeviceBatches:
-    """(batch, its images as float pixels on the device) for each loader batch. On CUDA the
-    next batch's copy and conversion are issued on a side stream before the current batch is
+    """(batch, its model input from `prepare_batch`) for each loader batch. On CUDA the next
+    batch's copy and conversion are issued on a side stream before the current batch is
     handed out, so they overlap the step that trains it; elsewhere the conversion is inline.
     Random draws (binarization) stay with the step, on the main stream, in batch order."""
 
     def __init__(
-        self, batches: Iterable[dict[str, Any]], device: torch.device, channels_last: bool
+        self,
+        batches: Iterable[dict[str, Any]],
+        device: torch.device,
+        channels_last: bool,
+        binarize_mode: str = "none",
     ):
         self.batches, self.device, self.channels_last = batches, torch.device(device), channels_last
-
-    def _convert(self, images: torch.Tensor) -> torch.Tensor:
-        x = images_to_float(images, self.device)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        self.binarize_mode = binarize_mode
 
     def __iter__(self) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
         if self.device.type != "cuda":
             for batch in self.batches:
-                yield batch, self._convert(batch["image"])
+                x = prepare_batch(
+                    batch["image"], self.device, self.binarize_mode, None, self.channels_last
+                )
+                yield batch, x
             return
         copies = torch.cuda.Stream(self.device)
         main = torch.cuda.current_stream(self.device)
         pending = None
         for batch in self.batches:
-            with torch.cuda.stream(copies):
-                issued = (batch, self._convert(batch["image"]))
+            with torch.cuda.stream(copies):  # copy and convert; no random draw here
+                x = prepare_batch(batch["image"], self.device, "none", None, self.channels_last)
             if pending is not None:
                 yield self._ready(pending, copies, main)
-            pending = issued
+            pending = (batch, x)
         if pending is not None:
             yield self._ready(pending, copies, main)
 
-    @staticmethod
-    def _ready(pending: tuple, copies: Any, main: Any) -> tuple[dict[str, Any], torch.Tensor]:
+    def _ready(self, pending: tuple, copies: Any, main: Any) -> tuple[dict[str, Any], torch.Tensor]:
         main.wait_stream(copies)
         batch, x = pending
         x.record_stream(main)  # its memory belongs to the main stream's work from here on
-        return batch, x
+        return batch, binarize(x, self.binarize_mode)
