@@ -252,15 +252,17 @@ def tiny_run_config(shards: Path, run_dir: Path, *overrides: str):
 
 @pytest.mark.slow
 def test_dynamic_binarization_and_kl_warmup_in_a_run(tiny_mnist, tmp_path, monkeypatch):
+    import vae_scale.data.streaming.inputs as inputs_module
     import vae_scale.training.loop as train_module
 
     seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (epoch, grey, binarized)
     epoch = [0]
-    original = train_module.binarize
+    original = inputs_module.binarize
 
     def recording(pixels, mode, generators=None):
         x = original(pixels, mode, generators)
-        if mode == "dynamic":  # training batches (pictures use "none")
+        # training batches (evaluation draws from per-sample generators, pictures use "none")
+        if mode == "dynamic" and generators is None:
             seen.append((epoch[0], pixels.clone(), x.clone()))
         return x
 
@@ -270,7 +272,7 @@ def test_dynamic_binarization_and_kl_warmup_in_a_run(tiny_mnist, tmp_path, monke
         epoch[0] = ep
         yield from original_batches(self, ep, start, plan)
 
-    monkeypatch.setattr(train_module, "binarize", recording)
+    monkeypatch.setattr(inputs_module, "binarize", recording)
     monkeypatch.setattr(train_module.ShardSplit, "train_batches", counting)
     warmup, beta0 = 15, 0.2
     cfg = tiny_run_config(

@@ -275,7 +275,7 @@ class Config(Section):
         return self.model_dump(mode="json")
 
 
-SECTIONS = ("run", "data", "loss", "train", "eval", "wandb")
+SECTIONS = tuple(name for name in Config.model_fields if name != "model")
 
 
 # ---------------------------------------------------------------------------- errors

@@ -27,10 +27,6 @@ class MetricSums:
         self.values = torch.zeros(offset, dtype=torch.float64, device=device)
 
     @classmethod
-    def scalars(cls, names: list[str], device: torch.device | str) -> MetricSums:
-        return cls(dict.fromkeys(names, 1), device)
-
-    @classmethod
     def lazy(cls, device: torch.device | str) -> MetricSums:
         """Sums whose names are those of the first `add`: the terms a step returns, whatever
         they are (a checkpoint's sums loaded before it are added then)."""
