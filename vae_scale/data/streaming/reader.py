@@ -107,14 +107,9 @@ def check_body(entry: ShardEntry, body: remote.Body, verify: bool) -> Mapping | 
         verified = True
     if isinstance(body, bytes):
         samples, error = parse(body, entry.url)
-        complete = error is not None or verified or archive_complete(body)
-    else:
-        try:
-            shard = FileShard(body, entry.url)
-        except _NotPlain:  # pax or GNU headers: tarfile reads it in memory
-            with open(body.path, "rb") as f:
-                return check_body(entry, f.read(), verify=False)
-        samples, error, complete = shard, shard.error, shard.complete or verified
+    else:  # FileShard walks pax and GNU headers too (tarfile, seeking past the data)
+        samples = FileShard(body, entry.url)
+        error = samples.error
     if error is not None:
         detail = error.args[0] if error.args else error
         raise remote.BadContent(
@@ -126,9 +121,15 @@ def check_body(entry: ShardEntry, body: remote.Body, verify: bool) -> Mapping | 
             f"shard or the index is wrong",
             samples,
         )
-    if not complete and not remote.is_local(entry.url):
+    # A remote body not hashed may be cut short at a member boundary: the end marker tells
+    # (another header walk, so only then; a local file is what it is).
+    if not verified and not remote.is_local(entry.url) and not _reaches_end(body, samples):
         raise remote.BadContent("ends without the tar end-of-archive marker: cut short", samples)
     return samples
+
+
+def _reaches_end(body: remote.Body, samples: Mapping | list) -> bool:
+    return samples.complete if isinstance(samples, FileShard) else archive_complete(body)
 
 
 class ShardReader:

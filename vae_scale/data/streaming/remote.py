@@ -47,6 +47,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from vae_scale.errors import DataError
+from vae_scale.utils.fsutil import sha256_file
 
 #: HTTP statuses below 500 that are worth another try (timeout, too early, throttling).
 RETRY_STATUS = {408, 425, 429}
@@ -143,8 +144,6 @@ def expand(pattern: str) -> list[str]:
 def sha256_of(body: Body) -> str:
     if isinstance(body, bytes):
         return hashlib.sha256(body).hexdigest()
-    from vae_scale.utils.fsutil import sha256_file
-
     return sha256_file(body.path)
 
 

@@ -127,7 +127,7 @@ def archive_complete(data: bytes) -> bool:
 def file_members(
     fd: int, size: int
 ) -> tuple[list[tuple[str, tuple[int, int]]], Exception | None, bool]:
-    """The members of a plain tar in an open file, as (name, (offset, size)) read by header
+    """The members of a tar in an open file, as (name, (offset, size)) read by header
     walk only, the error that ended the walk, and whether the end marker was reached."""
     try:
         members, error, complete = _walk(lambda pos, n: os.pread(fd, n, pos), size)
