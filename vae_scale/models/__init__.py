@@ -13,8 +13,6 @@ from vae_scale.models.mlp import MLPVAE
 from vae_scale.models.resnet import ResNetVAE
 from vae_scale.schema import Section
 
-MODELS = FAMILIES  # model.name -> network class
-
 
 def build_model(cfg: Section, image_shape: tuple[int, int, int], likelihood: Likelihood) -> VAE:
     """Instantiate the model family named by `cfg.name` for images of `image_shape` (C, H, W)."""
@@ -22,7 +20,7 @@ def build_model(cfg: Section, image_shape: tuple[int, int, int], likelihood: Lik
 
 
 __all__ = [
-    "MODELS",
+    "FAMILIES",
     "VAE",
     "ConvVAE",
     "HierarchicalVAE",
