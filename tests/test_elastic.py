@@ -112,7 +112,8 @@ def test_stopped_run_resumes_on_another_topology_without_repeating_a_sample(
     latest = checkpoint.latest_checkpoint(tmp_path / "elastic" / "checkpoints")
     state = checkpoint.read_train_state(latest)
     epoch = state["epoch"]
-    assert state["batch_in_epoch"] > 0 and state["data_plan"]["topology"][0] == before[0], out
+    plan = checkpoint.read_state(latest, "train_data")["plan"]
+    assert state["batch_in_epoch"] > 0 and plan["topology"][0] == before[0], out
     code, out = run_trainer(frey_shards, tmp_path, *after)
     assert code == 0, out
     assert "elastic resume" in out

@@ -113,8 +113,8 @@ def test_steady_state_steps_make_no_host_sync(name):
         steps(5, 100)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    models.policy.settle(state)
-    assert state.opt_step == 8 and state.bad_steps == 0
+    models.policy.settle()
+    assert state.opt_step == 8 and models.policy.counts.bad_steps == 0
     accelerator.end_training()
     reset_accelerate_state()
 

@@ -85,8 +85,8 @@ def test_steady_state_steps_read_nothing_on_the_host_with_fused_adamw(fused):
         assert reads.calls == []
     else:  # the host policy reads the gradient norm every step: the detector sees it
         assert reads.calls.count("__float__") >= 5
-    models.policy.settle(state)
-    assert state.opt_step == 8 and state.ema_updates == 8
+    models.policy.settle()
+    assert state.opt_step == 8 and models.ema.updates == 8
     reset_accelerate_state()
 
 
@@ -99,7 +99,7 @@ def test_device_policy_skips_what_the_host_policy_skips(monkeypatch):
             "train.fused_adamw=true", "train.max_bad_steps=5", "train.skip_threshold=5e3"
         )
         models.policy.on_device = on_device
-        models.policy.load(TrainState(), accelerator.device)
+        models.policy.load_state_dict({})  # counters where this path keeps them
         state = TrainState()
         sums = MetricSums.lazy(accelerator.device)
         original = type(models.plain).decode
@@ -112,8 +112,9 @@ def test_device_policy_skips_what_the_host_policy_skips(monkeypatch):
             )
             loop_steps(cfg, accelerator, models, state, [batch], sums)
         monkeypatch.setattr(type(models.plain), "decode", original)
-        models.policy.settle(state)
-        counters = (state.bad_steps, state.skipped_updates, state.forced_updates, state.opt_step)
+        models.policy.settle()
+        counts = models.policy.counts
+        counters = (counts.bad_steps, counts.skipped_updates, counts.forced_updates, state.opt_step)
         weights = {k: v.clone() for k, v in models.plain.state_dict().items()}
         ema = {k: v.clone() for k, v in models.ema.module.state_dict().items()}
         results[on_device] = counters, weights, ema
@@ -137,11 +138,13 @@ def test_divergence_on_the_device_path_is_caught_at_the_next_settle(monkeypatch)
     loop_steps(cfg, accelerator, models, state, batches(4), sums)
     monkeypatch.setattr(type(models.plain), "decode", original)
     loop_steps(cfg, accelerator, models, state, batches(1), sums)  # a good step ends the run
-    assert state.consecutive_bad == 0  # not settled yet
-    models.policy.settle(state)
-    assert state.bad_steps == 4 and state.consecutive_bad == 0
+    counts = models.policy.counts
+    assert counts.bad_steps == counts.consecutive_bad == 0  # not settled yet
+    models.policy.settle()
+    counts = models.policy.counts
+    assert counts.bad_steps == 4 and counts.consecutive_bad == 0
     with pytest.raises(TrainingDiverged, match="4 optimizer steps in a row"):
-        models.policy.check_divergence(state, None)  # the run of 4 was seen on the device
+        models.policy.check_divergence(None)  # the run of 4 was seen on the device
     assert all(torch.isfinite(p).all() for p in models.plain.parameters())  # never applied
     reset_accelerate_state()
 

@@ -1,6 +1,10 @@
 """A run folder's checkpoints as files: `checkpoints/step_XXXXXXXX/` folders, each complete
-only with a manifest (file sizes and sha256) whose files match. Training writes them
-(training/checkpoint.py); analysis, export and resume read them through this module."""
+only with a manifest (file sizes and sha256) whose files match. Beside Accelerate's own files,
+each component of the run keeps its state under its name: its tensors in `<name>.safetensors`
+(`ema.safetensors`: the averaged model's weights, loadable like `model.safetensors`), every
+other value in `<name>.json` (`train_state.json`, `update_policy.json`, `train_data.json`,
+`ema.json`). Training writes them (training/checkpoint.py); analysis, export and resume read
+them through this module."""
 
 from __future__ import annotations
 
@@ -8,6 +12,9 @@ import json
 import warnings
 from pathlib import Path
 from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
 
 from vae_scale.utils.fsutil import sha256_file
 
@@ -58,3 +65,31 @@ def latest_checkpoint(ckpt_root: Path, verify_hashes: bool = False) -> Path | No
 
 def read_train_state(path: Path) -> dict[str, Any]:
     return json.loads((path / TRAIN_STATE).read_text())
+
+
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step a complete checkpoint was written at (its manifest's)."""
+    return int(json.loads((path / MANIFEST).read_text())["step"])
+
+
+def write_state(folder: Path, name: str, values: dict[str, Any]) -> None:
+    """A component's state dict as `<name>.safetensors` (its tensors, if any) and
+    `<name>.json` (everything else, if anything)."""
+    tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+    rest = {k: v for k, v in values.items() if not isinstance(v, torch.Tensor)}
+    if tensors:
+        on_cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        save_file(on_cpu, folder / f"{name}.safetensors")
+    if rest or not tensors:
+        (folder / f"{name}.json").write_text(json.dumps(rest, indent=1))
+
+
+def read_state(folder: Path, name: str) -> dict[str, Any] | None:
+    """What `write_state` wrote for `name` (None: the checkpoint holds nothing of it)."""
+    tensors, rest = folder / f"{name}.safetensors", folder / f"{name}.json"
+    if not tensors.is_file() and not rest.is_file():
+        return None
+    values: dict[str, Any] = dict(load_file(tensors)) if tensors.is_file() else {}
+    if rest.is_file():
+        values.update(json.loads(rest.read_text()))
+    return values

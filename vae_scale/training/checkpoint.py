@@ -1,51 +1,53 @@
 """Checkpoints that are either complete or invisible.
 
-`accelerator.save_state` writes into a temporary folder; the main process adds a manifest
-(file sizes and sha256) and the training counters, fsyncs, then renames the folder to
+`accelerator.save_state` writes into a temporary folder; the main process adds every
+component's state and a manifest (file sizes and sha256), fsyncs, then renames the folder to
 `checkpoints/step_XXXXXXXX`. Only folders with a valid manifest count, so a crash or a full disk
 mid-write leaves the previous checkpoint as the latest.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import torch
 from accelerate import Accelerator
-from safetensors.torch import save_file
-from torch.optim.swa_utils import AveragedModel
 
 from vae_scale.errors import ConfigError
 from vae_scale.run_files.checkpoints import (  # noqa: F401  (the format, re-exported)
+    EMA_FILE,
     MANIFEST,
     PREFIX,
     TRAIN_STATE,
+    checkpoint_step,
     complete_checkpoints,
     is_complete,
     latest_checkpoint,
+    read_state,
     read_train_state,
+    write_state,
 )
 from vae_scale.run_files.logs import sample_keys_file, truncate_logs
-from vae_scale.training.ema import EMA_FILE, ema_tensors, load_ema, update_ema
-from vae_scale.training.state import TrainState
+from vae_scale.training.optim import UpdateCounts
 from vae_scale.utils.fsutil import fsync, sha256_file
+
+UPDATE_COUNTS = [f.name for f in dataclasses.fields(UpdateCounts)]
 
 
 def save_checkpoint(
     accelerator: Accelerator,
     ckpt_root: Path,
     step: int,
-    train_state: dict[str, Any],
+    states: dict[str, dict[str, Any]],
     keep: int,
-    extra_files: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Collective: every process must call it (each saves its own RNG state). `extra_files`:
-    file name -> tensors that the main process adds as safetensors (e.g. EMA weights)."""
+    """Collective: every process must call it (each saves its own RNG state). `states`:
+    component name -> its state dict, written by the main process (`write_state`)."""
     final = ckpt_root / f"{PREFIX}{step:08d}"
     tmp = ckpt_root / f".tmp-{PREFIX}{step:08d}"
     if accelerator.is_main_process:
@@ -55,11 +57,11 @@ def save_checkpoint(
     try:
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
-            for name, tensors in (extra_files or {}).items():
-                save_file(tensors, tmp / name)
+            for name, values in states.items():
+                write_state(tmp, name, values)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            _finish(tmp, final, ckpt_root, step, train_state, keep)
+            _finish(tmp, final, ckpt_root, step, keep)
     except Exception as err:  # the previous checkpoint stays the latest
         shutil.rmtree(tmp, ignore_errors=True)
         code = _disk_full_errno(err, ckpt_root)
@@ -90,11 +92,8 @@ def _disk_full_errno(err: BaseException, folder: Path) -> int | None:
     return errno.ENOSPC if full or "no space" in text or "quota" in text else None
 
 
-def _finish(
-    tmp: Path, final: Path, ckpt_root: Path, step: int, train_state: dict[str, Any], keep: int
-) -> None:
-    """Main process: counters, manifest, fsync, then the atomic rename and pruning."""
-    (tmp / TRAIN_STATE).write_text(json.dumps(train_state, indent=1))
+def _finish(tmp: Path, final: Path, ckpt_root: Path, step: int, keep: int) -> None:
+    """Main process: manifest, fsync, then the atomic rename and pruning."""
     files = {}
     for path in sorted(tmp.iterdir()):
         if path.is_file():
@@ -111,14 +110,20 @@ def _finish(
         shutil.rmtree(old, ignore_errors=True)
 
 
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, values: dict[str, Any]) -> None: ...
+
+
 class Checkpointer:
-    """A run folder's checkpoints: which one to resume from, restoring it (weights, optimizer,
-    RNG, EMA, counters; log rows past it dropped), and saving new ones (collective)."""
+    """A run folder's checkpoints: which one to resume from, restoring it, and saving new
+    ones (collective). A checkpoint holds Accelerate's states (weights, optimizer, scaler, RNG)
+    and the state dict of every object in `components` under its name (`write_state`)."""
 
     def __init__(self, accelerator: Accelerator, run_dir: Path, keep: int):
         self.accelerator, self.run_dir, self.keep = accelerator, run_dir, keep
         self.root = run_dir / "checkpoints"
-        self.ema: AveragedModel | None = None  # set once the models exist
+        self.components: dict[str, Stateful] = {}  # handed over once they exist
         self.latest: Path | None = None  # the newest complete checkpoint of this run
 
     def find(self, resume: str) -> Path | None:
@@ -166,33 +171,47 @@ class Checkpointer:
             )
         return str(path)
 
-    def restore(self, path: Path, core: torch.nn.Module) -> TrainState:
-        """Load `path` into the prepared objects; `core` is the unwrapped model (the EMA
-        starts from it when EMA was newly switched on)."""
+    def restore(self, path: Path) -> list[str]:
+        """Load `path` into the prepared objects and every component; drop the log rows past
+        it. Returns the components it holds nothing of (switched on since)."""
         self.accelerator.load_state(str(path))
-        state = TrainState.from_dict(read_train_state(path))
-        ema = self.ema
-        if ema is not None and not load_ema(ema, path, state.ema_updates):
-            ema.n_averaged.zero_()  # EMA newly switched on: start from the loaded weights
-            update_ema(ema, core, 0, 0.0)
-            state.ema_updates = 1
+        older = _older_states(path)
+        missing = []
+        for name, component in self.components.items():
+            values = read_state(path, name)
+            if name in older:
+                values = {**older[name], **(values or {})}
+            if values is None:
+                missing.append(name)
+            else:
+                component.load_state_dict(values)
+        step = checkpoint_step(path)
         if self.accelerator.is_main_process:
-            truncate_logs(self.run_dir, state.opt_step)
-        truncate_logs(
-            self.run_dir, state.opt_step, (sample_keys_file(self.accelerator.process_index),)
-        )
-        self.accelerator.print(
-            f"resumed from {path} (epoch {state.epoch}, batch {state.batch_in_epoch}, step "
-            f"{state.opt_step})"
-        )
-        return state
+            truncate_logs(self.run_dir, step)
+        truncate_logs(self.run_dir, step, (sample_keys_file(self.accelerator.process_index),))
+        return missing
 
-    def save(self, state: TrainState) -> Path:
-        """Collective: a checkpoint of the current weights and `state`."""
-        extra = None
-        if self.ema is not None:  # state.ema_updates counts the updates on the host
-            extra = {EMA_FILE: ema_tensors(self.ema)} if self.accelerator.is_main_process else None
+    def save(self, step: int) -> Path:
+        """Collective: a checkpoint of the current weights and components at optimizer step
+        `step` (every rank asks every component for its state, in the same order)."""
+        states = {name: c.state_dict() for name, c in self.components.items()}
+        main = self.accelerator.is_main_process
         self.latest = save_checkpoint(
-            self.accelerator, self.root, state.opt_step, state.to_dict(), self.keep, extra
+            self.accelerator, self.root, step, states if main else {}, self.keep
         )
         return self.latest
+
+
+def _older_states(path: Path) -> dict[str, dict[str, Any]]:
+    """Checkpoints written before the components saved their own files kept their values in
+    train_state.json (with the policy's counts): the values each component takes from there."""
+    record = read_train_state(path)
+    if "bad_steps" not in record:
+        return {}
+    older = {
+        "update_policy": {k: record[k] for k in UPDATE_COUNTS if k in record},
+        "train_data": {"plan": record.get("data_plan")},
+    }
+    if (path / EMA_FILE).is_file():  # the count meant something only beside the weights
+        older["ema"] = {"updates": record["ema_updates"]}
+    return older

@@ -115,13 +115,22 @@ def start_run(
         set_seed(cfg.run.seed)  # identical initial weights on every rank
         splits = setup.open_splits(cfg, accelerator)
         models = setup.build_models(cfg, accelerator, splits["train"].image_shape)
-        checkpointer.ema = models.ema
         steps = setup.steps_per_epoch(cfg, splits["train"], accelerator.num_processes)
         total_steps = steps * cfg.train.epochs // cfg.train.grad_accum_steps
         state = TrainState()
+        # what a checkpoint holds beside Accelerate's states, each saving its own
+        checkpointer.components = {
+            "train_state": state, "update_policy": models.policy, "train_data": splits["train"],
+            **({"ema": models.ema} if models.ema is not None else {}),
+        }  # fmt: skip
         if resume_from is not None:
-            state = checkpointer.restore(resume_from, models.core)
-            models.policy.load(state, accelerator.device)
+            missing = checkpointer.restore(resume_from)
+            if "ema" in missing:  # EMA switched on since: it starts from the loaded weights
+                models.ema.start_from(models.plain)
+            accelerator.print(
+                f"resumed from {resume_from} (epoch {state.epoch}, batch "
+                f"{state.batch_in_epoch}, step {state.opt_step})"
+            )
         run_config = setup.record_run(cfg, accelerator, models, splits["train"], steps, command)
         setup.start_tracking(cfg, accelerator, run_config, wandb_mode)
     except BaseException:
@@ -148,9 +157,9 @@ def train_epochs(run: Run) -> Path:
     for epoch in range(state.epoch, cfg.train.epochs + 1):
         sums, seconds = train_one_epoch(run, epoch)
         end_of_epoch(run, epoch, sums, seconds, picture_inputs)
-        state.epoch, state.batch_in_epoch = epoch + 1, 0
-        state.epoch_sums, state.data_plan = {}, None
-        run.checkpointer.save(state)
+        state.epoch, state.batch_in_epoch, state.epoch_sums = epoch + 1, 0, {}
+        run.splits["train"].position = None
+        run.checkpointer.save(state.opt_step)
         if epoch < cfg.train.epochs and stop_requested(run):
             raise TrainingInterrupted(
                 f"stop signal received: checkpointed at the end of epoch {epoch}; run the "
@@ -166,7 +175,7 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, torch.Tensor], floa
     cfg, accelerator, state, models = run.cfg, run.accelerator, run.state, run.models
     main, device = accelerator.is_main_process, accelerator.device
     train_data = run.splits["train"]
-    record = state.data_plan if state.batch_in_epoch > 0 else None
+    record = train_data.position  # set by a mid-epoch checkpoint this run resumed from
     plan, start = train_data.plan(epoch, cfg.train.grad_accum_steps, record)
     rank = accelerator.process_index
     if record is not None and start == 0:  # checkpointed on another topology: re-planned
@@ -195,9 +204,9 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, torch.Tensor], floa
     with closing(progress):
         train_batches_of_epoch(run, epoch, on_device, start, sums, plan, progress)
     seconds = time.perf_counter() - t0
-    models.policy.settle(state)
+    models.policy.settle()
     settle_transfers(run)
-    models.policy.check_divergence(state, run.checkpointer.latest)
+    models.policy.check_divergence(run.checkpointer.latest)
     return sums.reduce(accelerator), seconds
 
 
@@ -233,10 +242,10 @@ def train_batches_of_epoch(
         if not out.synced:
             continue
         if state.opt_step % cfg.train.log_every_steps == 0:
-            models.policy.settle(state)  # the device's counters, read at log steps only
+            models.policy.settle()  # the device's counters, read at log steps only
             log_step(run, epoch, out, progress)
-        if state.consecutive_bad or models.policy.peak_bad:
-            models.policy.check_divergence(state, run.checkpointer.latest)
+        if models.policy.counts.consecutive_bad or models.policy.peak_bad:
+            models.policy.check_divergence(run.checkpointer.latest)
         if i + 1 < plan.steps:
             mid_epoch_checkpoint(run, epoch, i + 1, sums, plan)
 
@@ -257,7 +266,7 @@ def log_step(run: Run, epoch: int, out: StepOutput, progress: Progress) -> None:
         "train/kl_weight": out.beta,
         "train/lr": run.models.optimizer.param_groups[0]["lr"],
         "train/grad_norm": float(out.grad_norm),
-        "train/skipped_updates": state.skipped_updates,
+        "train/skipped_updates": run.models.policy.counts.skipped_updates,
         **transfer_metrics(state),
     }
     if run.accelerator.is_main_process:
@@ -273,12 +282,13 @@ def mid_epoch_checkpoint(
     stopping = stop_requested(run, every=run.cfg.train.log_every_steps)
     if not (stopping or (every and state.opt_step % every == 0)):
         return
-    run.models.policy.settle(state)
+    run.models.policy.settle()
     settle_transfers(run)
     state.epoch, state.batch_in_epoch = epoch, batch
-    state.data_plan = run.splits["train"].record(plan, batch)
+    train_data = run.splits["train"]
+    train_data.position = train_data.record(plan, batch)
     state.epoch_sums = sums.state_dict(run.accelerator)
-    run.checkpointer.save(state)
+    run.checkpointer.save(state.opt_step)
     if stopping:
         raise TrainingInterrupted(
             f"stop signal received: checkpointed at step {state.opt_step} (epoch {epoch}, "
@@ -325,6 +335,7 @@ def end_of_epoch(
     """The epoch's metrics row (train sums, val/test evaluation), logged everywhere, and the
     pictures at picture epochs."""
     cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    counts = run.models.policy.counts
     n = totals["count"].item()
     metrics: dict[str, Any] = {
         "epoch": epoch,
@@ -332,9 +343,9 @@ def end_of_epoch(
         **{f"train/{k}": v.item() / n for k, v in totals.items() if k != "count"},
         "train/num_samples": n,
         "train/samples_seen": state.samples_seen,
-        "train/bad_steps": state.bad_steps,
-        "train/skipped_updates": state.skipped_updates,
-        "train/forced_updates": state.forced_updates,
+        "train/bad_steps": counts.bad_steps,
+        "train/skipped_updates": counts.skipped_updates,
+        "train/forced_updates": counts.forced_updates,
         "train/skipped_samples": state.skipped_samples,
         **transfer_metrics(state),
         "time/epoch_s": seconds,

@@ -6,12 +6,15 @@ Two ways to apply the policy, with the same rules and counters:
   unfused optimizer need);
 - on the device (a fused AdamW, no fp16 scaler: the GPU default): the decision is a tensor
   that the fused kernel reads, the counters stay on the device, and nothing waits for the GPU
-  until `settle` copies them into the TrainState (log steps, checkpoints, epoch ends).
+  until `settle` copies them to the host (log steps, checkpoints, epoch ends).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -21,14 +24,17 @@ from vae_scale.config import TrainConfig
 from vae_scale.training.state import TrainState
 from vae_scale.utils.compat import skip_step_if
 
-#: The TrainState counters the policy keeps, in this order on the device.
-COUNTERS = (
-    "bad_steps",
-    "consecutive_bad",
-    "skipped_updates",
-    "consecutive_skips",
-    "forced_updates",
-)
+
+@dataclass
+class UpdateCounts:
+    """What the policy has done so far (its checkpointed state; on the device path in this
+    order on the device, then the peak run of bad steps since the last `settle`)."""
+
+    bad_steps: int = 0  # steps skipped for non-finite loss or gradients
+    consecutive_bad: int = 0
+    skipped_updates: int = 0  # gradient-norm spikes skipped (train.skip_threshold)
+    consecutive_skips: int = 0
+    forced_updates: int = 0  # applied after max_consecutive_skips skips in a row
 
 
 class TrainingDiverged(RuntimeError):
@@ -74,25 +80,30 @@ class UpdatePolicy:
     Under fp16 the grad scaler owns overflow handling; we only count its skips.
     """
 
-    def __init__(self, cfg: TrainConfig, on_device: bool):
-        self.cfg, self.on_device = cfg, on_device
-        self.counters: Tensor | None = None  # on the device: COUNTERS, then the peak run of bad
+    def __init__(self, cfg: TrainConfig, on_device: bool, device: torch.device):
+        self.cfg, self.on_device, self.device = cfg, on_device, device
         self.peak_bad = 0
+        self.load_state_dict({})
 
-    def load(self, state: TrainState, device: torch.device) -> None:
-        """Start from `state`'s counters (a fresh run or a restored checkpoint)."""
-        self.counters = None
+    def state_dict(self) -> dict[str, Any]:
+        """The counts, the device's settled first."""
+        self.settle()
+        return dataclasses.asdict(self.counts)
+
+    def load_state_dict(self, values: dict[str, Any]) -> None:
+        names = {f.name for f in dataclasses.fields(UpdateCounts)}
+        self.counts = UpdateCounts(**{k: int(v) for k, v in values.items() if k in names})
+        self.counters: Tensor | None = None  # on the device: UpdateCounts, then the peak run
         if self.on_device:
-            values = [getattr(state, name) for name in COUNTERS] + [state.consecutive_bad]
-            self.counters = torch.tensor(values, dtype=torch.int64, device=device)
+            values = [*dataclasses.astuple(self.counts), self.counts.consecutive_bad]
+            self.counters = torch.tensor(values, dtype=torch.int64, device=self.device)
 
-    def settle(self, state: TrainState) -> None:
-        """Copy the device's counters into `state` (one host synchronisation)."""
+    def settle(self) -> None:
+        """Copy the device's counters into `counts` (one host synchronisation)."""
         if not self.on_device:
             return
         *values, peak = self.counters.tolist()
-        for name, value in zip(COUNTERS, values, strict=True):
-            setattr(state, name, value)
+        self.counts = UpdateCounts(*values)
         self.peak_bad = max(self.peak_bad, peak)
         self.counters[-1] = self.counters[1]  # the peak restarts from the current run
 
@@ -115,7 +126,7 @@ class UpdatePolicy:
         if self.on_device:
             applied = self._on_device(optimizer, grad_norm)
         else:
-            applied = self._on_host(accelerator, optimizer, state, float(grad_norm))
+            applied = self._on_host(accelerator, optimizer, state.opt_step, float(grad_norm))
         optimizer.zero_grad(set_to_none=True)
         state.opt_step += 1
         return applied, grad_norm
@@ -124,21 +135,21 @@ class UpdatePolicy:
         self,
         accelerator: Accelerator,
         optimizer: torch.optim.Optimizer,
-        state: TrainState,
+        step: int,
         norm: float,
     ) -> bool:
-        cfg = self.cfg
+        cfg, counts = self.cfg, self.counts
         if cfg.skip_threshold > 0 and math.isfinite(norm) and norm > cfg.skip_threshold:
-            if state.consecutive_skips < cfg.max_consecutive_skips:
-                state.skipped_updates += 1
-                state.consecutive_skips += 1
+            if counts.consecutive_skips < cfg.max_consecutive_skips:
+                counts.skipped_updates += 1
+                counts.consecutive_skips += 1
                 if accelerator.scaler is not None:
                     accelerator.scaler.update()  # end this step's unscale_, as a step would
                 return False
-            state.forced_updates += 1
+            counts.forced_updates += 1
             accelerator.print(
-                f"warning: step {state.opt_step}: gradient norm {norm:.4g} > "
-                f"train.skip_threshold={cfg.skip_threshold:g} after {state.consecutive_skips} "
+                f"warning: step {step}: gradient norm {norm:.4g} > "
+                f"train.skip_threshold={cfg.skip_threshold:g} after {counts.consecutive_skips} "
                 f"skipped updates in a row; applying it clipped (raise the threshold if this "
                 f"repeats)"
             )
@@ -148,11 +159,11 @@ class UpdatePolicy:
             optimizer.step()
             skipped = bool(optimizer.step_was_skipped)
         if skipped:
-            state.bad_steps += 1
-            state.consecutive_bad += 1
+            counts.bad_steps += 1
+            counts.consecutive_bad += 1
         else:
-            state.consecutive_bad = 0
-            state.consecutive_skips = 0
+            counts.consecutive_bad = 0
+            counts.consecutive_skips = 0
         return not skipped
 
     def _on_device(self, optimizer: torch.optim.Optimizer, grad_norm: Tensor) -> Tensor:
@@ -179,10 +190,10 @@ class UpdatePolicy:
         )
         return ~(bad | skip)
 
-    def check_divergence(self, state: TrainState, last_good: str | None) -> None:
+    def check_divergence(self, last_good: str | None) -> None:
         """Stop after train.max_bad_steps non-finite steps in a row, naming what is kept (on
         the device path: as of the last `settle`)."""
-        run = max(state.consecutive_bad, self.peak_bad)
+        run = max(self.counts.consecutive_bad, self.peak_bad)
         if run < self.cfg.max_bad_steps:
             return
         kept = (

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import TorchDynamoPlugin
-from torch.optim.swa_utils import AveragedModel
 
 from vae_scale.config import Config
 from vae_scale.data.streaming.loader import ShardSplit, has_split, split_from_config
@@ -21,10 +20,9 @@ from vae_scale.losses import build_likelihood, likelihood_convention
 from vae_scale.models import VAE, build_model
 from vae_scale.models.base import check_single_latent
 from vae_scale.training import tracking
-from vae_scale.training.ema import make_ema
+from vae_scale.training.ema import EMA
 from vae_scale.training.optim import UpdatePolicy, build_optimizer, use_fused
 from vae_scale.training.signals import ignore_stop_signals
-from vae_scale.training.state import TrainState
 from vae_scale.utils.compat import cpu_has_fast_bf16, uncompiled
 
 
@@ -93,7 +91,7 @@ class Models:
     plain: VAE  # the bare VAE inside (its parameters are the trained ones)
     optimizer: torch.optim.Optimizer
     policy: UpdatePolicy  # what an update does with skips and non-finite gradients
-    ema: AveragedModel | None
+    ema: EMA | None
     core: torch.nn.Module  # unwrapped from DDP, possibly still compiled
 
     @property
@@ -114,7 +112,8 @@ def build_models(cfg: Config, accelerator: Accelerator, image_shape: tuple[int, 
     fused = use_fused(cfg.train, accelerator.device)
     optimizer = build_optimizer(model, cfg.train, fused)
     # fused AdamW reads a skip decision on the device; fp16's GradScaler decides itself
-    policy = UpdatePolicy(cfg.train, on_device=fused and cfg.train.mixed_precision != "fp16")
+    on_device = fused and cfg.train.mixed_precision != "fp16"
+    policy = UpdatePolicy(cfg.train, on_device, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)  # the loader is never prepared
     core = accelerator.unwrap_model(model)
     plain = uncompiled(core)
@@ -124,8 +123,7 @@ def build_models(cfg: Config, accelerator: Accelerator, image_shape: tuple[int, 
         shadow = fresh()
         shadow.load_state_dict(plain.state_dict())
         fmt = torch.channels_last if cfg.train.channels_last else torch.preserve_format
-        ema = make_ema(shadow.to(accelerator.device, memory_format=fmt))
-    policy.load(TrainState(), accelerator.device)
+        ema = EMA(shadow.to(accelerator.device, memory_format=fmt), cfg.train.ema_decay)
     return Models(model, plain, optimizer, policy, ema, core)
 
 

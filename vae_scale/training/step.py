@@ -15,7 +15,7 @@ from vae_scale.config import Config
 from vae_scale.losses import kl_weight, neg_elbo
 from vae_scale.models import VAE
 from vae_scale.training.augment import encoder_augmentation_terms
-from vae_scale.training.ema import update_ema
+from vae_scale.training.ema import EMA
 from vae_scale.training.optim import UpdatePolicy
 from vae_scale.training.state import TrainState
 
@@ -90,7 +90,7 @@ def train_step(
     cfg: Config,
     state: TrainState,
     total_steps: int,
-    ema: torch.optim.swa_utils.AveragedModel | None = None,
+    ema: EMA | None = None,
 ) -> StepOutput:
     """Forward and backward of one batch `x` (float pixels on the device); at the end of an
     accumulation cycle, the update (`policy`) and the EMA of the weights. Nothing here reads
@@ -107,12 +107,7 @@ def train_step(
         if synced:
             applied, grad_norm = policy.step(accelerator, model, optimizer, state, total_steps)
             if ema is not None:  # counts every step; a skipped one leaves the average as is
-                mask = applied if isinstance(applied, torch.Tensor) else None
-                if applied is not False:
-                    update_ema(ema, plain, state.ema_updates, cfg.train.ema_decay, mask)
-                else:
-                    ema.n_averaged += 1
-                state.ema_updates += 1
+                ema.update(plain, applied)
     return StepOutput(objective.terms, beta, synced, grad_norm, applied)
 
 

@@ -97,7 +97,16 @@ class ShardSplit:
         else:
             self.num_samples = self.samples_per_epoch or 0
         self.topology = Topology(self.world_size, max(1, self.num_workers), self.batch_size)
+        # Training: the plan record of the epoch being trained as of the last mid-epoch
+        # checkpoint (None between epochs); a resumed run continues from it.
+        self.position: dict[str, Any] | None = None
         _check_distributed_view(self.rank, self.world_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"plan": self.position}
+
+    def load_state_dict(self, values: dict[str, Any]) -> None:
+        self.position = values.get("plan")
 
     def _open_index(self) -> dict[str, Any] | None:
         if self.index_url:
