@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vae_scale.config import DataConfig
 from vae_scale.data.sourcing.base import SourceData
 from vae_scale.data.sourcing.shards import write_dataset
 from vae_scale.data.streaming.loader import ShardSplit
@@ -84,7 +85,9 @@ def throughput_rows(folder: Path, workers: list[int], repeats: int) -> list[str]
             times: dict[str, list[float]] = {k: [] for k in sources}
             for _ in range(repeats):
                 for name, location in sources.items():
-                    split = ShardSplit(location, "train", 128, num_workers=w, shuffle=True)
+                    split = ShardSplit(
+                        location, "train", DataConfig(batch_size=128, num_workers=w), shuffle=True
+                    )
                     start = time.perf_counter()
                     n = sum(len(b["key"]) for b in split.train_batches(1))
                     times[name].append(time.perf_counter() - start)
@@ -107,7 +110,12 @@ def resume_rows(folder: Path, workers: list[int], repeats: int) -> list[str]:
         "|---|---|---|---|",
     ]
     for w in workers:
-        split = ShardSplit(folder, "train", 128, num_workers=w, shuffle=True, shuffle_buffer=2000)
+        split = ShardSplit(
+            folder,
+            "train",
+            DataConfig(batch_size=128, num_workers=w, shuffle_buffer=2000),
+            shuffle=True,
+        )
         times: dict[float, list[float]] = {0.1: [], 0.9: []}
         for _ in range(repeats):
             for fraction in times:

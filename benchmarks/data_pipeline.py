@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
+from vae_scale.config import DataConfig
 from vae_scale.data.sourcing.fetch import resolve_data_root
 from vae_scale.data.sourcing.folder_sharder import (
     Preprocess,
@@ -128,7 +129,9 @@ def main() -> None:
         )
         reads = []
         for workers in args.loader_workers:
-            split = ShardSplit(shard_dir, "train", batch_size=args.batch_size, num_workers=workers)
+            split = ShardSplit(
+                shard_dir, "train", DataConfig(batch_size=args.batch_size, num_workers=workers)
+            )
             shard_wall, shard_cpu, shard_n = timed_passes(
                 lambda s=split: (b["image"] for b in s.eval_batches()), args.repeats
             )

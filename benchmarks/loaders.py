@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision import datasets, transforms
 
 from benchmarks.data_pipeline import CropResize
+from vae_scale.config import DataConfig
 from vae_scale.data.streaming.loader import ShardSplit
 
 Batches = Callable[[], Iterable[torch.Tensor]]  # one pass -> image batches
@@ -46,7 +47,7 @@ def loader_kwargs(workers: int) -> dict:
 def first_shards(shard_dir: Path, n: int, min_shards: int) -> ShardSplit:
     """The train split cut to its first shards holding >= n samples (>= min_shards shards,
     so every loader worker gets one)."""
-    split = ShardSplit(shard_dir, "train", batch_size=1)
+    split = ShardSplit(shard_dir, "train", DataConfig(batch_size=1))
     total, keep = 0, []
     for shard in split.shards:
         if total >= n and len(keep) >= min_shards:
@@ -62,9 +63,7 @@ def ours_reader(split: ShardSplit, batch_size: int) -> Callable[[int, bool], Bat
         reader = ShardSplit(
             split.shard_dir,
             "train",
-            batch_size=batch_size,
-            num_workers=workers,
-            cache_in_memory=cache,  # filled by the warm-up pass, as by a run's first epoch
+            DataConfig(batch_size=batch_size, num_workers=workers, cache_in_memory=cache),
         )
         reader.shards, reader.num_samples = split.shards, split.num_samples
         return lambda: (b["image"] for b in reader.eval_batches())

@@ -31,7 +31,7 @@ import torch
 from benchmarks.report import TrainRow
 from vae_scale.config import Config, load_config
 from vae_scale.data.streaming.inputs import prepare_batch
-from vae_scale.data.streaming.loader import split_from_config
+from vae_scale.data.streaming.loader import ShardSplit
 from vae_scale.losses import build_likelihood, neg_elbo
 from vae_scale.models import build_model
 from vae_scale.training.setup import build_models, make_accelerator
@@ -56,14 +56,7 @@ def sync(device: torch.device) -> None:
 
 def training_stream(cfg: Config, shard_dir: Path) -> Iterator[dict]:
     """Training batches for ever (epoch after epoch), as train.py reads them."""
-    split = split_from_config(
-        cfg.data,
-        str(shard_dir),
-        "train",
-        seed=cfg.run.seed,
-        shuffle=True,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-    )
+    split = ShardSplit(str(shard_dir), "train", cfg.data, seed=cfg.run.seed, shuffle=True)
     split.check_enough_shards()
     if cfg.data.cache_in_memory:
         split.fill_cache()  # time the steady state (epoch >= 2)

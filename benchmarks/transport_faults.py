@@ -21,14 +21,14 @@ sys.path.insert(0, str(REPO / "tests"))
 from test_loader import make_shards  # noqa: E402
 
 from helpers.http_shards import ShardServer  # noqa: E402
+from vae_scale.config import DataConfig  # noqa: E402
 from vae_scale.data.streaming.loader import ShardSplit  # noqa: E402
-from vae_scale.data.streaming.remote import FetchPolicy  # noqa: E402
 
 FAULTS = ["ok", "truncate", "reset", "stall", "throttle", "refuse", "corrupt"]
 
 
-def epoch(location: str, policy: FetchPolicy) -> tuple[list[str], dict[str, int], float]:
-    split = ShardSplit(location, "train", batch_size=50, shuffle=True, seed=1, policy=policy)
+def epoch(location: str, data: DataConfig) -> tuple[list[str], dict[str, int], float]:
+    split = ShardSplit(location, "train", data, shuffle=True, seed=1)
     t0 = time.perf_counter()
     keys, redone = [], {"retries": 0, "refetched_bytes": 0}
     for batch in split.train_batches(1):
@@ -39,7 +39,7 @@ def epoch(location: str, policy: FetchPolicy) -> tuple[list[str], dict[str, int]
 
 
 def fault_rows(shards: Path) -> list[str]:
-    policy = FetchPolicy(retries=3, retry_delay_s=0.05, timeout_s=0.5)
+    policy = DataConfig(batch_size=50, retries=3, retry_delay_s=0.05, read_timeout_s=0.5)
     expected, _, _ = epoch(str(shards / "frey"), policy)
     rows = ["| fault (every train shard's first request) | same samples | retries | refetched "
             "bytes | Range requests | epoch reads (s) |", "|---|---|---|---|---|---|"]  # fmt: skip
@@ -67,7 +67,10 @@ def memory_rows() -> list[str]:
         try:
             for name, bound in (("in memory (default bound 512 MB)", 512 * 2**20),
                                 ("spilled to a file (bound 1 MB)", 2**20)):  # fmt: skip
-                policy = FetchPolicy(3, 0.01, 2.0, max_in_memory_bytes=bound)
+                policy = DataConfig(
+                    batch_size=50, retries=3, retry_delay_s=0.01, read_timeout_s=2.0,
+                    max_shard_mb_in_memory=bound / 2**20,
+                )  # fmt: skip
                 tracemalloc.start()
                 _, _, seconds = epoch(f"{url}/big", policy)
                 peak = tracemalloc.get_traced_memory()[1]

@@ -16,6 +16,7 @@ from PIL import Image
 
 from conftest import REPO, real_data_root
 from vae_scale.cli import main as cli_main
+from vae_scale.config import DataConfig
 from vae_scale.data.sourcing import celeba, folder, folder_sharder, shards
 from vae_scale.data.sourcing.folder_sharder import (
     Preprocess,
@@ -147,7 +148,9 @@ def test_counts_bad_file_reported_and_attributes_round_trip(celeba_source, refer
     assert index["params"]["attributes"] == names
     seen = []
     for split in ("train", "val", "test"):
-        for batch in ShardSplit(reference, split, batch_size=8, verify=True).eval_batches():
+        for batch in ShardSplit(
+            reference, split, DataConfig(batch_size=8, verify_shards=True)
+        ).eval_batches():
             assert batch["image"].shape[1:] == (3, 64, 64)
             for key, meta in zip(batch["key"], batch["json"]):
                 assert meta["path"] == f"{key}.jpg"
@@ -370,4 +373,4 @@ def test_chunk_of_only_bad_files_leaves_no_empty_shard(tmp_path):
         "num_skipped": 2,
     }
     assert sorted(f["path"] for f in index["skipped"]["files"]) == ["bad0.jpg", "bad1.jpg"]
-    assert ShardSplit(out, "train", batch_size=2).num_samples == 2
+    assert ShardSplit(out, "train", DataConfig(batch_size=2)).num_samples == 2

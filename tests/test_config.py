@@ -89,6 +89,15 @@ def test_missing_model_name_and_cross_section_check():
         )
 
 
+def test_unquoted_off_is_the_progress_choice(tmp_path):
+    assert load_config(FREY, ["train.progress=off"]).train.progress == "off"
+    path = tmp_path / "quiet.yaml"
+    path.write_text("model: {name: mlp}\ntrain:\n  progress: off\n")
+    assert load_config(path).train.progress == "off"
+    with pytest.raises(ConfigError, match="train.progress"):
+        load_config(FREY, ["train.progress=on"])  # true is no choice: an error naming the key
+
+
 def test_unquoted_no_is_the_mixed_precision_choice():
     cfg = load_config(FREY, ["train.mixed_precision=no"])
     assert cfg.train.mixed_precision == "no"

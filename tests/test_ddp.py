@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from conftest import REPO
+from vae_scale.config import DataConfig
 from vae_scale.data.sourcing.base import SourceData
 from vae_scale.data.sourcing.shards import load_index, write_dataset
 from vae_scale.data.streaming.loader import ShardSplit
@@ -214,7 +215,7 @@ def test_two_processes_equal_one_process_with_accumulation(probe, ddp_shards):
 
     r0, r1 = (r["train_batches"] for r in probe["ranks"])
     assert len(r0) == len(r1) > 5
-    full = ShardSplit(ddp_shards / "frey", "train", batch_size=256)
+    full = ShardSplit(ddp_shards / "frey", "train", DataConfig(batch_size=256))
     images = {k: im for b in full.eval_batches() for k, im in zip(b["key"], b["image"])}
     micro_batches = [
         (torch.stack([images[k] for k in keys]), keys) for pair in zip(r0, r1) for keys in pair
@@ -346,7 +347,7 @@ def test_logged_validation_is_over_the_whole_split_once(cli_run, ddp_shards):
     model = load_run(run_dir).model  # the run's own config and latest checkpoint
     accelerator = Accelerator(cpu=True)
     try:
-        val = ShardSplit(ddp_shards / "frey", "val", batch_size=BATCH)
+        val = ShardSplit(ddp_shards / "frey", "val", DataConfig(batch_size=BATCH))
         one = evaluate_split(accelerator, model, val, EvalOptions(SEED))
     finally:
         accelerator.end_training()

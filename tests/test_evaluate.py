@@ -10,6 +10,7 @@ from torch import nn
 
 from conftest import tiny_frey_config
 from vae_scale.analysis.evaluate import SampleNoise, iwae_nll, refined_neg_elbo
+from vae_scale.config import DataConfig
 from vae_scale.losses import Likelihood
 from vae_scale.models.base import VAE
 from vae_scale.run_files.logs import read_rows
@@ -237,6 +238,7 @@ def test_active_units_count_dead_dimensions(frey_shards, tmp_path):
     from accelerate import Accelerator
 
     from vae_scale.analysis.evaluate import EvalOptions, full_evaluation
+    from vae_scale.config import DataConfig
     from vae_scale.data.streaming.loader import ShardSplit
     from vae_scale.losses import Bernoulli
 
@@ -257,7 +259,7 @@ def test_active_units_count_dead_dimensions(frey_shards, tmp_path):
         def decode(self, z):
             return self.out.expand(len(z), -1, -1, -1)
 
-    data = ShardSplit(frey_shards / "frey", "val", batch_size=32)
+    data = ShardSplit(frey_shards / "frey", "val", DataConfig(batch_size=32))
     result = full_evaluation(Accelerator(cpu=True), HalfDead(), data, EvalOptions())
     assert result["val/active_units"] == 2
     kl = result["val/kl_per_dim"]
@@ -308,7 +310,7 @@ def test_bpd_uses_all_dimensions(tmp_path):
     samples = [{"__key__": f"{i:04d}", "npy": im} for i, im in enumerate(images)]
     data = SourceData("rgb", shape, {"test": samples}, source={"test": "synthetic"})
     write_dataset(data, tmp_path / "rgb", shard_size=8)
-    split = ShardSplit(tmp_path / "rgb", "test", batch_size=7)
+    split = ShardSplit(tmp_path / "rgb", "test", DataConfig(batch_size=7))
     torch.manual_seed(0)
     model = build_model(MLPVAEConfig(hidden=[8]), shape, build_likelihood("logistic", shape))
     try:

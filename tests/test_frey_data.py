@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vae_scale.config import DataConfig
 from vae_scale.data.sourcing import frey
 from vae_scale.data.sourcing.shards import load_index, write_dataset
 from vae_scale.data.streaming.loader import ShardSplit
@@ -45,7 +46,7 @@ def test_round_trip_every_sample_once_bytes_equal(frey_source, frey_shards):
     keys = set()
     for split in ("train", "val", "test"):
         raw = read_all(shard_dir, split)
-        data = ShardSplit(shard_dir, split, batch_size=64, verify=True)
+        data = ShardSplit(shard_dir, split, DataConfig(batch_size=64, verify_shards=True))
         seen = []
         for batch in data.eval_batches():
             for key, image in zip(batch["key"], batch["image"]):
@@ -109,4 +110,6 @@ def test_failed_rebuild_keeps_previous_shards(frey_source, tmp_path):
     with pytest.raises(DataError, match="image shape"):
         write_dataset(data, tmp_path / "frey", shard_size=500, force=True)
     assert json.loads((tmp_path / "frey" / "index.json").read_text()) == before
-    ShardSplit(tmp_path / "frey", "train", batch_size=10, verify=True)  # still intact
+    ShardSplit(
+        tmp_path / "frey", "train", DataConfig(batch_size=10, verify_shards=True)
+    )  # still intact

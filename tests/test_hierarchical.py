@@ -275,6 +275,7 @@ def test_ema_is_checkpointed_and_is_what_eval_and_sampling_use(hvae_run):
     from vae_scale.analysis.evaluate import EvalOptions, full_evaluation
     from vae_scale.analysis.runs import load_run
     from vae_scale.cli import main
+    from vae_scale.config import DataConfig
     from vae_scale.data.streaming.loader import ShardSplit
 
     ckpt = checkpoint.latest_checkpoint(hvae_run / "checkpoints")
@@ -292,7 +293,7 @@ def test_ema_is_checkpointed_and_is_what_eval_and_sampling_use(hvae_run):
     assert elbo == pytest.approx(last["test/neg_elbo"], rel=1e-5)  # training evaluated the EMA
     assert result["test/kl_group3_8x8"] == pytest.approx(last["test/kl_group3_8x8"], rel=1e-4)
     run = load_run(hvae_run, weights="raw")
-    data = ShardSplit(Path(run.cfg.data.shards_dir) / "cifar10", "test", batch_size=25)
+    data = ShardSplit(Path(run.cfg.data.shards_dir) / "cifar10", "test", DataConfig(batch_size=25))
     accelerator = Accelerator(cpu=True)
     with_raw = full_evaluation(accelerator, run.model, data, EvalOptions())
     assert with_raw["test/neg_elbo"] != pytest.approx(elbo, rel=1e-4)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import webdataset as wds
 
+from vae_scale.config import DataConfig
 from vae_scale.data.sourcing.shards import encode_sample
 from vae_scale.data.streaming.loader import ShardSplit
 from vae_scale.errors import DataError
@@ -49,9 +50,8 @@ def test_epoch_order_changes_per_epoch_and_is_reproducible(tmp_path):
     split = ShardSplit(
         make_shards(tmp_path / "d", [10] * 8),
         "train",
-        batch_size=5,
+        DataConfig(batch_size=5, shuffle_buffer=20),
         shuffle=True,
-        shuffle_buffer=20,
         seed=3,
     )
     e1, e1_again, e2 = keys_of(split, 1), keys_of(split, 1), keys_of(split, 2)
@@ -67,7 +67,7 @@ def test_ranks_read_disjoint_shards_and_same_step_count(tmp_path, monkeypatch):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
         split = ShardSplit(
-            folder, "train", batch_size=4, shuffle=True, seed=0, world_size=2, rank=rank
+            folder, "train", DataConfig(batch_size=4), shuffle=True, seed=0, world_size=2, rank=rank
         )
         batches = list(split.train_batches(epoch=1))
         steps[rank] = len(batches)
@@ -83,7 +83,9 @@ def test_even_shards_every_sample_exactly_once_across_ranks(tmp_path, monkeypatc
     for rank in range(2):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        split = ShardSplit(folder, "train", batch_size=4, shuffle=True, world_size=2, rank=rank)
+        split = ShardSplit(
+            folder, "train", DataConfig(batch_size=4), shuffle=True, world_size=2, rank=rank
+        )
         keys += keys_of(split, 1)
     assert sorted(keys) == [f"s{i:05d}" for i in range(32)]
 
@@ -93,10 +95,8 @@ def test_more_workers_than_shards_read_every_sample_once(tmp_path):
     split = ShardSplit(
         make_shards(tmp_path / "d", [30]),
         "train",
-        batch_size=2,
-        num_workers=2,
+        DataConfig(batch_size=2, num_workers=2, shuffle_buffer=4),
         shuffle=True,
-        shuffle_buffer=4,
     )
     split.check_enough_shards()  # indexed: nothing to check
     keys = keys_of(split, 1)
@@ -109,19 +109,19 @@ def test_wrong_distributed_view_is_caught(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="not one distributed job"):
-        ShardSplit(make_shards(tmp_path / "d", [4]), "train", batch_size=2)
+        ShardSplit(make_shards(tmp_path / "d", [4]), "train", DataConfig(batch_size=2))
 
 
 def test_missing_or_empty_shard_folder(tmp_path):
     with pytest.raises(DataError, match=r"does not exist.*vae-scale shard"):
-        ShardSplit(tmp_path / "nothing", "train", batch_size=2)
+        ShardSplit(tmp_path / "nothing", "train", DataConfig(batch_size=2))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"index.json is missing"):
-        ShardSplit(tmp_path / "empty", "train", batch_size=2)
+        ShardSplit(tmp_path / "empty", "train", DataConfig(batch_size=2))
     folder = make_shards(tmp_path / "d", [4, 4])
     os.remove(folder / "train-000001.tar")
     with pytest.raises(DataError, match="train-000001.tar.*missing"):
-        ShardSplit(folder, "train", batch_size=2)
+        ShardSplit(folder, "train", DataConfig(batch_size=2))
 
 
 def test_changed_shard_fails_checksum(tmp_path):
@@ -129,17 +129,22 @@ def test_changed_shard_fails_checksum(tmp_path):
     with open(folder / "train-000001.tar", "r+b") as f:
         f.seek(600)
         f.write(b"\x01")
-    split = ShardSplit(folder, "train", batch_size=2, verify=True)  # nothing hashed up front
+    split = ShardSplit(
+        folder, "train", DataConfig(batch_size=2, verify_shards=True)
+    )  # nothing hashed up front
     with pytest.raises(DataError, match="train-000001.tar has sha256"):
         keys_of(split, 1)  # ... but while the shard streams
-    assert len(keys_of(ShardSplit(folder, "train", batch_size=2, verify=False), 1)) == 8
+    assert (
+        len(keys_of(ShardSplit(folder, "train", DataConfig(batch_size=2, verify_shards=False)), 1))
+        == 8
+    )
 
 
 def test_truncated_tar_names_the_shard(tmp_path):
     folder = make_shards(tmp_path / "d", [6, 6])
     data = (folder / "train-000001.tar").read_bytes()
     (folder / "train-000001.tar").write_bytes(data[:1500])
-    split = ShardSplit(folder, "train", batch_size=2)
+    split = ShardSplit(folder, "train", DataConfig(batch_size=2))
     with pytest.raises(DataError, match="train-000001.tar"):
         list(split.eval_batches())
 
@@ -154,7 +159,9 @@ def test_pickle_member_is_refused_without_running_it(tmp_path):
     def add_pickle(n, sample):
         return {**sample, "pickle": pickle.dumps(Exploit())} if n == 2 else sample
 
-    split = ShardSplit(make_shards(tmp_path / "d", [4], mutate=add_pickle), "train", batch_size=2)
+    split = ShardSplit(
+        make_shards(tmp_path / "d", [4], mutate=add_pickle), "train", DataConfig(batch_size=2)
+    )
     with pytest.raises(DataError, match=r"train-000000.tar, sample s00002: refusing"):
         list(split.eval_batches())
     assert not marker.exists()
@@ -172,8 +179,8 @@ def test_bad_samples_raise_or_are_skipped_and_counted(tmp_path):
 
     folder = make_shards(tmp_path / "d", [8], mutate=break_some)
     with pytest.raises(DataError, match=r"sample s00001: image of shape \(3, 3, 1\)"):
-        list(ShardSplit(folder, "train", batch_size=8).eval_batches())
-    split = ShardSplit(folder, "train", batch_size=8, on_error="skip")
+        list(ShardSplit(folder, "train", DataConfig(batch_size=8)).eval_batches())
+    split = ShardSplit(folder, "train", DataConfig(batch_size=8, on_error="skip"))
     with pytest.warns(UserWarning, match="skipping"):
         batches = list(split.eval_batches())
     assert sum(len(b["key"]) for b in batches) == 6
@@ -197,9 +204,10 @@ def test_in_memory_cache_gives_the_same_batches_and_reads_each_shard_once(tmp_pa
     from vae_scale.data.streaming import remote
 
     folder = make_shards(tmp_path / "d", [10, 7, 12, 9])
-    args = dict(batch_size=4, shuffle=True, shuffle_buffer=8, seed=5)
-    plain = ShardSplit(folder, "train", **args)
-    cached = ShardSplit(folder, "train", cache_in_memory=True, **args)
+    data = DataConfig(batch_size=4, shuffle_buffer=8)
+    plain = ShardSplit(folder, "train", data, shuffle=True, seed=5)
+    cached_data = data.model_copy(update={"cache_in_memory": True})
+    cached = ShardSplit(folder, "train", cached_data, shuffle=True, seed=5)
     reads = []
     real_fetch = remote.fetch
 
@@ -223,7 +231,9 @@ def test_in_memory_cache_does_not_keep_a_damaged_shard(tmp_path):
     folder = make_shards(tmp_path / "d", [6, 6])
     data = (folder / "train-000001.tar").read_bytes()
     (folder / "train-000001.tar").write_bytes(data[:1500])
-    split = ShardSplit(folder, "train", batch_size=2, on_error="skip", cache_in_memory=True)
+    split = ShardSplit(
+        folder, "train", DataConfig(batch_size=2, on_error="skip", cache_in_memory=True)
+    )
     for _ in range(2):  # the damage is reported on every pass, not hidden by the cache
         with pytest.warns(UserWarning, match="train-000001.tar"):
             keys = [k for b in split.eval_batches() for k in b["key"]]
@@ -233,10 +243,11 @@ def test_in_memory_cache_does_not_keep_a_damaged_shard(tmp_path):
 
 def test_in_memory_cache_with_loader_workers_reads_no_file_after_the_first_fill(tmp_path):
     folder = make_shards(tmp_path / "d", [10, 7, 12, 9])
-    args = dict(batch_size=4, shuffle=True, shuffle_buffer=8, seed=5, num_workers=2)
-    plain = ShardSplit(folder, "train", **args)
+    data = DataConfig(batch_size=4, shuffle_buffer=8, num_workers=2)
+    plain = ShardSplit(folder, "train", data, shuffle=True, seed=5)
     expected = {e: [b["key"] for b in plain.train_batches(e)] for e in (1, 2)}
-    cached = ShardSplit(folder, "train", cache_in_memory=True, **args)
+    cached_data = data.model_copy(update={"cache_in_memory": True})
+    cached = ShardSplit(folder, "train", cached_data, shuffle=True, seed=5)
     assert [b["key"] for b in cached.train_batches(1)] == expected[1]
     for shard in folder.glob("*.tar"):  # from now on only the cache can serve the samples
         shard.unlink()

@@ -15,7 +15,7 @@ from scipy.stats import norm
 
 from conftest import REPO, real_data_root, tiny_config
 from vae_scale.analysis import pictures
-from vae_scale.config import load_config
+from vae_scale.config import DataConfig, load_config
 from vae_scale.data.sourcing import mnist
 from vae_scale.data.sourcing.shards import load_index, write_dataset
 from vae_scale.data.streaming.loader import ShardSplit
@@ -107,7 +107,9 @@ def test_tiny_shard_counts_and_label_round_trip(tiny_mnist):
     assert index["image_shape"] == [1, 28, 28]
     seen = {"train": set(), "test": set()}
     for split in ("train", "val", "test"):
-        for batch in ShardSplit(shards / "mnist", split, batch_size=32, verify=True).eval_batches():
+        for batch in ShardSplit(
+            shards / "mnist", split, DataConfig(batch_size=32, verify_shards=True)
+        ).eval_batches():
             for key, image, label in zip(batch["key"], batch["image"], batch["cls"]):
                 source, i = key.split("_")
                 i = int(i)

@@ -13,20 +13,21 @@ from PIL import Image
 
 from conftest import tiny_frey_config
 from helpers.http_shards import ShardServer
+from vae_scale.config import DataConfig
 from vae_scale.data.streaming.loader import ShardSplit
-from vae_scale.data.streaming.remote import FetchPolicy
 from vae_scale.errors import DataError
 
-FAST_RETRY = FetchPolicy(retries=3, retry_delay_s=0.01)
+FAST_RETRY = dict(retries=3, retry_delay_s=0.01)
 
 
 def epoch_keys(split: ShardSplit, epoch: int = 1) -> list[str]:
     return [k for b in split.train_batches(epoch) for k in b["key"]]
 
 
-def frey_split(location, **kw) -> ShardSplit:
-    args = dict(batch_size=50, shuffle=True, shuffle_buffer=200, seed=1, policy=FAST_RETRY)
-    return ShardSplit(location, "train", **{**args, **kw})
+def frey_split(location, **data) -> ShardSplit:
+    """The training split, `data` fields over a small batch and fast retries."""
+    data = DataConfig(**{"batch_size": 50, "shuffle_buffer": 200, **FAST_RETRY, **data})
+    return ShardSplit(location, "train", data, shuffle=True, seed=1)
 
 
 def test_http_shards_read_exactly_what_the_local_folder_gives(frey_shards):
@@ -69,17 +70,17 @@ def test_pipe_urls_with_an_index_elsewhere(frey_shards):
     index = json.loads((folder / "index.json").read_text())
     names = [s["name"] for s in index["splits"]["train"]["shards"]]
     urls = "::".join(f"pipe:cat {folder / n}" for n in names)
-    piped = frey_split("", urls=urls, index_url=str(folder / "index.json"))
+    piped = frey_split("", urls={"train": urls}, index_url=str(folder / "index.json"))
     assert piped.indexed and piped.num_samples == 1765
     assert epoch_keys(piped) == epoch_keys(frey_split(folder))
 
 
 def test_brace_pattern_over_http_with_a_local_cache(frey_shards, tmp_path):
     cache = tmp_path / "cache"
-    policy = FetchPolicy(retries=1, retry_delay_s=0.01, cache_dir=str(cache))
     with ShardServer(frey_shards) as server:
         pattern = f"{server.url}/frey/train-{{000000..000013}}.tar"
-        split = frey_split("", urls=pattern, policy=policy)  # index.json found beside them
+        # index.json found beside them
+        split = frey_split("", urls={"train": pattern}, retries=1, cache_dir=str(cache))
         assert split.indexed and split.num_samples == 1765
         first = epoch_keys(split, 1)
         served = sum(n for p, n in server.requests.items() if p.endswith(".tar"))
@@ -108,18 +109,25 @@ def write_foreign_webdataset(folder, count=60, per_shard=20):
 def test_foreign_webdataset_without_index_is_resized_and_resampled(tmp_path):
     pattern = write_foreign_webdataset(tmp_path / "foreign")
     with pytest.raises(DataError, match="data.image_size"):
-        ShardSplit("", "train", 8, urls=pattern)
-    train = ShardSplit("", "train", 8, urls=pattern, image_size=16, shuffle=True)
+        ShardSplit("", "train", DataConfig(batch_size=8, urls={"train": pattern}))
+    train = ShardSplit(
+        "", "train", DataConfig(batch_size=8, urls={"train": pattern}, image_size=16), shuffle=True
+    )
     with pytest.raises(DataError, match="data.samples_per_epoch"):
         train.check_enough_shards()
     train = ShardSplit(
-        "", "train", 8, urls=pattern, image_size=16, shuffle=True, samples_per_epoch=40
+        "",
+        "train",
+        DataConfig(batch_size=8, urls={"train": pattern}, image_size=16, samples_per_epoch=40),
+        shuffle=True,
     )
     batches = list(train.train_batches(1))
     assert len(batches) == train.steps_in_epoch(1) == 5
     assert batches[0]["image"].shape == (8, 3, 16, 16) and batches[0]["image"].dtype == torch.uint8
     assert set(batches[0]["cls"].tolist()) <= {0, 1, 2}
-    evaluation = ShardSplit("", "test", 16, urls=pattern, image_size=16)
+    evaluation = ShardSplit(
+        "", "test", DataConfig(batch_size=16, urls={"test": pattern}, image_size=16)
+    )
     keys = [k for b in evaluation.eval_batches() for k in b["key"]]
     assert sorted(keys) == [f"img{i:04d}" for i in range(60)]  # index-less: every sample once
 

@@ -149,11 +149,14 @@ def test_wandb_offline_run_in_run_folder(frey_shards, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_training_on_train_and_val_reads_both_and_evaluates_test_only(frey_shards, tmp_path):
+    from vae_scale.config import DataConfig
     from vae_scale.data.streaming.loader import ShardSplit
 
-    both = ShardSplit(frey_shards / "frey", "train+val", batch_size=100)
+    both = ShardSplit(frey_shards / "frey", "train+val", DataConfig(batch_size=100))
     keys = [k for batch in both.eval_batches() for k in batch["key"]]
-    parts = [ShardSplit(frey_shards / "frey", s, batch_size=100) for s in ("train", "val")]
+    parts = [
+        ShardSplit(frey_shards / "frey", s, DataConfig(batch_size=100)) for s in ("train", "val")
+    ]
     part_keys = [k for split in parts for batch in split.eval_batches() for k in batch["key"]]
     assert len(keys) == len(set(keys)) == 1765 + 100 and set(keys) == set(part_keys)
 

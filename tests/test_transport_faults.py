@@ -24,17 +24,20 @@ import torch
 from conftest import REPO, TINY_FREY, tiny_overrides
 from helpers.http_shards import ShardServer
 from helpers.wandb_records import read_runs
+from vae_scale.config import DataConfig
 from vae_scale.data.streaming import remote
 from vae_scale.data.streaming.loader import ShardSplit
 from vae_scale.data.streaming.remote import FetchPolicy, TransferStats
 from vae_scale.errors import DataError
 
 FAST = FetchPolicy(retries=3, retry_delay_s=0.01, timeout_s=0.3)
+FAST_FIELDS = dict(retries=3, retry_delay_s=0.01, read_timeout_s=0.3)  # FAST as data fields
 
 
-def frey_split(location, **kw) -> ShardSplit:
-    args = dict(batch_size=50, shuffle=True, shuffle_buffer=200, seed=1, policy=FAST)
-    return ShardSplit(location, "train", **{**args, **kw})
+def frey_split(location, **data) -> ShardSplit:
+    """The training split, `data` fields over a small batch and fast retries."""
+    data = DataConfig(**{"batch_size": 50, "shuffle_buffer": 200, **FAST_FIELDS, **data})
+    return ShardSplit(location, "train", data, shuffle=True, seed=1)
 
 
 def read_epoch(split: ShardSplit) -> tuple[list[str], torch.Tensor, dict[str, int]]:
@@ -76,7 +79,7 @@ def test_without_range_support_a_broken_body_starts_over_and_counts_the_bytes(fr
 def test_a_short_tar_is_refetched_by_its_sample_count_when_not_hashed(frey_shards):
     keys, _, _ = read_epoch(frey_split(frey_shards / "frey"))
     with ShardServer(frey_shards, faults=["short"]) as srv:
-        got, _, transfers = read_epoch(frey_split(f"{srv.url}/frey", verify=False))
+        got, _, transfers = read_epoch(frey_split(f"{srv.url}/frey", verify_shards=False))
     assert got == keys and transfers["retries"] == 14 and transfers["refetched_bytes"] > 0
 
 
@@ -157,15 +160,15 @@ def test_large_shards_go_through_a_file_member_by_member(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(spill))
     make_shards(tmp_path / "big", [800], shape=(64, 64, 3))  # one 10 MB shard
     size = (tmp_path / "big" / "train-000000.tar").stat().st_size
-    in_memory = FetchPolicy(retries=3, retry_delay_s=0.01, timeout_s=2)
-    on_disk = FetchPolicy(retries=3, retry_delay_s=0.01, timeout_s=2, max_in_memory_bytes=2**20)
-    keys, images, _ = read_epoch(frey_split(tmp_path / "big", policy=in_memory))
+    in_memory = dict(read_timeout_s=2)
+    on_disk = dict(read_timeout_s=2, max_shard_mb_in_memory=1)
+    keys, images, _ = read_epoch(frey_split(tmp_path / "big", **in_memory))
     means = [b.double().mean().item() for b in images.split(50)]
     peaks = {}
     server, url = start_server(tmp_path, 0, tmp_path / "log", "truncate")  # its own process
     try:
         for name, policy in (("memory", in_memory), ("file", on_disk)):
-            split = frey_split(f"{url}/big", policy=policy)
+            split = frey_split(f"{url}/big", **policy)
             tracemalloc.start()
             got_keys, got_means, redone = [], [], []
             for batch in split.train_batches(1):  # one batch at a time, as training holds them
@@ -211,7 +214,8 @@ def test_pipe_commands_that_fail_stall_or_write_short_tars_are_retried(tmp_path,
     monkeypatch.setenv("SHORT", str(short))
     # no index: neither sha256 nor count; the missing end-of-archive marker tells
     url = f"pipe:sh {script} {shard}"
-    split = ShardSplit("", "test", 16, urls=url, image_size=4, channels=1, policy=FAST)
+    data = DataConfig(batch_size=16, urls={"test": url}, image_size=4, channels=1, **FAST_FIELDS)
+    split = ShardSplit("", "test", data)
     batches = list(split.eval_batches())
     assert (tmp_path / "count").read_text().strip() == "4"  # fail, short, stall, the shard
     assert sorted(k for b in batches for k in b["key"]) == [f"s{i:05d}" for i in range(60)]

@@ -185,7 +185,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from vae_scale.analysis.evaluate import EvalOptions, full_evaluation
     from vae_scale.analysis.runs import load_run
-    from vae_scale.data.streaming.loader import split_from_config
+    from vae_scale.data.streaming.loader import ShardSplit
     from vae_scale.losses import likelihood_convention
     from vae_scale.models.base import check_single_latent
     from vae_scale.training import tracking
@@ -196,12 +196,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         cfg = run.cfg
         if args.refine_steps:
             check_single_latent(run.model, "--refine-steps", "posterior refinement")
-        data = split_from_config(
-            cfg.data,
+        data = ShardSplit(
             cfg.shard_dir,
             args.split,
-            batch_size=args.batch_size,
-            num_workers=0,
+            cfg.data.model_copy(update={"batch_size": args.batch_size, "num_workers": 0}),
             world_size=accelerator.num_processes,
             rank=accelerator.process_index,
         )
@@ -260,7 +258,7 @@ def cmd_pictures(args: argparse.Namespace) -> None:
     from vae_scale.analysis.evaluate import first_images
     from vae_scale.analysis.runs import load_run
     from vae_scale.data.streaming.inputs import prepare_batch
-    from vae_scale.data.streaming.loader import split_from_config
+    from vae_scale.data.streaming.loader import ShardSplit
     from vae_scale.training import tracking
     from vae_scale.utils.seeding import derive_seed
 
@@ -268,9 +266,13 @@ def cmd_pictures(args: argparse.Namespace) -> None:
     model, cfg = run.model, run.cfg
     gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, "cli", args.command))
 
+    def split_of(name: str, batch_size: int) -> ShardSplit:
+        return ShardSplit(
+            cfg.shard_dir, name, cfg.data.model_copy(update={"batch_size": batch_size})
+        )
+
     def test_images(n: int) -> torch.Tensor:
-        data = split_from_config(cfg.data, cfg.shard_dir, args.split, batch_size=max(n, 1))
-        return prepare_batch(first_images(data, n), "cpu", "none")
+        return prepare_batch(first_images(split_of(args.split, max(n, 1)), n), "cpu", "none")
 
     key = args.command  # the W&B picture name
     with torch.no_grad():
@@ -284,7 +286,7 @@ def cmd_pictures(args: argparse.Namespace) -> None:
         elif args.command == "edit":
             direction = attributes.split_attribute_vector(
                 model,
-                split_from_config(cfg.data, cfg.shard_dir, args.attr_split, batch_size=100),
+                split_of(args.attr_split, 100),
                 args.attribute,
                 args.max_images or None,
             )

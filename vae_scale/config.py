@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from vae_scale.errors import ConfigError
 from vae_scale.losses import LIKELIHOODS
@@ -201,10 +208,13 @@ class TrainConfig(Section):
     def _betas_from_list(cls, value: Any) -> Any:
         return tuple(value) if isinstance(value, list) else value  # YAML has no tuples
 
-    @field_validator("mixed_precision", mode="before")
+    @field_validator("mixed_precision", "progress", mode="before")
     @classmethod
-    def _unquoted_no(cls, value: Any) -> Any:
-        return "no" if value is False else value  # YAML 1.1 reads an unquoted `no` as false
+    def _unquoted_no_or_off(cls, value: Any, info: ValidationInfo) -> Any:
+        # YAML 1.1 reads an unquoted `no` or `off` as false: the choice that means "none"
+        if value is False:
+            return {"mixed_precision": "no", "progress": "off"}[info.field_name]
+        return value
 
 
 class EvalConfig(Section):

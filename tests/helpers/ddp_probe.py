@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from vae_scale.analysis.evaluate import EvalOptions, evaluate_split
+from vae_scale.config import DataConfig
 from vae_scale.data.streaming.inputs import images_to_float
 from vae_scale.data.streaming.loader import ShardSplit
 from vae_scale.losses import build_likelihood, neg_elbo
@@ -126,9 +127,8 @@ def main() -> None:
     }
     try:
         common = dict(seed=args.seed, world_size=world, rank=rank)
-        train_data = ShardSplit(
-            args.shards, "train", args.batch_size, shuffle=True, shuffle_buffer=200, **common
-        )
+        data = DataConfig(batch_size=args.batch_size, shuffle_buffer=200)
+        train_data = ShardSplit(args.shards, "train", data, shuffle=True, **common)
         train_data.check_enough_shards()
         model = tiny_model(train_data.image_shape, args.seed)
         optimizer = make_optimizer(model)
@@ -140,20 +140,13 @@ def main() -> None:
             train_step(accelerator, model, optimizer, batch["image"], batch["key"], args.seed)
             record["train_batches"].append(batch["key"])
 
-        val = ShardSplit(args.shards, "val", args.batch_size, **common)
+        val = ShardSplit(args.shards, "val", data, **common)
         record["val_keys"] = [k for b in val.eval_batches() for k in b["key"]]
         core = accelerator.unwrap_model(model)
         record["val_metrics"] = evaluate_split(accelerator, core, val, EvalOptions(args.seed))
 
-        even = ShardSplit(
-            args.even_shards,
-            "train",
-            args.even_batch_size,
-            num_workers=2,
-            shuffle=True,
-            shuffle_buffer=50,
-            **common,
-        )
+        even_data = DataConfig(batch_size=args.even_batch_size, num_workers=2, shuffle_buffer=50)
+        even = ShardSplit(args.even_shards, "train", even_data, shuffle=True, **common)
         even.check_enough_shards()
         record["even_steps_in_epoch"] = even.steps_in_epoch(1)
         record["even_keys"] = [k for b in even.train_batches(epoch=1) for k in b["key"]]

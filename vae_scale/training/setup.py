@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from accelerate.utils import TorchDynamoPlugin
 
 from vae_scale.config import Config
-from vae_scale.data.streaming.loader import ShardSplit, has_split, split_from_config
+from vae_scale.data.streaming.loader import ShardSplit
 from vae_scale.errors import ConfigError
 from vae_scale.losses import build_likelihood, likelihood_convention
 from vae_scale.models import VAE, build_model
@@ -71,14 +71,12 @@ def open_splits(cfg: Config, accelerator: Accelerator) -> dict[str, ShardSplit]:
         rank=accelerator.process_index,
         worker_init=ignore_stop_signals,  # the main process alone stops (and checkpoints)
     )
-    train = split_from_config(
-        cfg.data, cfg.shard_dir, "+".join(cfg.data.train_splits), shuffle=True,
-        shuffle_buffer=cfg.data.shuffle_buffer, **common,
-    )  # fmt: skip
+    trained = "+".join(cfg.data.train_splits)
+    train = ShardSplit(cfg.shard_dir, trained, cfg.data, shuffle=True, **common)
     splits = {"train": train}
     for name in ("val", "test"):
-        if has_split(cfg.data, train, name) and name not in cfg.data.train_splits:
-            splits[name] = split_from_config(cfg.data, cfg.shard_dir, name, **common)
+        if train.has(name) and name not in cfg.data.train_splits:
+            splits[name] = ShardSplit(cfg.shard_dir, name, cfg.data, **common)
     train.check_enough_shards()
     return splits
 

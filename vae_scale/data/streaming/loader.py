@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.utils import pytorch_worker_info
 
+from vae_scale.config import DataConfig
 from vae_scale.data.streaming import catalog, remote
-from vae_scale.data.streaming.decode import IMAGE_SUFFIXES, DecodeSpec
+from vae_scale.data.streaming.decode import DecodeSpec
 from vae_scale.data.streaming.order import (
     EpochPlan,
     Topology,
@@ -44,63 +44,61 @@ from vae_scale.utils.seeding import derive_seed
 WORKER_ERROR = f"{DataError.__module__}.{DataError.__qualname__}"  # as a worker's traceback ends
 
 
-@dataclass
 class ShardSplit:
-    """One split of a dataset's shards, read by the streaming loader."""
+    """One split of a dataset's shards as the `data` config section describes them, read by
+    the streaming loader. `location`: the dataset folder or URL holding index.json ('' when
+    data.urls names the shards); `split`: a split of index.json, or several joined by "+"
+    ("train+val") read as one. The rest is where this process stands in the job and whether
+    it trains (`shuffle`: shard order and sample shuffle)."""
 
-    shard_dir: str | Path  # dataset folder or URL holding index.json ('' with `urls` only)
-    split: str  # a split of index.json, or several joined by "+" ("train+val") read as one
-    batch_size: int
-    num_workers: int = 0
-    seed: int = 0
-    shuffle: bool = False  # shard order + sample shuffle (training)
-    shuffle_buffer: int = 1000  # samples per shuffled block in each worker's slice
-    on_error: str = "raise"
-    verify: bool = True  # sha256 of every shard read whole, against index.json
-    world_size: int = 1
-    rank: int = 0
-    # Keep decoded shards in RAM after their first read: for splits that fit in memory, later
-    # epochs read no files (with workers, the split is decoded before they start).
-    cache_in_memory: bool = False
-    drop_last: bool = True  # False: fill the last global batch by wrapping to the start
-    urls: str | None = None  # explicit shard URLs (brace pattern, '::'-joined, pipe:)
-    index_url: str | None = None  # index.json elsewhere than beside the shards
-    samples_per_epoch: int | None = None  # index-less training: resampled shards
-    image_size: int | None = None  # resize + centre-crop on decode (foreign datasets)
-    channels: int = 3  # of images decoded without an index (1: grey)
-    image_keys: tuple[str, ...] = IMAGE_SUFFIXES
-    label_key: str | None = "cls"
-    policy: remote.FetchPolicy = field(default_factory=remote.FetchPolicy)
-    worker_init: Callable[[int], None] | None = None  # DataLoader worker_init_fn
-
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        location: str | Path,
+        split: str,
+        data: DataConfig | None = None,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        world_size: int = 1,
+        rank: int = 0,
+        worker_init: Callable[[int], None] | None = None,  # DataLoader worker_init_fn
+    ):
+        data = data or DataConfig()
+        self.shard_dir, self.split, self.data = location, split, data
+        self.shuffle, self.seed, self.world_size, self.rank = shuffle, seed, world_size, rank
+        self.worker_init = worker_init
+        self.batch_size = data.batch_size
+        parts = split.split("+")
+        urls = data.urls
+        self.urls = "::".join(urls[p] for p in parts) if all(p in urls for p in parts) else None
+        self.policy = fetch_policy(data)
         self.index = self._open_index()
-        if self.urls:  # already every part's URLs, joined ("::") by split_from_config
+        if self.urls:
             self.shards = catalog.pattern_entries(self.urls, self.index)
         else:
             self.shards = [
                 entry
-                for part in self.split.split("+")
-                for entry in catalog.indexed_entries(str(self.shard_dir), self.index, part)
+                for part in parts
+                for entry in catalog.indexed_entries(str(location), self.index, part)
             ]
         self.indexed = all(s.num_samples is not None for s in self.shards)
         self.image_shape = self._image_shape()
         c, h, w = self.image_shape
-        resize = self.image_size is not None
-        spec = DecodeSpec((h, w, c), resize, tuple(self.image_keys), self.label_key)
-        self.read_options = ReadOptions(spec, self.on_error, self.verify, self.policy)
-        self._cache: dict[str, list[Any]] | None = {} if self.cache_in_memory else None
+        keys = tuple(data.image_key.split(";"))
+        spec = DecodeSpec((h, w, c), data.image_size is not None, keys, data.label_key)
+        self.read_options = ReadOptions(spec, data.on_error, data.verify_shards, self.policy)
+        self._cache: dict[str, list[Any]] | None = {} if data.cache_in_memory else None
         if self.indexed:
             self.counts = [int(s.num_samples) for s in self.shards]
             self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
             self.num_samples = int(self.offsets[-1])
         else:
-            self.num_samples = self.samples_per_epoch or 0
-        self.topology = Topology(self.world_size, max(1, self.num_workers), self.batch_size)
+            self.num_samples = data.samples_per_epoch or 0
+        self.topology = Topology(world_size, max(1, data.num_workers), self.batch_size)
         # Training: the plan record of the epoch being trained as of the last mid-epoch
         # checkpoint (None between epochs); a resumed run continues from it.
         self.position: dict[str, Any] | None = None
-        _check_distributed_view(self.rank, self.world_size)
+        _check_distributed_view(rank, world_size)
 
     def state_dict(self) -> dict[str, Any]:
         return {"plan": self.position}
@@ -108,17 +106,24 @@ class ShardSplit:
     def load_state_dict(self, values: dict[str, Any]) -> None:
         self.position = values.get("plan")
 
+    def has(self, name: str) -> bool:
+        """Whether the dataset has split `name` too (in index.json, or in data.urls)."""
+        if self.urls:
+            return name in self.data.urls
+        return self.index is not None and name in self.index["splits"]
+
     def _open_index(self) -> dict[str, Any] | None:
-        if self.index_url:
-            return catalog.read_index(self.index_url, self.policy)
+        if self.data.index_url:
+            return catalog.read_index(self.data.index_url, self.policy)
         if not self.urls:
             return catalog.read_index(str(self.shard_dir), self.policy)
         beside = catalog.index_location(self.urls)
         return None if beside is None else catalog.read_index(beside, self.policy, False)
 
     def _image_shape(self) -> tuple[int, int, int]:
-        if self.image_size is not None:
-            return (self.channels, self.image_size, self.image_size)
+        size = self.data.image_size
+        if size is not None:
+            return (self.data.channels, size, size)
         if self.index is None:
             raise DataError(
                 f"{self.urls}: no index.json beside these shards, so the image size is unknown: "
@@ -133,7 +138,7 @@ class ShardSplit:
         """Index-less training resamples whole shards per (rank, worker): it needs enough."""
         if self.indexed:
             return
-        if self.samples_per_epoch is None:
+        if self.data.samples_per_epoch is None:
             raise DataError(
                 f"{self.urls}: no index.json gives these shards' sample counts; set "
                 f"data.samples_per_epoch (the shards are then resampled, open_clip's "
@@ -142,7 +147,7 @@ class ShardSplit:
 
     def steps_in_epoch(self, epoch: int = 1, multiple: int = 1) -> int:
         """Batches every rank runs in a full epoch (identical on all ranks)."""
-        return steps_for(self.num_samples, self.topology, self.drop_last, multiple)
+        return steps_for(self.num_samples, self.topology, self.data.drop_last, multiple)
 
     def plan(
         self, epoch: int, multiple: int = 1, record: dict[str, Any] | None = None
@@ -174,10 +179,10 @@ class ShardSplit:
         return global_order(self.counts, self.seed, epoch, self.shuffle)
 
     def _block(self) -> int:
-        return self.shuffle_buffer if self.shuffle else 1
+        return self.data.shuffle_buffer if self.shuffle else 1
 
     def _new_plan(self, samples: np.ndarray, epoch: int, generation: int, multiple: int):
-        steps = steps_for(len(samples), self.topology, self.drop_last, multiple)
+        steps = steps_for(len(samples), self.topology, self.data.drop_last, multiple)
         return EpochPlan(samples, self.topology, steps, self.seed, epoch, generation, self._block())
 
     def record(self, plan: EpochPlan, rank_batches: int) -> dict[str, Any]:
@@ -206,18 +211,19 @@ class ShardSplit:
     def _loader(self, stream: IterableDataset, seed: int) -> Iterator[dict[str, Any]]:
         """The stream's batches through a DataLoader; its workers end with the iteration,
         also on an error, and a worker's DataError reaches the caller with its own message."""
-        if self._cache is not None and self.num_workers > 0:
+        workers = self.data.num_workers
+        if self._cache is not None and workers > 0:
             self.fill_cache()
-        extra = {"prefetch_factor": 4} if self.num_workers > 0 else {}
+        extra = {"prefetch_factor": 4} if workers > 0 else {}
         # Its own generator: a DataLoader iterator otherwise draws its base seed from the
         # global torch RNG, shifting the reparameterization noise after a mid-epoch resume.
         loader = DataLoader(
             stream,
             batch_size=None,
-            num_workers=self.num_workers,
+            num_workers=workers,
             generator=torch.Generator().manual_seed(seed),
             collate_fn=_as_is,  # batches are already tensors (default_convert is slow)
-            worker_init_fn=self.worker_init if self.num_workers > 0 else None,
+            worker_init_fn=self.worker_init if workers > 0 else None,
             pin_memory=torch.cuda.is_available(),
             **extra,
         )
@@ -308,8 +314,8 @@ def _resampled(
             entry = rng.choice(split.shards)
             yield from reader.load(entry).values()
 
-    if split.shuffle_buffer > 1:
-        yield from seeded_shuffle(endless(), split.shuffle_buffer, rng)
+    if split.data.shuffle_buffer > 1:
+        yield from seeded_shuffle(endless(), split.data.shuffle_buffer, rng)
     else:
         yield from endless()
 
@@ -401,11 +407,9 @@ def _check_distributed_view(rank: int, world_size: int) -> None:
         )
 
 
-def split_from_config(data: Any, location: str, split: str, **overrides: Any) -> ShardSplit:
-    """A split as the `data` config section (vae_scale.config.DataConfig) describes it."""
-    parts = split.split("+")
-    urls = "::".join(data.urls[p] for p in parts) if all(p in data.urls for p in parts) else None
-    policy = remote.FetchPolicy(
+def fetch_policy(data: DataConfig) -> remote.FetchPolicy:
+    """How shards are fetched: the data section's retries, timeouts, cache and memory bound."""
+    return remote.FetchPolicy(
         retries=data.retries,
         retry_delay_s=data.retry_delay_s,
         timeout_s=data.read_timeout_s,
@@ -413,27 +417,3 @@ def split_from_config(data: Any, location: str, split: str, **overrides: Any) ->
         cache_max_bytes=int(data.cache_max_gb * 2**30),
         max_in_memory_bytes=int(data.max_shard_mb_in_memory * 2**20),
     )
-    settings: dict[str, Any] = dict(
-        batch_size=data.batch_size,
-        num_workers=data.num_workers,
-        on_error=data.on_error,
-        verify=data.verify_shards,
-        cache_in_memory=data.cache_in_memory,
-        drop_last=data.drop_last,
-        urls=urls,
-        index_url=data.index_url,
-        samples_per_epoch=data.samples_per_epoch,
-        image_size=data.image_size,
-        channels=data.channels,
-        image_keys=tuple(data.image_key.split(";")),
-        label_key=data.label_key,
-        policy=policy,
-    )
-    return ShardSplit(location, split, **{**settings, **overrides})
-
-
-def has_split(data: Any, split: ShardSplit, name: str) -> bool:
-    """Whether the dataset has split `name` (in index.json, or in data.urls)."""
-    if split.urls:
-        return name in data.urls
-    return split.index is not None and name in split.index["splits"]

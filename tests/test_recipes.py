@@ -1,0 +1,189 @@
+"""The README's "How to add ..." recipes, followed on a copy of the package: a dataset, a model
+family and a loss term, each by editing exactly the files its recipe names, then sharded and
+trained through the CLI. If a recipe needs a third file, this test fails (or the README lies)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+DATASET = '''
+"""A toy dataset: 8x8 grey squares of random brightness (the README's dataset recipe)."""
+
+from pathlib import Path
+
+import numpy as np
+
+from vae_scale.data.sourcing.base import SourceData, seeded_split
+
+
+def prepare(source_dir: Path, seed: int, download_ok: bool = True) -> SourceData:
+    rng = np.random.default_rng(seed)
+    images = (rng.random((120, 1, 1, 1)) * np.ones((1, 8, 8, 1)) * 255).astype(np.uint8)
+    order = seeded_split(120, {"train": 100, "val": 10, "test": 10}, seed)
+    splits = {
+        name: [{"__key__": f"toy_{i:03d}", "npy": images[i]} for i in idx]
+        for name, idx in order.items()
+    }
+    return SourceData("toy", (1, 8, 8), splits, source={"generated": True})
+'''
+
+MODEL = '''
+"""A linear VAE (the README's model recipe)."""
+
+from typing import Literal
+
+from einops import rearrange
+from torch import Tensor, nn
+
+from vae_scale.losses import Likelihood
+from vae_scale.models.base import VAE, register
+from vae_scale.schema import Positive, Section
+
+
+class LinearVAEConfig(Section):
+    name: Literal["linear"] = "linear"
+    latent_dim: Positive = 3
+
+
+@register(LinearVAEConfig)
+class LinearVAE(VAE):
+    def __init__(self, cfg: LinearVAEConfig, image_shape, likelihood: Likelihood):
+        super().__init__(image_shape, likelihood)
+        c, h, w = image_shape
+        self.out_channels = likelihood.param_channels(c)
+        self._latent_dim = cfg.latent_dim
+        self.to_stats = nn.Linear(c * h * w, 2 * cfg.latent_dim)
+        self.from_z = nn.Linear(cfg.latent_dim, self.out_channels * h * w)
+
+    @property
+    def latent_shape(self):
+        return (self._latent_dim,)
+
+    def encode(self, x: Tensor):
+        return self.to_stats(rearrange(x, "b c h w -> b (c h w)")).chunk(2, dim=1)
+
+    def decode(self, z: Tensor) -> Tensor:
+        _, h, w = self.image_shape
+        return rearrange(self.from_z(z), "b (c h w) -> b c h w", c=self.out_channels, h=h, w=w)
+'''
+
+CONFIG = """
+run: {name: recipes}
+data: {dataset: toy, batch_size: 20}
+model: {name: linear}
+train: {epochs: 2, log_every_steps: 1}
+eval: {picture_epochs: []}
+wandb: {mode: disabled}
+"""
+
+LOSS_TERM = '''
+
+def latent_energy(mu: Tensor) -> Tensor:
+    """Per row: the squared norm of the posterior mean (the README's loss-term recipe)."""
+    return mu.float().flatten(1).pow(2).sum(1)
+'''
+
+
+# recipe -> its edits: (file, text replaced exactly once, its replacement); None: a new file
+EDITS = {
+    "dataset": [
+        ("data/sourcing/toy.py", None, DATASET),
+        ("data/sourcing/recipes.py", "folder, frey, mnist\n", "folder, frey, mnist, toy\n"),
+        (
+            "data/sourcing/recipes.py",
+            "    return {\n",
+            '    return {\n        "toy": DatasetRecipe(toy.prepare, "toy", 50),\n',
+        ),
+    ],
+    "model": [
+        ("models/linear.py", None, MODEL),
+        ("models/__init__.py", "hierarchical, mlp, resnet", "hierarchical, linear, mlp, resnet"),
+    ],
+    "loss term": [
+        (
+            "losses.py",
+            "\n\n@dataclass\nclass ELBOTerms:",
+            LOSS_TERM + "\n\n@dataclass\nclass ELBOTerms:",
+        ),
+        (
+            "training/step.py",
+            "import kl_weight, neg_elbo",
+            "import kl_weight, latent_energy, neg_elbo",
+        ),
+        (
+            "training/step.py",
+            "    terms = elbo.named()\n",
+            '    terms = elbo.named()\n    terms["latent_energy"] = latent_energy(out.mu)\n',
+        ),
+        (
+            "training/step.py",
+            "return Objective(elbo.loss, terms)",
+            'return Objective(elbo.loss + 1e-3 * terms["latent_energy"].mean(), terms)',
+        ),
+    ],
+}
+
+
+def apply(package: Path, file: str, old: str | None, new: str) -> None:
+    path = package / file
+    if old is None:
+        assert not path.exists(), file
+        path.write_text(new)
+        return
+    text = path.read_text()
+    assert text.count(old) == 1, (file, old)
+    path.write_text(text.replace(old, new))
+
+
+def test_a_dataset_a_model_and_a_loss_term_each_take_the_files_their_recipe_names(tmp_path):
+    package = tmp_path / "src" / "vae_scale"
+    shutil.copytree(REPO / "vae_scale", package, ignore=shutil.ignore_patterns("__pycache__"))
+    for edits in EDITS.values():
+        for edit in edits:
+            apply(package, *edit)
+    # each recipe's files, as README's "How to add ..." names them
+    assert {k: sorted({e[0] for e in v}) for k, v in EDITS.items()} == {
+        "dataset": ["data/sourcing/recipes.py", "data/sourcing/toy.py"],
+        "model": ["models/__init__.py", "models/linear.py"],
+        "loss term": ["losses.py", "training/step.py"],
+    }
+
+    env = {**os.environ, "PYTHONPATH": str(package.parent), "OMP_NUM_THREADS": "1"}
+
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "vae_scale", *args], cwd=tmp_path, env=env,
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    cli("shard", "toy", "--out", str(tmp_path / "shards"), "--source", str(tmp_path))
+    index = json.loads((tmp_path / "shards/toy/index.json").read_text())
+    assert {k: v["num_samples"] for k, v in index["splits"].items()} == {
+        "train": 100, "val": 10, "test": 10,
+    }  # fmt: skip
+    (tmp_path / "toy_linear.yaml").write_text(CONFIG)
+    cli(
+        "train", str(tmp_path / "toy_linear.yaml"), f"data.shards_dir={tmp_path / 'shards'}",
+        f"run.dir={tmp_path / 'runs'}",
+    )  # fmt: skip
+    run = tmp_path / "runs/recipes"
+    epochs = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(r) for r in (run / "steps.jsonl").read_text().splitlines()]
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"] == {"name": "linear", "latent_dim": 3}
+    assert config["dataset_index"]["image_shape"] == [1, 8, 8]
+    assert [r["train/num_samples"] for r in epochs] == [100, 100]
+    assert all(r["train/latent_energy"] > 0 for r in epochs)  # the epoch sums took the term
+    assert len(steps) == 10 and all(r["train/step_latent_energy"] > 0 for r in steps)
+    assert epochs[-1]["test/neg_elbo"] < epochs[0]["test/neg_elbo"]
