@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_gpu_path import loop_steps
 
 from conftest import REPO
 from vae_scale.config import load_config
@@ -19,7 +20,6 @@ from vae_scale.metrics import MetricSums
 from vae_scale.models import build_model
 from vae_scale.training.setup import build_models, make_accelerator
 from vae_scale.training.state import TrainState
-from vae_scale.training.step import batch_sums, train_step
 from vae_scale.utils.compat import reset_accelerate_state
 
 pytestmark = [
@@ -96,15 +96,7 @@ def test_steady_state_steps_make_no_host_sync(name):
 
     def steps(n: int, seed: int) -> None:
         stream = [{"image": batch_of(shape, 32, seed + k).pin_memory()} for k in range(n)]
-        on_device = DeviceBatches(
-            stream, accelerator.device, cfg.train.channels_last, cfg.data.binarize
-        )
-        for _, x in on_device:
-            m = models
-            out = train_step(
-                accelerator, m.model, m.plain, m.optimizer, m.policy, x, cfg, state, 1000, m.ema
-            )
-            sums.add(**batch_sums(out, x.shape[0]))
+        loop_steps(cfg, accelerator, models, state, stream, sums, total_steps=1000)
 
     steps(3, 0)  # warm-up: allocations, the EMA's first copy, cuDNN autotuning
     torch.cuda.synchronize()

@@ -57,7 +57,7 @@ def batches(n: int, seed: int = 1) -> list[dict]:
     ]
 
 
-def loop_steps(cfg, accelerator, models, state, stream, sums) -> None:
+def loop_steps(cfg, accelerator, models, state, stream, sums, total_steps: int = 100) -> None:
     """What the training loop does per batch between log steps."""
     on_device = DeviceBatches(
         stream, accelerator.device, cfg.train.channels_last, cfg.data.binarize
@@ -65,7 +65,7 @@ def loop_steps(cfg, accelerator, models, state, stream, sums) -> None:
     for _batch, x in on_device:
         m = models
         out = train_step(
-            accelerator, m.model, m.plain, m.optimizer, m.policy, x, cfg, state, 100, m.ema
+            accelerator, m.model, m.plain, m.optimizer, m.policy, x, cfg, state, total_steps, m.ema
         )
         sums.add(**batch_sums(out, x.shape[0]))
 
