@@ -8,7 +8,6 @@ mid-write leaves the previous checkpoint as the latest.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import os
@@ -33,10 +32,7 @@ from vae_scale.run_files.checkpoints import (  # noqa: F401  (the format, re-exp
     write_state,
 )
 from vae_scale.run_files.logs import sample_keys_file, truncate_logs
-from vae_scale.training.optim import UpdateCounts
 from vae_scale.utils.fsutil import fsync, sha256_file
-
-UPDATE_COUNTS = [f.name for f in dataclasses.fields(UpdateCounts)]
 
 
 def save_checkpoint(
@@ -209,7 +205,7 @@ def _older_states(path: Path) -> dict[str, dict[str, Any]]:
     if "bad_steps" not in record:
         return {}
     older = {
-        "update_policy": {k: record[k] for k in UPDATE_COUNTS if k in record},
+        "update_policy": record,  # the policy takes its counts' fields, ignores the rest
         "train_data": {"plan": record.get("data_plan")},
     }
     if (path / EMA_FILE).is_file():  # the count meant something only beside the weights
