@@ -347,7 +347,8 @@ def test_gradient_spikes_are_skipped_counted_and_never_forever(monkeypatch):
     policy = UpdatePolicy(cfg.train, on_device=False, device=torch.device("cpu"))
 
     def optimizer_step(accelerator, layer, optimizer, train_cfg, state, total):
-        applied, norm = policy.step(accelerator, layer, optimizer, state, total)
+        applied, norm = policy.step(accelerator, layer, optimizer, state.opt_step, total)
+        state.opt_step += 1
         return applied, float(norm)
 
     pattern = []

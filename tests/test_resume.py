@@ -66,9 +66,17 @@ def start_and_signal(args: list[str], after_lines: int, sig: int, log: Path) -> 
     return proc.returncode
 
 
-def final_state(run: Path) -> tuple[dict, list[str], list[dict]]:
+def final_state(
+    run: Path, weights: tuple[str, ...] = ("model",)
+) -> tuple[dict, list[str], list[dict]]:
+    """The latest checkpoint's tensors (of each file in `weights`, keyed `file/name` when more
+    than one), the step rows and the epoch rows without their wall-clock columns."""
     ckpt = checkpoint.latest_checkpoint(run / "checkpoints")
-    params = load_file(ckpt / "model.safetensors")
+    params = {
+        (f"{name}/{k}" if len(weights) > 1 else k): v
+        for name in weights
+        for k, v in load_file(ckpt / f"{name}.safetensors").items()
+    }
     steps = (run / "steps.jsonl").read_text().splitlines()
     epochs = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
     for row in epochs:  # wall-clock columns legitimately differ

@@ -188,6 +188,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from vae_scale.data.streaming.loader import ShardSplit
     from vae_scale.losses import likelihood_convention
     from vae_scale.models.base import check_single_latent
+    from vae_scale.perception.networks import perception_networks
     from vae_scale.training import tracking
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -209,9 +210,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
                 f"note: this run trained on the {args.split!r} split (data.train_splits "
                 f"{cfg.data.train_splits}): these are training-set numbers"
             )
+        nets = perception_networks(
+            cfg.eval.lpips, cfg.eval.rfid, run.image_shape, cfg.run.weights_dir,
+            accelerator.device,
+        )  # fmt: skip
         options = EvalOptions(
-            cfg.run.seed, cfg.data.binarize, args.iw_samples, args.refine_steps, progress=True
-        )
+            cfg.run.seed, cfg.data.binarize, args.iw_samples, args.refine_steps, progress=True,
+            nets=nets,
+        )  # fmt: skip
         metrics = full_evaluation(accelerator, run.model, data, options)
         # How this evaluation was made, under eval/<split>/: the run's own facts (its
         # num_processes, ...) stay those of its training in the W&B run.
@@ -232,7 +238,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
             out = run.run_dir / f"eval_{args.split}.json"
             out.write_text(json.dumps(metrics, indent=1))
             for key, value in metrics.items():
-                if not isinstance(value, list):
+                if key.endswith("_unavailable"):
+                    continue
+                if value is None:
+                    print(f"{key:36s} unavailable: {metrics[key + '_unavailable']}")
+                elif not isinstance(value, list):
                     print(
                         f"{key:36s} {value:.4f}"
                         if isinstance(value, float)
@@ -325,7 +335,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from vae_scale.hub.export import export_run, push_to_hub
 
     out = export_run(args.run_dir, args.out_dir, args.checkpoint, args.weights)
-    print(f"wrote {out}: config.json, model.safetensors, samples.png, README.md")
+    print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
     if args.push_to_hub:
         url = push_to_hub(out, args.push_to_hub, private=args.private)
         print(f"published {url}")

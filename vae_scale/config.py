@@ -27,6 +27,9 @@ from pydantic import (
 from vae_scale.errors import ConfigError
 from vae_scale.losses import LIKELIHOODS
 from vae_scale.models import FAMILIES
+from vae_scale.objectives.adversarial import AdversarialConfig
+from vae_scale.objectives.perceptual import PerceptualConfig
+from vae_scale.objectives.reconstruction import PixelLossConfig
 from vae_scale.schema import (  # noqa: F401  (re-exported for the sections' users)
     Activation,
     FieldError,
@@ -43,6 +46,10 @@ class RunConfig(Section):
     name: str = "run"
     dir: str = "runs"  # run folder = <dir>/<name>
     seed: int = 0
+    # Pretrained networks of losses and metrics (VGG16 + LPIPS heads, InceptionV3 for rFID):
+    # a folder holding their files; null: $VAE_SCALE_WEIGHTS, then torch's cache
+    # ($TORCH_HOME/hub/checkpoints), then their packages' downloads.
+    weights_dir: str | None = None
 
     @field_validator("name")
     @classmethod
@@ -69,6 +76,10 @@ class DataConfig(Section):
     samples_per_epoch: Annotated[int, Field(ge=1)] | None = None
     image_size: Annotated[int, Field(ge=1)] | None = None
     channels: Literal[1, 3] = 3
+    # Train on crop x crop windows of the stored images: a fresh random window per sample and
+    # epoch (seeded by run.seed, epoch and sample key, so resume and elastic re-plans stay
+    # exact); evaluation, pictures and exports use the centre window. null: whole images.
+    crop: Annotated[int, Field(ge=1)] | None = None
     image_key: str = "npy;png;jpg;jpeg;webp"
     label_key: str | None = "cls"
     batch_size: Positive = 100  # per process
@@ -150,8 +161,12 @@ class EncoderAugConfig(Deformation):
 
 
 class LossConfig(Section):
+    # elbo: the negative ELBO of `likelihood` (likelihood VAEs); autoencoder: the KL
+    # autoencoder of latent diffusion (pixel + perceptual + beta x KL + adversarial terms,
+    # vae_scale/objectives/autoencoder.py), with loss.likelihood: gaussian for its bits/dim.
+    objective: Literal["elbo", "autoencoder"] = "elbo"
     likelihood: Literal[tuple(LIKELIHOODS)] = "bernoulli"  # type: ignore[valid-type]
-    beta: NonNegativeFloat = 1.0  # final KL weight
+    beta: NonNegativeFloat = 1.0  # final KL weight (autoencoders: ~1e-6 on per-image sums)
     kl_warmup_steps: NonNegative = 0  # linear warm-up of the KL weight from beta_start to beta
     beta_start: NonNegativeFloat = 0.0
     free_bits: NonNegativeFloat = 0.0  # nats per latent dimension (0 = off)
@@ -159,6 +174,10 @@ class LossConfig(Section):
     # less reparameterization noise, for one more decoder pass per draw (the encoder runs once).
     z_samples: Positive = 1
     encoder_aug: EncoderAugConfig = Field(default_factory=EncoderAugConfig)
+    # the autoencoder objective's terms, each its own section (vae_scale/objectives/)
+    pixel: PixelLossConfig = Field(default_factory=PixelLossConfig)
+    perceptual: PerceptualConfig = Field(default_factory=PerceptualConfig)
+    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
 
 
 class TrainConfig(Section):
@@ -202,6 +221,9 @@ class TrainConfig(Section):
     # Every rank writes the keys of each batch it trains to sample_keys/rank<R>.jsonl (an
     # audit of which samples an epoch trained, across preemptions and topology changes).
     log_sample_keys: bool = False
+    # decoder: the encoder is frozen (fine-tuning a decoder on fixed latents, as SD's ft-MSE
+    # / ft-EMA decoders were); all: every weight trains.
+    trainable: Literal["all", "decoder"] = "all"
 
     @field_validator("betas", mode="before")
     @classmethod
@@ -227,6 +249,21 @@ class EvalConfig(Section):
     # by this many Adam steps (test/neg_elbo_refined), and the gap this closes
     # (test/amortization_gap): how much of the test loss is the encoder, not the decoder.
     refine_steps: NonNegative = 0
+    # Perceptual reconstruction metrics (vae_scale/perception/networks.py): auto = LPIPS for
+    # RGB images and rFID (final epoch, `vae-scale eval`) when their weights are on this
+    # machine; on = required; off.
+    lpips: Literal["auto", "on", "off"] = "auto"
+    # After the last epoch, spatial latents' per-channel mean/std and diffusers'
+    # scaling_factor/shift_factor, from this many training images (0 = off):
+    # RUN/latent_stats.json, written into `vae-scale export`.
+    latent_stats_samples: NonNegative = 4096
+    rfid: Literal["auto", "on", "off"] = "auto"
+
+    @field_validator("lpips", "rfid", mode="before")
+    @classmethod
+    def _unquoted_on_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads unquoted on/off as true/false
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class WandbConfig(Section):
@@ -268,6 +305,32 @@ class Config(Section):
             raise FieldError(
                 "loss.likelihood", "expected 'bernoulli' when data.binarize is 'dynamic'"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _autoencoder_objective(self) -> Config:
+        if self.loss.objective != "autoencoder":
+            return self
+        if self.loss.likelihood != "gaussian":
+            raise FieldError(
+                "loss.likelihood",
+                "expected 'gaussian' with loss.objective 'autoencoder' (the decoder predicts "
+                "the image; a learned per-pixel scale around it gives its bits/dim)",
+            )
+        if self.loss.adversarial.weight and self.train.mixed_precision == "fp16":
+            raise FieldError(
+                "train.mixed_precision",
+                "'fp16' with a discriminator (two optimizers under one grad scaler) is not "
+                "supported; use 'bf16' (or loss.adversarial.weight=0)",
+            )
+        unsupported = {"loss.encoder_aug.weight": self.loss.encoder_aug.weight,
+                       "loss.z_samples": self.loss.z_samples > 1,
+                       "loss.free_bits": self.loss.free_bits}  # fmt: skip
+        for key, asked in unsupported.items():
+            if asked:
+                raise FieldError(
+                    key, "an ELBO setting; loss.objective 'autoencoder' has no use for it"
+                )
         return self
 
     @property

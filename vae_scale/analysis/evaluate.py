@@ -20,6 +20,9 @@ from vae_scale.losses import bits_per_dim, elbo_term_names, kl_per_dim, neg_elbo
 from vae_scale.metrics import MetricSums
 from vae_scale.models import VAE
 from vae_scale.models.base import check_single_latent
+from vae_scale.perception.fid import FEATURES, frechet_distance
+from vae_scale.perception.image_metrics import psnr, ssim
+from vae_scale.perception.networks import PerceptionNets
 from vae_scale.utils.progress import Progress
 from vae_scale.utils.seeding import derive_seed
 
@@ -126,6 +129,7 @@ class EvalOptions:
     iw_samples: int = 0
     refine_steps: int = 0
     progress: bool = False  # show the split's progress (`vae-scale eval`; training's are short)
+    nets: PerceptionNets | None = None  # LPIPS / rFID networks (PSNR and SSIM always)
 
 
 @torch.no_grad()
@@ -138,6 +142,7 @@ def split_statistics(
     negative ELBO under refined posteriors (refined)."""
     seed, binarize = options.seed, options.binarize
     iw_samples, refine_steps = options.iw_samples, options.refine_steps
+    nets = options.nets or PerceptionNets()
     model.eval()
     device = accelerator.device
     dims = int(torch.tensor(model.latent_shape).prod())
@@ -154,6 +159,16 @@ def split_statistics(
             "sq_err": 1,
             "x": pixels,
             "x_sq": pixels,
+            "psnr": 1,
+            "ssim": 1,
+            "lpips": 1,
+            # rFID: Inception features' sums and outer-product sums, images and reconstructions
+            **(
+                dict.fromkeys(["feat_real", "feat_fake"], FEATURES)
+                | dict.fromkeys(["outer_real", "outer_fake"], FEATURES * FEATURES)
+                if nets.inception is not None
+                else {}
+            ),
         },
         device,
     )
@@ -180,7 +195,9 @@ def split_statistics(
         mu_flat = out.mu.float().flatten(1).double()
         x_flat = x.float().flatten(1).double()
         with accelerator.autocast():
-            recon = model.reconstruct(x).float().flatten(1).double()
+            recon_images = model.reconstruct(x).float()
+        recon = recon_images.flatten(1).double()
+        sums.add(**perception_sums(nets, x.float(), recon_images.clamp(0, 1), accelerator))
         sums.add(
             sq_err=(recon - x_flat).pow(2).mean(1).sum(),
             x=x_flat.sum(0),
@@ -199,6 +216,39 @@ def split_statistics(
     return totals
 
 
+def perception_sums(
+    nets: PerceptionNets, x: torch.Tensor, recon: torch.Tensor, accelerator: Accelerator
+) -> dict[str, torch.Tensor]:
+    """A batch's PSNR, SSIM (and LPIPS, rFID statistics when their networks are here)."""
+    sums = {"psnr": psnr(recon, x).double().sum(), "ssim": ssim(recon, x).double().sum()}
+    if nets.lpips is not None:
+        with accelerator.autocast():
+            sums["lpips"] = nets.lpips(x, recon).double().sum()
+    if nets.inception is not None:
+        for name, images in (("real", x), ("fake", recon)):
+            features = nets.inception(images)
+            sums[f"feat_{name}"] = features.sum(0)
+            sums[f"outer_{name}"] = features.T @ features
+    return sums
+
+
+def perception_metrics(
+    sums: dict[str, torch.Tensor], split: str, nets: PerceptionNets | None
+) -> dict[str, float]:
+    """Mean PSNR (dB) and SSIM per image, LPIPS and rFID where their networks ran."""
+    n = sums["count"].item()
+    nets = nets or PerceptionNets()
+    metrics = {f"{split}/psnr": sums["psnr"].item() / n, f"{split}/ssim": sums["ssim"].item() / n}
+    if nets.lpips is not None:
+        metrics[f"{split}/lpips"] = sums["lpips"].item() / n
+    if nets.inception is not None:
+        metrics[f"{split}/rfid"] = frechet_distance(
+            sums["feat_real"], sums["outer_real"].view(FEATURES, FEATURES),
+            sums["feat_fake"], sums["outer_fake"].view(FEATURES, FEATURES), n,
+        )  # fmt: skip
+    return metrics
+
+
 def evaluate_split(
     accelerator: Accelerator, model: VAE, data: ShardSplit, options: EvalOptions
 ) -> dict[str, float]:
@@ -206,7 +256,10 @@ def evaluate_split(
     reconstruction error and active units, and with `refine_steps` the refined-posterior neg.
     ELBO and the amortization gap it closes."""
     sums = split_statistics(accelerator, model, data, options)
-    return split_metrics(model, data, sums, options.refine_steps)
+    return {
+        **split_metrics(model, data, sums, options.refine_steps),
+        **perception_metrics(sums, data.split, options.nets),
+    }
 
 
 def split_metrics(
@@ -275,6 +328,10 @@ def full_evaluation(
     bits/dim, and the per-dimension KL profile."""
     sums = split_statistics(accelerator, model, data, options)
     out = split_metrics(model, data, sums, options.refine_steps, active_threshold)
+    out.update(perception_metrics(sums, data.split, options.nets))
+    for metric, why in (options.nets.unavailable if options.nets else {}).items():
+        out[f"{data.split}/{metric}"] = None
+        out[f"{data.split}/{metric}_unavailable"] = why
     n, split, k = sums["count"].item(), data.split, options.iw_samples
     out[f"{split}/latent_dims"] = int(sums["kl_dim"].numel())
     out[f"{split}/kl_per_dim"] = [round(v, 6) for v in (sums["kl_dim"] / n).tolist()]
@@ -299,6 +356,8 @@ def first_images(data: ShardSplit, n: int) -> torch.Tensor:
 def summarize(metrics: dict[str, Any]) -> str:
     keys = [k for k in metrics if k.endswith(("/neg_elbo", "/neg_elbo_refined", "/bpd"))]
     keys += [k for k in ("test/recon_mse_ratio", "test/active_units") if k in metrics]
+    keys += [k for k in metrics if k.startswith("test/") and k.endswith(("psnr", "ssim", "lpips"))]
+    keys += [k for k in metrics if k.endswith("/rfid")]
     return "  ".join(
         f"{k} {metrics[k]:.2f}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
         for k in keys

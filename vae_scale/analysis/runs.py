@@ -32,9 +32,10 @@ class TrainedRun:
     record: dict  # the run's config.json: config sections and the facts of the run
 
 
-def load_run_config(run_dir: Path) -> tuple[Config, dict]:
-    """The config a run was trained with (from its config.json), and that whole file."""
-    path = Path(run_dir) / "config.json"
+def load_run_config(run_dir: Path, name: str = "config.json") -> tuple[Config, dict]:
+    """The config a run was trained with (from its config.json, or an export's record file
+    `name`), and that whole file."""
+    path = Path(run_dir) / name
     if not path.is_file():
         raise ConfigError(f"{path} not found: {run_dir} is not a vae_scale run folder")
     raw = json.loads(path.read_text())

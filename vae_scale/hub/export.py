@@ -16,15 +16,17 @@ from typing import Any, Literal
 import torch
 
 from vae_scale.analysis import pictures
+from vae_scale.analysis.latents import FP16_MAX, activation_peak, read_latent_stats
 from vae_scale.analysis.runs import TrainedRun, final_metrics, load_run
 from vae_scale.errors import ConfigError
-from vae_scale.hub.pretrained import CONFIG_FILE, WEIGHTS_FILE
+from vae_scale.hub.pretrained import CONFIG_FILE, RECORD_FILE, WEIGHTS_FILE
 from vae_scale.utils.netutil import is_online
 from vae_scale.utils.seeding import derive_seed
 
 SAMPLES_FILE = "samples.png"
 CARD_FILE = "README.md"
-EXPORTED = (CONFIG_FILE, WEIGHTS_FILE, SAMPLES_FILE, CARD_FILE)
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+EXPORTED = (CONFIG_FILE, WEIGHTS_FILE, SAMPLES_FILE, CARD_FILE, RECORD_FILE, DIFFUSERS_WEIGHTS)
 
 
 def export_run(
@@ -48,15 +50,57 @@ def export_run(
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-") as tmp:
         staging = Path(tmp)
         record = export_record(run, weights)
-        (staging / CONFIG_FILE).write_text(json.dumps(record, indent=1, default=str))
-        shutil.copyfile(run.weights_file, staging / WEIGHTS_FILE)  # the checkpoint's bytes
         generator = torch.Generator().manual_seed(derive_seed(run.cfg.run.seed, "export"))
         samples = run.model.sample(64, generator)
+        written = [WEIGHTS_FILE, SAMPLES_FILE, CARD_FILE]
+        if hasattr(run.model, "to_diffusers"):
+            # diffusers' own layout (config.json + diffusion_pytorch_model.safetensors) beside
+            # ours; our run record moves to vae_scale.json
+            record["export"]["fp16"] = fp16_check(run.model, *validation_images(run, samples))
+            stats = read_latent_stats(run.run_dir)
+            record["export"]["latent_stats"] = stats
+            run.model.to_diffusers(stats).save_pretrained(staging, safe_serialization=True)
+            written += [CONFIG_FILE, DIFFUSERS_WEIGHTS, RECORD_FILE]
+            record_file = RECORD_FILE
+        else:
+            written.append(CONFIG_FILE)
+            record_file = CONFIG_FILE
+        (staging / record_file).write_text(json.dumps(record, indent=1, default=str))
+        shutil.copyfile(run.weights_file, staging / WEIGHTS_FILE)  # the checkpoint's bytes
         pictures.save_grid(pictures.sample_grid(samples), staging / SAMPLES_FILE)
         (staging / CARD_FILE).write_text(model_card(run, record))
-        for name in EXPORTED:
+        for name in EXPORTED:  # a stale file of another layout goes too
+            if name not in written:
+                (out_dir / name).unlink(missing_ok=True)
+        for name in written:
             os.replace(staging / name, out_dir / name)
     return out_dir
+
+
+def validation_images(run: TrainedRun, fallback: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """16 images of the run's val (else test) split, when its shards are reachable; else the
+    model's own samples (an export may be made far from the data)."""
+    from vae_scale.analysis.evaluate import first_images
+    from vae_scale.data.streaming.inputs import images_to_float
+    from vae_scale.data.streaming.loader import ShardSplit
+
+    for split in ("val", "test"):
+        try:
+            data = ShardSplit(run.cfg.shard_dir, split, run.cfg.data)
+            return images_to_float(first_images(data, 16), "cpu"), split
+        except (ConfigError, OSError, KeyError, ValueError):
+            continue
+    return fallback[:16], "samples"
+
+
+def fp16_check(model: torch.nn.Module, images: torch.Tensor, source: str) -> dict[str, Any]:
+    """Whether the network's activations fit fp16 on these images (encode + decode): safe
+    with a 2x margin below fp16's largest number."""
+    peak = activation_peak(model, images)
+    return {
+        "max_abs_activation": peak, "fp16_max": FP16_MAX, "safe": peak < FP16_MAX / 2,
+        "images": source,
+    }  # fmt: skip
 
 
 def export_record(run: TrainedRun, weights: str) -> dict[str, Any]:
@@ -109,6 +153,7 @@ def model_card(run: TrainedRun, record: dict[str, Any]) -> str:
         f"- weights: {export['weights']} of checkpoint `{export['checkpoint']}` "
         f"(optimizer step {export['checkpoint_step']})",
         "",
+        *diffusers_lines(export),
         "## Metrics",
         "",
     ]
@@ -146,6 +191,35 @@ def model_card(run: TrainedRun, record: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def diffusers_lines(export: dict[str, Any]) -> list[str]:
+    """The model card's diffusers section (autoencoder_kl exports)."""
+    if "fp16" not in export:
+        return []
+    stats, fp16 = export.get("latent_stats"), export["fp16"]
+    scale = (
+        f"`scaling_factor` {stats['scaling_factor']:.5f}, `shift_factor` "
+        f"{stats['shift_factor']:.5f} (measured on {stats['samples']} training images; "
+        f"latents for diffusion are `(z - shift_factor) * scaling_factor`)"
+        if stats
+        else "no latent statistics were measured (diffusers' defaults stand)"
+    )
+    return [
+        "## diffusers",
+        "",
+        "```python",
+        "from diffusers import AutoencoderKL",
+        "",
+        'vae = AutoencoderKL.from_pretrained("THIS_FOLDER_OR_REPO_ID")',
+        "```",
+        "",
+        f"- latents: {scale}",
+        f"- fp16: largest activation {fp16['max_abs_activation']:.4g} on {fp16['images']} "
+        f"images ({'safe' if fp16['safe'] else 'NOT safe: use bf16 or fp32'} in fp16, "
+        f"max {fp16['fp16_max']:.0f})",
+        "",
+    ]
 
 
 def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:

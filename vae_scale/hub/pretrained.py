@@ -17,6 +17,8 @@ from vae_scale.models import VAE
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# the run record of an export whose config.json is diffusers' (autoencoder_kl)
+RECORD_FILE = "vae_scale.json"
 
 
 class Posterior(NamedTuple):
@@ -122,7 +124,8 @@ def from_pretrained(
             f"{WEIGHTS_FILE}, from `vae-scale export`), a run folder (checkpoints/) or a Hub "
             f"repository id"
         )
-    cfg, record = load_run_config(folder)
+    record_file = RECORD_FILE if (folder / RECORD_FILE).is_file() else CONFIG_FILE
+    cfg, record = load_run_config(folder, record_file)
     vae = build_recorded_model(cfg, record)
     vae.load_state_dict(load_file(folder / WEIGHTS_FILE))
     return PretrainedVAE(vae.to(device), record)
@@ -137,7 +140,9 @@ def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE]))
+        return Path(
+            snapshot_download(repo_id, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, RECORD_FILE])
+        )
     except Exception as err:  # offline, unknown repo, no access: all say the same to a user
         raise ConfigError(
             f"{repo_id}: no such folder here, and downloading it from the Hugging Face Hub "

@@ -5,7 +5,8 @@ family is a new file here and its import below."""
 from __future__ import annotations
 
 from vae_scale.losses import Likelihood
-from vae_scale.models import conv, hierarchical, mlp, resnet  # noqa: F401  (they register)
+from vae_scale.models import autoencoder_kl, conv, hierarchical, mlp, resnet  # noqa: F401
+from vae_scale.models.autoencoder_kl import AutoencoderKLVAE
 from vae_scale.models.base import FAMILIES, VAE, VAEOutput
 from vae_scale.models.conv import ConvVAE
 from vae_scale.models.hierarchical import HierarchicalVAE
@@ -20,6 +21,7 @@ def build_model(cfg: Section, image_shape: tuple[int, int, int], likelihood: Lik
 
 
 __all__ = [
+    "AutoencoderKLVAE",
     "FAMILIES",
     "VAE",
     "ConvVAE",

@@ -47,6 +47,8 @@ class VAE(nn.Module):
     """
 
     config_section: type[Section]  # the family's config section (set by `register`)
+    #: submodules that map an image to its posterior (frozen by `train.trainable: decoder`)
+    encoder_modules: tuple[str, ...] = ("encoder", "to_posterior")
 
     def __init__(self, image_shape: tuple[int, int, int], likelihood: Likelihood):
         super().__init__()
@@ -70,6 +72,31 @@ class VAE(nn.Module):
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """The encoder's weights (what `train.trainable: decoder` freezes)."""
+        found = [getattr(self, name, None) for name in self.encoder_modules]
+        if not all(isinstance(m, nn.Module) for m in found):
+            raise ConfigError(
+                f"train.trainable: 'decoder' needs a model whose encoder is separate "
+                f"({type(self).__name__} has no {list(self.encoder_modules)})"
+            )
+        return [p for m in found for p in m.parameters()]
+
+    def last_decoder_layer(self) -> nn.Parameter:
+        """The weight of the decoder's last layer: where the adversarial term's adaptive
+        weight compares gradient norms (taming's `last_layer`)."""
+        decoder = getattr(self, "decoder", None)
+        layers = [
+            m for m in (decoder.modules() if decoder is not None else ())
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))
+        ]  # fmt: skip
+        if not layers:
+            raise ConfigError(
+                f"loss.adversarial.adaptive_weight: {type(self).__name__} has no decoder layer "
+                f"to compare gradients at; set it to false"
+            )
+        return layers[-1].weight
 
     def decode(self, z: Tensor) -> Tensor:
         raise NotImplementedError

@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from vae_scale.analysis.evaluate import EvalOptions, evaluate_split, first_images, summarize
+from vae_scale.analysis.latents import LATENT_STATS_FILE, latent_statistics, write_latent_stats
 from vae_scale.analysis.pictures import epoch_pictures
 from vae_scale.config import Config
 from vae_scale.data.streaming.inputs import DeviceBatches
@@ -27,6 +28,7 @@ from vae_scale.data.streaming.order import EpochPlan
 from vae_scale.data.streaming.remote import TransferStats
 from vae_scale.errors import ConfigError
 from vae_scale.metrics import MetricSums
+from vae_scale.perception.networks import PerceptionNets, perception_networks
 from vae_scale.run_files.logs import (
     METRICS_FILE,
     STEPS_FILE,
@@ -81,6 +83,7 @@ class Run:
     first_epoch: int  # the first epoch this process trains (its plan is printed)
     # this rank's transport retries and refetched bytes since they were last added to `state`
     transfers: TransferStats = field(default_factory=TransferStats)
+    nets: PerceptionNets = field(default_factory=PerceptionNets)  # LPIPS / rFID for evaluation
 
 
 def start_run(
@@ -122,6 +125,7 @@ def start_run(
         checkpointer.components = {
             "train_state": state, "update_policy": models.policy, "train_data": splits["train"],
             **({"ema": models.ema} if models.ema is not None else {}),
+            **critic_components(models.critic),
         }  # fmt: skip
         if resume_from is not None:
             missing = checkpointer.restore(resume_from)
@@ -133,14 +137,28 @@ def start_run(
             )
         run_config = setup.record_run(cfg, accelerator, models, splits["train"], steps, command)
         setup.start_tracking(cfg, accelerator, run_config, wandb_mode)
+        nets = perception_networks(
+            cfg.eval.lpips, cfg.eval.rfid, splits["train"].image_shape, cfg.run.weights_dir,
+            accelerator.device, models.perceptual,
+        )  # fmt: skip
+        for metric, why in nets.unavailable.items():
+            accelerator.print(f"note: {metric} is not evaluated: {why}")
     except BaseException:
         if created and not (run_dir / "checkpoints").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     return Run(
         cfg, accelerator, splits, models, checkpointer, state, total_steps, stop,
-        state.epoch,
+        state.epoch, nets=nets,
     )  # fmt: skip
+
+
+def critic_components(critic: setup.Critic | None) -> dict[str, Any]:
+    """The discriminator's checkpointed parts beside Accelerate's (its weights and optimizer
+    are model_1 / optimizer_1 there)."""
+    if critic is None:
+        return {}
+    return {"critic_policy": critic.policy, "lecam": critic.lecam}
 
 
 def train_epochs(run: Run) -> Path:
@@ -154,7 +172,9 @@ def train_epochs(run: Run) -> Path:
     picture_inputs = None
     if accelerator.is_main_process and "test" in run.splits:
         picture_inputs = first_images(run.splits["test"], cfg.eval.recon_rows)
+    trained_last = False
     for epoch in range(state.epoch, cfg.train.epochs + 1):
+        trained_last = epoch == cfg.train.epochs
         sums, seconds = train_one_epoch(run, epoch)
         end_of_epoch(run, epoch, sums, seconds, picture_inputs)
         state.epoch, state.batch_in_epoch, state.epoch_sums = epoch + 1, 0, {}
@@ -165,8 +185,30 @@ def train_epochs(run: Run) -> Path:
                 f"stop signal received: checkpointed at the end of epoch {epoch}; run the "
                 f"same command to resume"
             )
+    if trained_last:
+        measure_latents(run)
     accelerator.wait_for_everyone()
     return cfg.run_dir
+
+
+def measure_latents(run: Run) -> None:
+    """The finished run's latent statistics for diffusion (analysis/latents.py)."""
+    cfg, accelerator, model = run.cfg, run.accelerator, run.models.for_eval
+    if not cfg.eval.latent_stats_samples or len(model.latent_shape) != 3:
+        return
+    stats = latent_statistics(
+        accelerator, model, run.splits["train"], cfg.run.seed, cfg.eval.latent_stats_samples
+    )
+    stats["checkpoint_step"] = run.state.opt_step
+    if accelerator.is_main_process:
+        write_latent_stats(cfg.run_dir, stats)
+        accelerator.print(
+            f"latents: scaling_factor {stats['scaling_factor']:.5f}, shift_factor "
+            f"{stats['shift_factor']:.5f} over {stats['samples']} training images "
+            f"({LATENT_STATS_FILE})"
+        )
+    keys = ("scaling_factor", "shift_factor")
+    accelerator.log({f"latents/{k}": stats[k] for k in keys}, step=run.state.opt_step)
 
 
 def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, torch.Tensor], float]:
@@ -230,7 +272,7 @@ def train_batches_of_epoch(
         m = models
         out = train_step(
             accelerator, m.model, m.plain, m.optimizer, m.policy, x, cfg, state,
-            run.total_steps, m.ema,
+            run.total_steps, m.ema, m.perceptual, m.critic,
         )  # fmt: skip
         sums.add(**batch_sums(out, x.shape[0]))
         progress.update(1, samples=x.shape[0] * accelerator.num_processes)
@@ -268,10 +310,24 @@ def log_step(run: Run, epoch: int, out: StepOutput, progress: Progress) -> None:
         "train/grad_norm": float(out.grad_norm),
         "train/skipped_updates": run.models.policy.counts.skipped_updates,
         **transfer_metrics(state),
+        **critic_metrics(run.models.critic, out),
     }
     if run.accelerator.is_main_process:
         append_row(run.cfg.run_dir, STEPS_FILE, row)
     run.accelerator.log(row, step=state.opt_step)
+
+
+def critic_metrics(critic: setup.Critic | None, out: StepOutput) -> dict[str, float]:
+    """The discriminator's learning rate, gradient norm and skipped updates (once it trains)."""
+    if critic is None:
+        return {}
+    critic.policy.settle()
+    norm = out.critic_grad_norm
+    return {
+        "train/disc_lr": critic.optimizer.param_groups[0]["lr"] if norm is not None else 0.0,
+        "train/disc_grad_norm": float(norm) if norm is not None else 0.0,
+        "train/disc_skipped_updates": critic.policy.counts.skipped_updates,
+    }
 
 
 def mid_epoch_checkpoint(
@@ -353,12 +409,17 @@ def end_of_epoch(
     }
     picture_epoch = epoch in cfg.eval.picture_epochs or epoch == cfg.train.epochs
     eval_model = run.models.for_eval
+    # rFID (Inception at 299 px on every image twice) at the last epoch only
+    last = epoch == cfg.train.epochs
+    nets = PerceptionNets(run.nets.lpips, run.nets.inception if last else None)
     if epoch % cfg.eval.every_epochs == 0 or epoch == cfg.train.epochs:
         for name in ("val", "test"):
             if name in run.splits:
                 # refinement costs ~100 evaluations: test split, picture epochs only
                 refine = cfg.eval.refine_steps if name == "test" and picture_epoch else 0
-                options = EvalOptions(cfg.run.seed, cfg.data.binarize, refine_steps=refine)
+                options = EvalOptions(
+                    cfg.run.seed, cfg.data.binarize, refine_steps=refine, nets=nets
+                )
                 metrics.update(evaluate_split(accelerator, eval_model, run.splits[name], options))
     metrics.update(tracking.best_so_far(state, metrics))
     if accelerator.is_main_process:

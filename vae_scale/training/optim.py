@@ -21,7 +21,6 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from vae_scale.config import TrainConfig
-from vae_scale.training.state import TrainState
 from vae_scale.utils.compat import skip_step_if
 
 
@@ -51,7 +50,7 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     # AdamW: decoupled weight decay (VDVAE's; with weight_decay 0 it is exactly Adam)
     return torch.optim.AdamW(
-        model.parameters(),
+        [p for p in model.parameters() if p.requires_grad],
         lr=cfg.lr,
         betas=tuple(cfg.betas),
         weight_decay=cfg.weight_decay,
@@ -112,23 +111,23 @@ class UpdatePolicy:
         accelerator: Accelerator,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        state: TrainState,
+        step: int,
         total_steps: int,
     ) -> tuple[bool | Tensor, Tensor]:
-        """One update; returns (applied: a bool, or a 0-dim bool tensor on the device path;
-        the gradient norm before clipping, a 0-dim tensor)."""
+        """Optimizer step `step` of `total_steps` (the lr schedule's position; the caller counts
+        it); returns (applied: a bool, or a 0-dim bool tensor on the device path; the gradient
+        norm before clipping, a 0-dim tensor)."""
         # Clipping at the skip threshold too: a forced update after a run of skips is clipped.
         limits = [c for c in (self.cfg.grad_clip, self.cfg.skip_threshold) if c > 0]
         limit = min(limits, default=float("inf"))
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), limit)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(state.opt_step, self.cfg, total_steps)
+            group["lr"] = lr_at(step, self.cfg, total_steps)
         if self.on_device:
             applied = self._on_device(optimizer, grad_norm)
         else:
-            applied = self._on_host(accelerator, optimizer, state.opt_step, float(grad_norm))
+            applied = self._on_host(accelerator, optimizer, step, float(grad_norm))
         optimizer.zero_grad(set_to_none=True)
-        state.opt_step += 1
         return applied, grad_norm
 
     def _on_host(

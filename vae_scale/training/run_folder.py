@@ -36,6 +36,7 @@ MAY_CHANGE = {
     "data.read_timeout_s",
     "data.max_shard_mb_in_memory",
     "run.dir",
+    "run.weights_dir",
     "wandb.mode",
     "wandb.group",
     "wandb.job_type",

@@ -19,6 +19,8 @@ from vae_scale.errors import ConfigError
 from vae_scale.losses import build_likelihood, likelihood_convention
 from vae_scale.models import VAE, build_model
 from vae_scale.models.base import check_single_latent
+from vae_scale.objectives.adversarial import LeCam, PatchDiscriminator
+from vae_scale.perception.lpips import LPIPS, MIN_SIDE
 from vae_scale.training import tracking
 from vae_scale.training.ema import EMA
 from vae_scale.training.optim import UpdatePolicy, build_optimizer, use_fused
@@ -82,8 +84,22 @@ def open_splits(cfg: Config, accelerator: Accelerator) -> dict[str, ShardSplit]:
 
 
 @dataclass
+class Critic:
+    """The adversarial objective's discriminator, trained beside the model with its own
+    optimizer and update policy (loss.adversarial): inactive before its start_step."""
+
+    model: torch.nn.Module  # prepared (DDP): its gradients are all-reduced
+    plain: PatchDiscriminator
+    optimizer: torch.optim.Optimizer
+    policy: UpdatePolicy
+    lecam: LeCam
+    start_step: int
+
+
+@dataclass
 class Models:
-    """The trained model in its three wrappings, its optimizer, and the EMA of its weights."""
+    """The trained model in its three wrappings, its optimizer, and the EMA of its weights;
+    for the autoencoder objective also the frozen LPIPS network and the discriminator."""
 
     model: torch.nn.Module  # prepared: DDP and/or torch.compile around the VAE
     plain: VAE  # the bare VAE inside (its parameters are the trained ones)
@@ -91,6 +107,8 @@ class Models:
     policy: UpdatePolicy  # what an update does with skips and non-finite gradients
     ema: EMA | None
     core: torch.nn.Module  # unwrapped from DDP, possibly still compiled
+    perceptual: LPIPS | None = None  # frozen: not prepared, not checkpointed
+    critic: Critic | None = None
 
     @property
     def for_eval(self) -> VAE:
@@ -107,12 +125,17 @@ def build_models(cfg: Config, accelerator: Accelerator, image_shape: tuple[int, 
     model = fresh()
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.train.trainable == "decoder":
+        for p in model.encoder_parameters():
+            p.requires_grad_(False)
     fused = use_fused(cfg.train, accelerator.device)
     optimizer = build_optimizer(model, cfg.train, fused)
     # fused AdamW reads a skip decision on the device; fp16's GradScaler decides itself
     on_device = fused and cfg.train.mixed_precision != "fp16"
     policy = UpdatePolicy(cfg.train, on_device, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)  # the loader is never prepared
+    # prepared second: a checkpoint's model_1 / optimizer_1
+    critic = build_critic(cfg, accelerator, image_shape, on_device)
     core = accelerator.unwrap_model(model)
     plain = uncompiled(core)
     check_capabilities(plain, cfg)
@@ -122,7 +145,43 @@ def build_models(cfg: Config, accelerator: Accelerator, image_shape: tuple[int, 
         shadow.load_state_dict(plain.state_dict())
         fmt = torch.channels_last if cfg.train.channels_last else torch.preserve_format
         ema = EMA(shadow.to(accelerator.device, memory_format=fmt), cfg.train.ema_decay)
-    return Models(model, plain, optimizer, policy, ema, core)
+    perceptual = None
+    if cfg.loss.objective == "autoencoder" and cfg.loss.perceptual.weight:
+        if min(image_shape[1:]) < MIN_SIDE:
+            raise ConfigError(
+                f"loss.perceptual.weight: LPIPS-VGG needs images of at least {MIN_SIDE}x"
+                f"{MIN_SIDE}; these are {image_shape[1]}x{image_shape[2]} (set it to 0)"
+            )
+        perceptual = LPIPS.pretrained(cfg.run.weights_dir).to(accelerator.device)
+    return Models(model, plain, optimizer, policy, ema, core, perceptual, critic)
+
+
+def build_critic(
+    cfg: Config, accelerator: Accelerator, image_shape: tuple[int, ...], on_device: bool
+) -> Critic | None:
+    """The discriminator, its AdamW (loss.adversarial's lr, betas, schedule) and update policy
+    (train's clipping and skip rules), prepared like the model; None without one."""
+    adv = cfg.loss.adversarial
+    if cfg.loss.objective != "autoencoder" or not adv.weight:
+        return None
+    side = min(image_shape[1:])
+    if side // 2**adv.layers < 3:  # then two stride-1 4x4 convs leave no patch
+        raise ConfigError(
+            f"loss.adversarial.layers: {adv.layers} halvings leave no patch of a "
+            f"{side}-pixel image; use at most {max(1, (side // 3).bit_length() - 1)}"
+        )
+    plain = PatchDiscriminator(image_shape[0], adv)
+    if cfg.train.channels_last:
+        plain = plain.to(memory_format=torch.channels_last)
+    rules = cfg.train.model_copy(
+        update={"lr": adv.lr, "betas": adv.betas, "weight_decay": 0.0,
+                "lr_schedule": adv.lr_schedule, "warmup_steps": 0}
+    )  # fmt: skip
+    optimizer = build_optimizer(plain, rules, use_fused(cfg.train, accelerator.device))
+    model, optimizer = accelerator.prepare(plain, optimizer)
+    policy = UpdatePolicy(rules, on_device, accelerator.device)
+    lecam = LeCam(adv.lecam_decay, accelerator.device)
+    return Critic(model, plain, optimizer, policy, lecam, adv.start_step)
 
 
 def check_capabilities(model: VAE, cfg: Config) -> None:

@@ -14,21 +14,13 @@ from torch import nn
 from vae_scale.config import Config
 from vae_scale.losses import kl_weight, neg_elbo
 from vae_scale.models import VAE
+from vae_scale.objectives import Objective
+from vae_scale.objectives.autoencoder import autoencoder_objective
 from vae_scale.training.augment import encoder_augmentation_terms
 from vae_scale.training.ema import EMA
 from vae_scale.training.optim import UpdatePolicy
+from vae_scale.training.setup import Critic
 from vae_scale.training.state import TrainState
-
-
-@dataclass
-class Objective:
-    """What one step minimises: `loss`, the scalar to backpropagate, and `terms`, every term
-    to report by name, each a 1-D tensor of rows (images, posterior draws, deformed copies)
-    whose mean is the term's per-image value. Epoch sums, steps.jsonl, W&B and the progress
-    line take every key, so a new term appears everywhere once it is added here."""
-
-    loss: torch.Tensor
-    terms: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -40,6 +32,7 @@ class StepOutput:
     # update was applied (a bool where the policy decided on the host); None when not synced.
     grad_norm: torch.Tensor | None
     applied: torch.Tensor | bool | None
+    critic_grad_norm: torch.Tensor | None = None  # the discriminator's, once it trains
 
 
 def training_objective(
@@ -91,24 +84,40 @@ def train_step(
     state: TrainState,
     total_steps: int,
     ema: EMA | None = None,
+    perceptual: nn.Module | None = None,
+    critic: Critic | None = None,
 ) -> StepOutput:
     """Forward and backward of one batch `x` (float pixels on the device); at the end of an
-    accumulation cycle, the update (`policy`) and the EMA of the weights. Nothing here reads
-    a device value on the host when the policy decides on the device."""
+    accumulation cycle, the update (`policy`) and the EMA of the weights, and the
+    discriminator's own update once it has started (`critic`, the autoencoder objective).
+    Nothing here reads a device value on the host when the policies decide on the device."""
     if cfg.train.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    grad_norm = applied = None
-    with accelerator.accumulate(model):
+    grad_norm = applied = critic_norm = None
+    step = state.opt_step
+    with accelerator.accumulate(model, *([critic.model] if critic else [])):
         loss = cfg.loss
-        beta = kl_weight(state.opt_step, loss.beta, loss.kl_warmup_steps, loss.beta_start)
-        objective = training_objective(accelerator, model, plain, x, cfg, beta)
+        beta = kl_weight(step, loss.beta, loss.kl_warmup_steps, loss.beta_start)
+        if loss.objective == "autoencoder":
+            objective = autoencoder_objective(
+                accelerator, model, plain, x, loss, beta, step, perceptual, critic
+            )
+        else:
+            objective = training_objective(accelerator, model, plain, x, cfg, beta)
+        # one backward: the two networks' losses reach disjoint weights (autoencoder.py)
         accelerator.backward(objective.loss)
         synced = accelerator.sync_gradients
         if synced:
-            applied, grad_norm = policy.step(accelerator, model, optimizer, state, total_steps)
+            applied, grad_norm = policy.step(accelerator, model, optimizer, step, total_steps)
+            if critic is not None and step >= critic.start_step:
+                _, critic_norm = critic.policy.step(
+                    accelerator, critic.model, critic.optimizer, step - critic.start_step,
+                    total_steps - critic.start_step,
+                )  # fmt: skip
+            state.opt_step += 1
             if ema is not None:  # counts every step; a skipped one leaves the average as is
                 ema.update(plain, applied)
-    return StepOutput(objective.terms, beta, synced, grad_norm, applied)
+    return StepOutput(objective.terms, beta, synced, grad_norm, applied, critic_norm)
 
 
 def batch_sums(out: StepOutput, num_images: int) -> dict[str, torch.Tensor]:

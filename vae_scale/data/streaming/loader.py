@@ -82,8 +82,14 @@ class ShardSplit:
                 for entry in catalog.indexed_entries(str(location), self.index, part)
             ]
         self.indexed = all(s.num_samples is not None for s in self.shards)
-        self.image_shape = self._image_shape()
-        c, h, w = self.image_shape
+        c, h, w = self._image_shape()  # as stored (decoded)
+        self.image_shape = (c, h, w)  # as the model sees it
+        if data.crop is not None:
+            if data.crop > min(h, w):
+                raise DataError(
+                    f"data.crop: {data.crop} is larger than the {h}x{w} images of {location}"
+                )
+            self.image_shape = (c, data.crop, data.crop)
         keys = tuple(data.image_key.split(";"))
         spec = DecodeSpec((h, w, c), data.image_size is not None, keys, data.label_key)
         self.read_options = ReadOptions(spec, data.on_error, data.verify_shards, self.policy)
@@ -296,7 +302,8 @@ class _TrainStream(IterableDataset):
             samples = read_ids(split, plan.worker_stream(split.rank, w)[skip:], stats)
         else:
             samples = _resampled(split, plan, w, stats)
-        yield from _batches(samples, split.batch_size, count, fill_bad=True, stats=stats)
+        crop = Crop(split.data.crop, split.seed, plan.epoch)
+        yield from _batches(samples, split.batch_size, count, True, stats, crop)
 
 
 def _resampled(
@@ -341,7 +348,8 @@ class _EvalStream(IterableDataset):
             reader = ShardReader(split.read_options, split._cache, stats)
             mine = split.shards[split.rank :: split.world_size][w::workers]
             samples = (s for entry in mine for s in reader.load(entry).values())
-        yield from _batches(samples, split.batch_size, None, fill_bad=False, stats=stats)
+        crop = Crop(split.data.crop, split.seed, None)
+        yield from _batches(samples, split.batch_size, None, False, stats, crop)
 
 
 def _batches(
@@ -350,6 +358,7 @@ def _batches(
     count: int | None,
     fill_bad: bool,
     stats: TransferStats,
+    crop: Crop | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Group samples into batches: `count` full ones (training; a bad sample's place is taken
     by a good one of its batch, and counted), or all of them with a partial last batch
@@ -367,15 +376,37 @@ def _batches(
             last_good = sample
         group.append(sample)
         if len(group) == batch_size:
-            yield {**collate(group, bad, last_good), "transfers": stats.take()}
+            yield {**collate(group, bad, last_good, crop), "transfers": stats.take()}
             made, group, bad = made + 1, [], 0
     if group and count is None:
-        yield {**collate(group, bad, last_good), "transfers": stats.take()}
+        yield {**collate(group, bad, last_good, crop), "transfers": stats.take()}
     if count is not None and made < count:
         raise DataError(f"the loader made {made} of {count} batches: shards ended early")
 
 
-def collate(samples: list[Any], skipped: int = 0, fallback: Any = None) -> dict[str, Any]:
+class Crop:
+    """data.crop's window of each image: random per (seed, epoch, sample key) in training
+    (`epoch` given), the centre in evaluation (`epoch` None); `size` None: the whole image."""
+
+    def __init__(self, size: int | None, seed: int, epoch: int | None):
+        self.size, self.seed, self.epoch = size, seed, epoch
+
+    def __call__(self, image: np.ndarray, key: str) -> np.ndarray:
+        """`image`: (C, H, W)."""
+        if self.size is None:
+            return image
+        h, w = image.shape[-2:]
+        if self.epoch is None:
+            top, left = (h - self.size) // 2, (w - self.size) // 2
+        else:
+            rng = random.Random(derive_seed(self.seed, "crop", self.epoch, key))
+            top, left = rng.randint(0, h - self.size), rng.randint(0, w - self.size)
+        return image[:, top : top + self.size, left : left + self.size]
+
+
+def collate(
+    samples: list[Any], skipped: int = 0, fallback: Any = None, crop: Crop | None = None
+) -> dict[str, Any]:
     good = [s for s in samples if not isinstance(s, BadSample)]
     if len(good) < len(samples):
         stand_in = good[0] if good else fallback
@@ -383,7 +414,9 @@ def collate(samples: list[Any], skipped: int = 0, fallback: Any = None) -> dict[
             raise DataError(f"no readable sample to stand in for: {samples[0].reason}")
         samples = [stand_in if isinstance(s, BadSample) else s for s in samples]
     batch: dict[str, Any] = {
-        "image": torch.from_numpy(np.stack([s["image"] for s in samples])),
+        "image": torch.from_numpy(
+            np.stack([crop(s["image"], s["key"]) if crop else s["image"] for s in samples])
+        ),
         "key": [s["key"] for s in samples],
         "skipped": skipped,
     }

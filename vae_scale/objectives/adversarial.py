@@ -1,0 +1,146 @@
+"""The adversarial term of a KL autoencoder: a PatchGAN discriminator (pix2pix / taming's
+NLayerDiscriminator), its hinge or non-saturating losses, taming's adaptive weight and the
+LeCam regulariser (Tseng et al. 2021).
+
+Two choices differ from taming on purpose:
+- GroupNorm (or no norm) instead of BatchNorm: statistics that do not depend on the batch, so
+  N processes, gradient accumulation and one process with the whole batch make the same
+  update, and eval/train modes behave alike.
+- The adaptive weight compares the gradient norms of the *global* batch: the two gradients at
+  the decoder's last layer are averaged over processes first (taming uses each rank's own).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+from torch import Tensor, nn
+
+from vae_scale.schema import NonNegative, NonNegativeFloat, Positive, Section
+
+
+class AdversarialConfig(Section):
+    """loss.adversarial: weight 0 = no discriminator at all."""
+
+    weight: NonNegativeFloat = 0.5  # taming's disc_weight
+    start_step: NonNegative = 5000  # optimizer step the discriminator starts at (disc_start)
+    loss: Literal["hinge", "non_saturating"] = "hinge"
+    adaptive_weight: bool = True  # ||grad rec|| / ||grad gan|| at the decoder's last layer
+    max_adaptive_weight: Annotated[float, Field(gt=0)] = 1e4
+    lecam_weight: NonNegativeFloat = 0.0  # 0 = off; ~0.001 in the LeCam paper
+    lecam_decay: Annotated[float, Field(ge=0, lt=1)] = 0.99
+    layers: Positive = 3  # strided conv layers (PatchGAN's n_layers)
+    channels: Positive = 64  # first layer's width (doubling, at most x8)
+    norm: Literal["group", "none"] = "group"
+    # the discriminator's own optimizer (AdamW) and schedule, counted from start_step
+    lr: Annotated[float, Field(gt=0)] = 1e-4
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
+        0.5,
+        0.9,
+    )
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _betas_from_list(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value  # YAML has no tuples
+
+
+class PatchDiscriminator(nn.Module):
+    """Logits per overlapping patch, (B, 1, h, w), for images in [-1, 1]."""
+
+    def __init__(self, in_channels: int, cfg: AdversarialConfig):
+        super().__init__()
+        width, norm = cfg.channels, cfg.norm
+
+        def block(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
+            conv = nn.Conv2d(c_in, c_out, 4, stride, 1, bias=norm == "none")
+            groups = [nn.GroupNorm(min(32, c_out), c_out)] if norm == "group" else []
+            return [conv, *groups, nn.LeakyReLU(0.2)]
+
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 4, 2, 1), nn.LeakyReLU(0.2)]
+        mult = 1
+        for n in range(1, cfg.layers + 1):
+            previous, mult = mult, min(2**n, 8)
+            layers += block(width * previous, width * mult, 2 if n < cfg.layers else 1)
+        layers.append(nn.Conv2d(width * mult, 1, 4, 1, 1))
+        self.net = nn.Sequential(*layers)
+        for m in self.modules():  # taming's weights_init
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.GroupNorm):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net(images)
+
+
+def generator_loss(fake_logits: Tensor, kind: str) -> Tensor:
+    """The autoencoder's adversarial loss (scalar): hinge's -D(G(x)) or -log sigmoid(D(G(x)))."""
+    fake_logits = fake_logits.float()
+    if kind == "hinge":
+        return -fake_logits.mean()
+    return F.softplus(-fake_logits).mean()
+
+
+def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: str) -> Tensor:
+    """The discriminator's loss (scalar), halved as in taming."""
+    real, fake = real_logits.float(), fake_logits.float()
+    if kind == "hinge":
+        return 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
+    return 0.5 * (F.softplus(-real).mean() + F.softplus(fake).mean())
+
+
+def adaptive_weight(
+    rec_loss: Tensor,
+    gan_loss: Tensor,
+    last_layer: nn.Parameter,
+    max_weight: float,
+    average: Any = None,
+) -> Tensor:
+    """taming's ||grad rec|| / (||grad gan|| + 1e-4) at `last_layer`, clamped to
+    [0, max_weight], detached. `average` (the gradients' mean over processes) makes it the
+    global batch's ratio under DDP."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    if average is not None:
+        rec_grad, gan_grad = average(torch.stack([rec_grad.float(), gan_grad.float()])).unbind()
+    weight = rec_grad.float().norm() / (gan_grad.float().norm() + 1e-4)
+    return weight.clamp(0.0, max_weight).detach()
+
+
+class LeCam:
+    """LeCam regulariser: exponential averages of the discriminator's mean logits on real and
+    fake images, and the penalty pulling each side's logits towards the other's average.
+    The averages are the same on every process (batch means averaged over processes first)
+    and are checkpointed."""
+
+    def __init__(self, decay: float, device: torch.device | str):
+        self.decay = decay
+        self.averages = torch.zeros(2, dtype=torch.float32, device=device)  # real, fake
+        self.updates = 0
+
+    def penalty(self, real_logits: Tensor, fake_logits: Tensor, average: Any = None) -> Tensor:
+        """The penalty against the averages so far, then the averages move (no gradient)."""
+        avg_real, avg_fake = self.averages.unbind()
+        real, fake = real_logits.float(), fake_logits.float()
+        penalty = F.relu(real - avg_fake).pow(2).mean() + F.relu(avg_real - fake).pow(2).mean()
+        with torch.no_grad():
+            means = torch.stack([real.mean(), fake.mean()])
+            if average is not None:
+                means = average(means)
+            weight = 1.0 if self.updates == 0 else 1.0 - self.decay
+            self.averages.lerp_(means, weight)
+            self.updates += 1
+        return penalty
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"averages": self.averages.tolist(), "updates": self.updates}
+
+    def load_state_dict(self, values: dict[str, Any]) -> None:
+        self.averages.copy_(torch.tensor(values["averages"], dtype=torch.float32))
+        self.updates = int(values["updates"])
