@@ -107,10 +107,12 @@ def score(name: str, run: Path, work: Path) -> dict:
     pairs = torch.stack([originals[:32], recons[:32]], 1).flatten(0, 1)
     FIGURES.mkdir(exist_ok=True)
     save_grid(vutils.make_grid(pairs, nrow=8, padding=2), FIGURES / f"sharp_{name}.png")
-    steps = [json.loads(r) for r in (run / "steps.jsonl").read_text().splitlines()]
+    from vae_scale.run_files.checkpoints import latest_checkpoint, read_train_state
+
+    step = read_train_state(latest_checkpoint(run / "checkpoints"))["opt_step"]
     return {
         "model": name,
-        "steps": steps[-1]["global_step"] if steps else 0,
+        "steps": step,
         "psnr": metrics["test/psnr"],
         "ssim": metrics["test/ssim"],
         "lpips": metrics.get("test/lpips"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import shlex
 import sys
@@ -151,7 +152,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         cfg = load_config(args.config, [*args.overrides, trial])
     command = shlex.join(["vae-scale", "train", args.config, *args.overrides])
     try:
-        run_dir = train(cfg, resume=args.resume, command=command)
+        run_dir = train(
+            cfg, resume=args.resume, command=command, from_another_run=args.from_another_run
+        )
     except TrainingDiverged as err:  # a message, not a traceback: the checkpoints are intact
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(_record_exit_status(2)) from None
@@ -178,7 +181,6 @@ def _log_pictures(run, paths: dict[str, Path]) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Whole-split evaluation; under `accelerate launch` each sample is counted once."""
-    import json
 
     import torch
     from accelerate import Accelerator
@@ -190,6 +192,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from vae_scale.models.base import check_single_latent
     from vae_scale.perception.networks import perception_networks
     from vae_scale.training import tracking
+    from vae_scale.utils.fsutil import write_json_atomic
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     try:
@@ -235,8 +238,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
             }
         )
         if accelerator.is_main_process:
-            out = run.run_dir / f"eval_{args.split}.json"
-            out.write_text(json.dumps(metrics, indent=1))
             for key, value in metrics.items():
                 if key.endswith("_unavailable"):
                     continue
@@ -248,8 +249,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
                         if isinstance(value, float)
                         else f"{key:36s} {value}"
                     )
-            print(f"wrote {out}")
-            wandb_run = tracking.reopen_run(cfg, run.run_dir)
+            out = run.run_dir / f"eval_{args.split}.json"
+            written = True
+            try:  # the numbers are printed above whatever happens to the file
+                write_json_atomic(out, metrics, indent=1)
+                print(f"wrote {out}")
+            except OSError as err:
+                written = False  # (the W&B run lives in the same folder)
+                print(
+                    f"warning: could not write {out} ({err.strerror or err}); the numbers are "
+                    f"above. Copy the run folder somewhere writable to keep them with it",
+                    file=sys.stderr,
+                )
+            wandb_run = tracking.reopen_run(cfg, run.run_dir) if written else None
             if wandb_run is not None:
                 wandb_run.summary.update(
                     {k: v for k, v in metrics.items() if not isinstance(v, list)}
@@ -427,6 +439,12 @@ def _add_train_and_eval_commands(sub: Any) -> None:
         "latest complete checkpoint in the run folder, if any), 'none', or a "
         "checkpoint folder",
     )
+    tr.add_argument(
+        "--from-another-run",
+        action="store_true",
+        help="with --resume PATH: PATH may be a checkpoint of another run folder (its weights, "
+        "optimizer and position start this run; refused without this flag)",
+    )
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser(
@@ -495,6 +513,9 @@ def _record_exit_status(code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A log handler that cannot write (W&B's, on a full disk) stays silent instead of printing
+    # a traceback per record; the failure that matters is reported once, below.
+    logging.raiseExceptions = False
     set_progress_mode(getattr(args, "progress", "auto"))
     try:
         args.func(args)

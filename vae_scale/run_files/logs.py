@@ -4,8 +4,12 @@ each with its `global_step`, so a resumed run can drop the rows it will redo."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
+
+from vae_scale.errors import ConfigError
 
 METRICS_FILE = "metrics.jsonl"  # one row per epoch
 STEPS_FILE = "steps.jsonl"  # one row every train.log_every_steps optimizer steps
@@ -19,10 +23,27 @@ def append_row(run_dir: Path, name: str, row: dict[str, Any]) -> None:
 
 
 def read_rows(run_dir: Path, name: str = METRICS_FILE) -> list[dict[str, Any]]:
+    """The rows of a log. A last line cut off mid-write (a kill, a full disk) is dropped with
+    a warning; a damaged line before it is an error naming the file and line."""
     path = Path(run_dir) / name
     if not path.is_file():
         return []
-    return [json.loads(r) for r in path.read_text().splitlines() if r]
+    lines = path.read_text(errors="replace").splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ConfigError(
+                    f"{path}: line {number} is not a JSON row ({line[:60]!r}); the file was "
+                    f"edited or damaged: fix or delete that line"
+                ) from None
+            print(f"warning: {path}: dropped a torn last line (a write cut off by a kill or a "
+                  f"full disk): {line[:60]!r}", file=sys.stderr)  # fmt: skip
+    return rows
 
 
 def sample_keys_file(rank: int) -> str:
@@ -35,4 +56,10 @@ def truncate_logs(run_dir: Path, opt_step: int, names: tuple[str, ...] | None = 
         path = run_dir / name
         if path.is_file():
             kept = [r for r in read_rows(run_dir, name) if r["global_step"] <= opt_step]
-            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            # complete or not at all: a full disk mid-rewrite keeps the old file
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            try:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)

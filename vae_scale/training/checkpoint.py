@@ -59,8 +59,10 @@ def save_checkpoint(
         if accelerator.is_main_process:
             _finish(tmp, final, ckpt_root, step, keep)
     except Exception as err:  # the previous checkpoint stays the latest
-        shutil.rmtree(tmp, ignore_errors=True)
+        # judged before the temporary folder goes: torch's own write errors carry no errno,
+        # and once its bytes are freed the disk no longer looks full
         code = _disk_full_errno(err, ckpt_root)
+        shutil.rmtree(tmp, ignore_errors=True)
         if code is None:
             raise
         previous = latest_checkpoint(ckpt_root)
@@ -122,7 +124,7 @@ class Checkpointer:
         self.components: dict[str, Stateful] = {}  # handed over once they exist
         self.latest: Path | None = None  # the newest complete checkpoint of this run
 
-    def find(self, resume: str) -> Path | None:
+    def find(self, resume: str, from_another_run: bool = False) -> Path | None:
         """The checkpoint `--resume` asks for: 'auto' (the newest that verifies, if any),
         'none' (refuse a folder that has checkpoints) or a checkpoint folder. The main process
         chooses and verifies, and every rank gets its choice (ranks on a network file system
@@ -130,7 +132,8 @@ class Checkpointer:
         choice: list[Any] = [None, None]
         if self.accelerator.is_main_process:
             try:
-                choice[0] = self._choose(resume)
+                self._clean_partial()
+                choice[0] = self._choose(resume, from_another_run)
             except ConfigError as err:
                 choice[1] = str(err)
         if self.accelerator.num_processes > 1:
@@ -142,7 +145,14 @@ class Checkpointer:
         self.latest = None if choice[0] is None else Path(choice[0])
         return self.latest
 
-    def _choose(self, resume: str) -> str | None:
+    def _clean_partial(self) -> None:
+        """Remove temporary checkpoint folders of trainers that were killed mid-write (this
+        process holds the run folder's lock, so none of them is being written)."""
+        if self.root.is_dir():
+            for partial in self.root.glob(f".tmp-{PREFIX}*"):
+                shutil.rmtree(partial, ignore_errors=True)
+
+    def _choose(self, resume: str, from_another_run: bool = False) -> str | None:
         if resume == "none":
             if latest_checkpoint(self.root) is not None:
                 raise ConfigError(
@@ -164,6 +174,13 @@ class Checkpointer:
         if not is_complete(path, verify_hashes=True):
             raise ConfigError(
                 f"--resume {path}: not a complete checkpoint folder (no valid {MANIFEST})"
+            )
+        owner = path.resolve().parent.parent
+        if owner != self.root.resolve().parent and not from_another_run:
+            raise ConfigError(
+                f"--resume {path}: a checkpoint of another run folder ({owner}), not of "
+                f"{self.run_dir}; its settings were not checked against this run's. "
+                f"To start this run from it on purpose, add --from-another-run"
             )
         return str(path)
 

@@ -50,15 +50,23 @@ from vae_scale.utils.seeding import derive_seed
 __all__ = ["TrainingDiverged", "train"]
 
 
-def train(cfg: Config, resume: str = "auto", command: str | None = None) -> Path:
-    """Train `cfg`; returns the run folder. `resume`: 'auto', 'none' or a checkpoint path;
-    `command`: the command line that asked for it (recorded with the run)."""
+def train(
+    cfg: Config,
+    resume: str = "auto",
+    command: str | None = None,
+    from_another_run: bool = False,
+) -> Path:
+    """Train `cfg`; returns the run folder. `resume`: 'auto', 'none' or a checkpoint path
+    (of another run folder only with `from_another_run`); `command`: the command line that
+    asked for it (recorded with the run)."""
     wandb_mode = tracking.resolve_mode(cfg.wandb.mode)
     accelerator = setup.make_accelerator(cfg, wandb_mode)
     lock = RunLock(cfg.run_dir)
     try:
         with StopFlag() as stop:
-            run = start_run(cfg, accelerator, wandb_mode, resume, stop, lock, command)
+            run = start_run(
+                cfg, accelerator, wandb_mode, resume, stop, lock, command, from_another_run
+            )
             return train_epochs(run)
     finally:
         lock.release()
@@ -94,6 +102,7 @@ def start_run(
     stop: StopFlag,
     lock: RunLock,
     command: str | None = None,
+    from_another_run: bool = False,
 ) -> Run:
     """Lock the run folder, choose what to resume, build data and models. A start that fails
     leaves no run folder behind that it created."""
@@ -109,7 +118,7 @@ def start_run(
                 created, refusal = False, err  # the folder is the other trainer's
         setup.agree(accelerator, refusal)
         checkpointer = Checkpointer(accelerator, run_dir, cfg.train.keep_checkpoints)
-        resume_from = checkpointer.find(resume)
+        resume_from = checkpointer.find(resume, from_another_run)
         if resume_from is not None:
             check_same_run(cfg, run_dir)
         else:  # a fresh start: no rows of an attempt that died before its first checkpoint
@@ -135,7 +144,11 @@ def start_run(
                 f"resumed from {resume_from} (epoch {state.epoch}, batch "
                 f"{state.batch_in_epoch}, step {state.opt_step})"
             )
-        run_config = setup.record_run(cfg, accelerator, models, splits["train"], steps, command)
+        # a run with nothing left to train keeps its record as it is
+        finished = state.epoch > cfg.train.epochs
+        run_config = setup.record_run(
+            cfg, accelerator, models, splits["train"], steps, command, write=not finished
+        )
         setup.start_tracking(cfg, accelerator, run_config, wandb_mode)
         nets = perception_networks(
             cfg.eval.lpips, cfg.eval.rfid, splits["train"].image_shape, cfg.run.weights_dir,

@@ -36,6 +36,7 @@ MAY_CHANGE = {
     "data.read_timeout_s",
     "data.max_shard_mb_in_memory",
     "run.dir",
+    "run.name",  # the run folder's name: a renamed folder is the same run
     "run.weights_dir",
     "wandb.mode",
     "wandb.group",
@@ -99,7 +100,14 @@ def check_same_run(cfg: Config, run_dir: Path) -> None:
     path = run_dir / "config.json"
     if not path.is_file():
         return
-    recorded = json.loads(path.read_text())
+    try:
+        recorded = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(
+            f"{path} is damaged ({err}): the settings this run was trained with cannot be "
+            f"checked. Restore it (a copy is in the W&B run's config), or resume with "
+            f"--resume CHECKPOINT after moving it aside"
+        ) from None
     now = _flat(cfg.to_dict())
     # A key the record lacks was added to vae_scale after the run was written: the run did
     # what its default does. A key the code no longer has is no setting of this run.

@@ -3,7 +3,6 @@ model with its optimizer and EMA, the run's config record and W&B."""
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from vae_scale.training.ema import EMA
 from vae_scale.training.optim import UpdatePolicy, build_optimizer, use_fused
 from vae_scale.training.signals import ignore_stop_signals
 from vae_scale.utils.compat import cpu_has_fast_bf16, uncompiled
+from vae_scale.utils.fsutil import write_json_atomic
 
 
 def make_accelerator(cfg: Config, wandb_mode: str) -> Accelerator:
@@ -217,6 +217,7 @@ def record_run(
     train_data: ShardSplit,
     steps: int,
     command: str | None = None,
+    write: bool = True,
 ) -> dict[str, Any]:
     """The run's config.json (main process; {} elsewhere): the resolved config and the facts
     of this run (what trained it, where, on how many processes and machines)."""
@@ -240,7 +241,8 @@ def record_run(
         # what the nats of */neg_elbo and */recon measure (bce_grey, bce_binarized, ...)
         "likelihood_convention": likelihood_convention(cfg.loss.likelihood, cfg.data.binarize),
     }
-    (Path(cfg.run_dir) / "config.json").write_text(json.dumps(run_config, indent=1, default=str))
+    if write:
+        write_json_atomic(Path(cfg.run_dir) / "config.json", run_config, indent=1, default=str)
     accelerator.print(
         f"{cfg.run.name}: {run_config['num_parameters']:,} parameters, "
         f"{accelerator.num_processes} process(es) on {accelerator.device}, global batch "

@@ -29,14 +29,20 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def write_json_atomic(path: Path, payload: Any, indent: int | None = None) -> None:
-    """`payload` as JSON at `path`, complete or not at all (temporary name, fsync, rename)."""
+def write_json_atomic(
+    path: Path, payload: Any, indent: int | None = None, default: Any = None
+) -> None:
+    """`payload` as JSON at `path`, complete or not at all (temporary name, fsync, rename;
+    a failed write leaves the old file and no temporary one)."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=indent)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=indent, default=default)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     fsync(path.parent)
 
 

@@ -46,6 +46,16 @@ def read_index(location: str, policy: remote.FetchPolicy, required: bool = True)
         if not Path(remote.local_path(url)).is_file():
             if not required:
                 return None
+            tars = sorted(p.name for p in folder.glob("*.tar"))
+            if tars:  # shards without our index: another tool's WebDataset
+                raise DataError(
+                    f"{url} is missing: {folder} holds {len(tars)} .tar shards ({tars[0]}, ...) "
+                    f"but no index.json, e.g. a WebDataset written by another tool. Train on it "
+                    f"with data.urls (e.g. \"data.urls={{train: '{folder}/{tars[0]}'}}\" or a "
+                    f"brace pattern) and data.samples_per_epoch=N, data.image_size=S (README, "
+                    f"'Data at scale'); if vae-scale wrote it and was stopped, re-run "
+                    f"`vae-scale shard {folder.name} --force`"
+                )
             raise DataError(
                 f"{url} is missing: {folder} is not a complete shard folder; re-run "
                 f"`vae-scale shard {folder.name} --force`"
