@@ -345,3 +345,46 @@ def test_a_foreign_webdataset_folder_points_to_data_urls(frey_shards, tmp_path, 
     code, err = cli(train_args(tmp_path / "shards", tmp_path, "train.epochs=1"), capsys)
     assert code == 2 and "no index.json" in err and "data.urls" in err
     assert "data.samples_per_epoch" in err and "Traceback" not in err
+
+
+def test_a_failed_rng_restore_is_said_and_vanished_ranks_keys_are_cut_back(
+    frey_shards, tmp_path, capsys, monkeypatch
+):
+    base = ("model.base_channels=4", "model.latent_dim=4", "train.log_sample_keys=true")
+    assert cli(train_args(frey_shards, tmp_path, *base, "train.epochs=1"), capsys)[0] == 0
+    run = tmp_path / "tiny"
+    step = checkpoint.checkpoint_step(checkpoint.latest_checkpoint(run / "checkpoints"))
+    # a rank of an earlier, wider topology left rows past the checkpoint
+    rows = [{"epoch": 1, "global_step": s, "keys": ["x"]} for s in (step - 1, step + 5)]
+    (run / "sample_keys" / "rank1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    import accelerate.checkpointing
+
+    def broken(_state):
+        raise RuntimeError("RNG state of another build")
+
+    monkeypatch.setattr(accelerate.checkpointing.torch, "set_rng_state", broken)
+    with pytest.warns(UserWarning, match="random_states_0.pkl was not restored"):
+        code, err = cli(train_args(frey_shards, tmp_path, *base, "train.epochs=2"), capsys)
+    assert code == 0, err
+    kept = [json.loads(r) for r in (run / "sample_keys" / "rank1.jsonl").open()]
+    assert [r["global_step"] for r in kept] == [step - 1]
+
+
+def test_shard_rewrites_a_damaged_shard_instead_of_calling_it_up_to_date(
+    frey_source, tmp_path, capsys
+):
+    args = ["shard", "frey", "--data-root", str(frey_source.parent), "--out", str(tmp_path),
+            "--shard-size", "500", "--no-download"]  # fmt: skip
+    assert cli(args, capsys)[0] == 0
+    assert main(args) == 0 and "up to date" in capsys.readouterr().out
+    shard = sorted((tmp_path / "frey").glob("train-*.tar"))[0]
+    data = bytearray(shard.read_bytes())
+    data[1500] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert main(args) == 0
+    assert "up to date" not in capsys.readouterr().out
+    index = json.loads((tmp_path / "frey" / "index.json").read_text())
+    expected = {s["name"]: s["sha256"] for sp in index["splits"].values() for s in sp["shards"]}
+    from vae_scale.utils.fsutil import sha256_file
+
+    assert sha256_file(shard) == expected[shard.name]

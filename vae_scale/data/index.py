@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from vae_scale.errors import DataError
-from vae_scale.utils.fsutil import swap_folder, write_json_atomic
+from vae_scale.utils.fsutil import sha256_file, swap_folder, write_json_atomic
 
 INDEX_NAME = "index.json"
 FORMAT_VERSION = 1
@@ -50,7 +50,9 @@ def publish(work: Path, out_dir: Path, index: dict[str, Any]) -> None:
 
 def index_matches(out_dir: Path, data: Any, shard_size: int) -> bool:
     """True when `out_dir` already holds shards made from the same inputs and settings
-    (`data`: a SourceData, or anything with its `source` and `params`)."""
+    (`data`: a SourceData, or anything with its `source` and `params`), each shard's bytes
+    still those its sha256 in the index names (a damaged shard is rewritten, not called up to
+    date; hashing a dataset's shards costs about what reading them once does)."""
     path = out_dir / INDEX_NAME
     if not path.is_file():
         return False
@@ -64,6 +66,7 @@ def index_matches(out_dir: Path, data: Any, shard_size: int) -> bool:
         and index.get("params") == {**data.params, "shard_size": shard_size}
         and all(
             (out_dir / s["name"]).is_file()
+            and ("sha256" not in s or sha256_file(out_dir / s["name"]) == s["sha256"])
             for split in index["splits"].values()
             for s in split["shards"]
         )

@@ -11,10 +11,13 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from accelerate import Accelerator
 
 from vae_scale.errors import ConfigError
@@ -31,7 +34,7 @@ from vae_scale.run_files.checkpoints import (  # noqa: F401  (the format, re-exp
     read_train_state,
     write_state,
 )
-from vae_scale.run_files.logs import sample_keys_file, truncate_logs
+from vae_scale.run_files.logs import SAMPLE_KEYS_DIR, sample_keys_file, truncate_logs
 from vae_scale.utils.fsutil import fsync, sha256_file
 
 
@@ -199,10 +202,42 @@ class Checkpointer:
             else:
                 component.load_state_dict(values)
         step = checkpoint_step(path)
+        rank = self.accelerator.process_index
         if self.accelerator.is_main_process:
             truncate_logs(self.run_dir, step)
-        truncate_logs(self.run_dir, step, (sample_keys_file(self.accelerator.process_index),))
+            # ranks that ran before an elastic resume onto fewer processes: their rows past
+            # the checkpoint were never trained into it either
+            for old in (self.run_dir / SAMPLE_KEYS_DIR).glob("rank*.jsonl"):
+                if int(old.stem.removeprefix("rank")) >= self.accelerator.num_processes:
+                    truncate_logs(self.run_dir, step, (f"{SAMPLE_KEYS_DIR}/{old.name}",))
+        truncate_logs(self.run_dir, step, (sample_keys_file(rank),))
+        self._check_rng_restored(path, rank)
         return missing
+
+    @staticmethod
+    def _check_rng_restored(path: Path, rank: int) -> None:
+        """Accelerate's load_state swallows any error restoring the random number generators
+        (an info log): compare them with the saved states, and say so when they differ."""
+        file = path / f"random_states_{rank}.pkl"
+        # each process of the checkpointed run wrote its file (rank 0 always): a missing one
+        # of a higher rank is an elastic resume onto more processes, re-planned on purpose
+        written = {int(p.stem.rsplit("_", 1)[1]) for p in path.glob("random_states_*.pkl")}
+        if not file.is_file():
+            problem = None if rank and max(written, default=-1) < rank else "is missing"
+        else:
+            try:  # our own file, its sha256 verified against the manifest
+                saved = torch.load(file, map_location="cpu", weights_only=False)
+                same = torch.equal(torch.get_rng_state(), saved["torch_manual_seed"])
+                same = same and random.getstate() == saved["random_state"]
+                problem = None if same else "was not restored"
+            except Exception as err:  # unreadable: the same warning, with why
+                problem = f"could not be read ({type(err).__name__}: {err})"
+        if problem:
+            warnings.warn(
+                f"{file} {problem}: process {rank}'s random number generators start afresh, "
+                f"so this resume is not bit-exact (the run goes on)",
+                stacklevel=3,
+            )
 
     def save(self, step: int) -> Path:
         """Collective: a checkpoint of the current weights and components at optimizer step
