@@ -172,7 +172,9 @@ def test_9_changed_pixels_in_a_test_shard_are_caught(frey_shards, tmp_path, caps
     data[1500] ^= 0x01  # one pixel value inside a sample
     test_shard.write_bytes(bytes(data))
     code, err = cli(train_args(shards, tmp_path, "train.epochs=1"), capsys)
-    assert code == 2 and f"{test_shard.name} has sha256" in err
+    # caught before epoch 1 (it was after a whole epoch of training), naming the shard
+    assert code == 2 and f"{test_shard.name}: sha256 differs from index.json" in err
+    assert "data.on_error=skip" in err and not (tmp_path / "tiny" / "metrics.jsonl").exists()
 
 
 def test_10_11_bad_index_files_are_clear_errors(frey_shards, tmp_path, capsys):
@@ -388,3 +390,26 @@ def test_shard_rewrites_a_damaged_shard_instead_of_calling_it_up_to_date(
     from vae_scale.utils.fsutil import sha256_file
 
     assert sha256_file(shard) == expected[shard.name]
+
+
+def test_damaged_val_and_test_shards_are_left_out_before_training_with_skip(
+    frey_source, tmp_path, capsys
+):
+    from vae_scale.data.sourcing import frey
+    from vae_scale.data.sourcing.shards import write_dataset
+
+    shards = tmp_path / "shards"  # 50 per shard: val and test have 2 each
+    write_dataset(frey.prepare(frey_source, seed=0, download_ok=False), shards / "frey", 50)
+    val = sorted((shards / "frey").glob("val-*.tar"))
+    for shard in [*val[:1], *sorted((shards / "frey").glob("test-*.tar"))]:
+        data = bytearray(shard.read_bytes())
+        data[1500] ^= 0x01
+        shard.write_bytes(bytes(data))
+    base = ("model.base_channels=4", "model.latent_dim=4", "train.epochs=1")
+    code, err = cli(train_args(shards, tmp_path, *base, "data.on_error=skip"), capsys)
+    assert code == 0 and "Traceback" not in err, err
+    (row,) = [json.loads(r) for r in (tmp_path / "tiny" / "metrics.jsonl").open()]
+    index = json.loads((shards / "frey" / "index.json").read_text())
+    val_counts = {s["name"]: s["num_samples"] for s in index["splits"]["val"]["shards"]}
+    assert row["val/num_samples"] == sum(val_counts.values()) - val_counts[val[0].name]
+    assert not any(k.startswith("test/") for k in row)  # every test shard damaged: left out

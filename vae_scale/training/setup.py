@@ -14,7 +14,7 @@ from accelerate.utils import TorchDynamoPlugin
 
 from vae_scale.config import Config
 from vae_scale.data.streaming.loader import ShardSplit
-from vae_scale.errors import ConfigError
+from vae_scale.errors import ConfigError, DataError
 from vae_scale.losses import build_likelihood, likelihood_convention
 from vae_scale.models import VAE, build_model
 from vae_scale.models.base import check_single_latent
@@ -78,9 +78,34 @@ def open_splits(cfg: Config, accelerator: Accelerator) -> dict[str, ShardSplit]:
     splits = {"train": train}
     for name in ("val", "test"):
         if train.has(name) and name not in cfg.data.train_splits:
-            splits[name] = ShardSplit(cfg.shard_dir, name, cfg.data, **common)
+            split = ShardSplit(cfg.shard_dir, name, cfg.data, **common)
+            if checked_for_evaluation(split, cfg, accelerator):
+                splits[name] = split
     train.check_enough_shards()
     return splits
+
+
+def checked_for_evaluation(split: ShardSplit, cfg: Config, accelerator: Accelerator) -> bool:
+    """A split training only evaluates, its local shards verified before epoch 1: damaged
+    ones are an error now (not after an epoch of training), or with data.on_error=skip left
+    out with a warning; False when none is left (the split is then not evaluated)."""
+    if not cfg.data.verify_shards:
+        return True
+    damaged = split.damaged_local_shards()
+    if not damaged:
+        return True
+    listed = "; ".join(f"{name}: {why}" for name, why in sorted(damaged.items()))
+    if cfg.data.on_error != "skip":
+        raise DataError(
+            f"{split.split} shards of {split.shard_dir} are damaged ({listed}); re-shard "
+            f"(`vae-scale shard ... --force`), or set data.on_error=skip to evaluate without them"
+        )
+    split.leave_out(set(damaged))
+    left = f"{split.num_samples} samples left" if split.shards else "not evaluated"
+    accelerator.print(
+        f"warning: {split.split}: leaving out damaged shards ({listed}), data.on_error=skip; {left}"
+    )
+    return bool(split.shards)
 
 
 @dataclass

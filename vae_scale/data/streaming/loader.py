@@ -39,6 +39,7 @@ from vae_scale.data.streaming.reader import BadSample, ReadOptions, ShardReader
 from vae_scale.data.streaming.remote import TransferStats
 from vae_scale.errors import DataError
 from vae_scale.utils.compat import seeded_shuffle, shut_down_loader_workers
+from vae_scale.utils.fsutil import sha256_file
 from vae_scale.utils.seeding import derive_seed
 
 WORKER_ERROR = f"{DataError.__module__}.{DataError.__qualname__}"  # as a worker's traceback ends
@@ -81,7 +82,7 @@ class ShardSplit:
                 for part in parts
                 for entry in catalog.indexed_entries(str(location), self.index, part)
             ]
-        self.indexed = all(s.num_samples is not None for s in self.shards)
+        self._count_samples()
         c, h, w = self._image_shape()  # as stored (decoded)
         self.image_shape = (c, h, w)  # as the model sees it
         if data.crop is not None:
@@ -94,17 +95,41 @@ class ShardSplit:
         spec = DecodeSpec((h, w, c), data.image_size is not None, keys, data.label_key)
         self.read_options = ReadOptions(spec, data.on_error, data.verify_shards, self.policy)
         self._cache: dict[str, list[Any]] | None = {} if data.cache_in_memory else None
-        if self.indexed:
-            self.counts = [int(s.num_samples) for s in self.shards]
-            self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
-            self.num_samples = int(self.offsets[-1])
-        else:
-            self.num_samples = data.samples_per_epoch or 0
         self.topology = Topology(world_size, max(1, data.num_workers), self.batch_size)
         # Training: the plan record of the epoch being trained as of the last mid-epoch
         # checkpoint (None between epochs); a resumed run continues from it.
         self.position: dict[str, Any] | None = None
         _check_distributed_view(rank, world_size)
+
+    def _count_samples(self) -> None:
+        self.indexed = all(s.num_samples is not None for s in self.shards)
+        if self.indexed:
+            self.counts = [int(s.num_samples) for s in self.shards]
+            self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+            self.num_samples = int(self.offsets[-1])
+        else:
+            self.num_samples = self.data.samples_per_epoch or 0
+
+    def damaged_local_shards(self) -> dict[str, str]:
+        """Local shards whose bytes are not those index.json names (sha256), or missing:
+        name -> what is wrong. Checked before training for the splits it only evaluates, so
+        a damaged one does not surface after a whole epoch (remote shards are checked as
+        they arrive)."""
+        damaged = {}
+        for entry in self.shards:
+            if not remote.is_local(entry.url) or not entry.sha256:
+                continue
+            path = Path(remote.local_path(entry.url))
+            if not path.is_file():
+                damaged[entry.name] = "missing"
+            elif sha256_file(path) != entry.sha256:
+                damaged[entry.name] = "sha256 differs from index.json"
+        return damaged
+
+    def leave_out(self, names: set[str]) -> None:
+        """Read the split without these shards (data.on_error=skip)."""
+        self.shards = [s for s in self.shards if s.name not in names]
+        self._count_samples()
 
     def state_dict(self) -> dict[str, Any]:
         return {"plan": self.position}
