@@ -304,7 +304,11 @@ def test_only_rank0_writes_the_run_folder_and_wandb(cli_run):
         p = Path(path)
         return p.parent.with_name(p.parent.name.removeprefix(".tmp-")) / p.name
 
-    written = {0: {final(p) for p in rank0["writes"]}, 1: {final(p) for p in rank1["writes"]}}
+    # a file written under a temporary name and renamed (config.json, logs) is the renamer's
+    written = {
+        r: {final(p) for p in audit["writes"] + audit["renames"]}
+        for r, audit in ((0, rank0), (1, rank1))
+    }
     for path in run_dir.rglob("*"):
         if path.is_file() and "wandb" not in path.relative_to(run_dir).parts:
             owners = [r for r in (0, 1) if path in written[r]]
