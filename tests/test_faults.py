@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,21 @@ from vae_scale.training import checkpoint
 from vae_scale.training.signals import REQUEUE_EXIT_CODE
 
 pytestmark = pytest.mark.slow  # real runs
+
+
+@contextmanager
+def tmpfs(tmp_path: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of `size` (e.g. '3m') mounted for the test, unmounted after it."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)]
+    ).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
 
 
 def train_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -136,12 +153,7 @@ def test_6_7_resuming_with_other_settings_is_refused_naming_them(frey_shards, tm
 
 
 def test_8_full_disk_during_a_checkpoint_is_a_clear_error_and_resumable(frey_shards, tmp_path):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)])
-    if mounted.returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    try:
+    with tmpfs(tmp_path, "3m") as disk:
         args = train_args(frey_shards, disk, "train.keep_checkpoints=3", "train.epochs=3")
         proc = popen(args)
         code, err = proc.wait(timeout=300), proc.stderr.read()
@@ -155,8 +167,6 @@ def test_8_full_disk_during_a_checkpoint_is_a_clear_error_and_resumable(frey_sha
         assert proc.wait(timeout=300) == 0, proc.stderr.read()
         epochs = [json.loads(r)["epoch"] for r in (run / "metrics.jsonl").open()]
         assert epochs == [1, 2, 3]
-    finally:
-        subprocess.run(["umount", "-l", str(disk)])
 
 
 def copy_shards(frey_shards: Path, tmp_path: Path) -> Path:
@@ -276,12 +286,7 @@ def test_torn_log_lines_are_dropped_and_a_damaged_config_is_named(frey_shards, t
 def test_disk_full_while_writing_the_optimizer_state_is_recognised(frey_shards, tmp_path):
     """20 MB tmpfs: the model's 12.7 MB fit, the optimizer's 25 MB do not (torch's writer
     raises 'unexpected pos' with no errno: it was reported as an internal error)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(disk)])
-    if mounted.returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    try:
+    with tmpfs(tmp_path, "20m") as disk:
         model = ("model.base_channels=32", "model.latent_dim=20")  # frey_conv's own size
         args = train_args(frey_shards, disk, *model, "train.epochs=1", "train.keep_checkpoints=1")
         proc = popen(args)
@@ -295,8 +300,6 @@ def test_disk_full_while_writing_the_optimizer_state_is_recognised(frey_shards, 
         assert proc.wait(timeout=300) == 0, proc.stderr.read()
         assert [json.loads(r)["epoch"] for r in (run / "metrics.jsonl").open()] == [1]
         assert checkpoint.latest_checkpoint(run / "checkpoints", verify_hashes=True)
-    finally:
-        subprocess.run(["umount", "-l", str(disk)])
 
 
 def test_another_runs_checkpoint_needs_an_explicit_flag_and_a_renamed_run_resumes(
@@ -323,11 +326,7 @@ def test_another_runs_checkpoint_needs_an_explicit_flag_and_a_renamed_run_resume
 
 def test_eval_on_a_read_only_run_folder_keeps_its_numbers(frey_shards, tmp_path, capsys):
     base = ("model.base_channels=4", "model.latent_dim=4", "train.epochs=1")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)]).returncode:
-        pytest.skip("mounting a tmpfs needs root")
-    try:
+    with tmpfs(tmp_path, "64m") as disk:
         assert cli(train_args(frey_shards, disk, *base), capsys)[0] == 0
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
         assert main(["eval", str(disk / "tiny"), "--iw-samples", "0"]) == 0
@@ -335,8 +334,6 @@ def test_eval_on_a_read_only_run_folder_keeps_its_numbers(frey_shards, tmp_path,
         assert "test/neg_elbo" in out and "test/psnr" in out
         assert "could not write" in err and "the numbers are above" in err
         assert "Traceback" not in err
-    finally:
-        subprocess.run(["umount", "-l", str(disk)])
 
 
 def test_a_foreign_webdataset_folder_points_to_data_urls(frey_shards, tmp_path, capsys):
