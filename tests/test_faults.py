@@ -113,9 +113,12 @@ def test_2_3_signal_to_the_whole_group_with_workers_checkpoints_and_exits_3(
 
 def test_4_a_second_trainer_on_the_same_run_folder_is_refused(frey_shards, tmp_path, capsys):
     run = tmp_path / "tiny"
-    first = popen(train_args(frey_shards, tmp_path, "train.epochs=3"))
+    # batches of 5: the first trainer still holds the folder when the second has started
+    # (with 25 it could finish its 3 epochs in the seconds the second takes to import)
+    args = train_args(frey_shards, tmp_path, "train.epochs=3", "data.batch_size=5")
+    first = popen(args)
     wait_for_rows(first, run / "steps.jsonl", 2)
-    code, err = cli(train_args(frey_shards, tmp_path, "train.epochs=3"), capsys)
+    code, err = cli(args, capsys)
     assert code == 2 and f"in use by process {first.pid}" in err
     assert first.wait(timeout=300) == 0
     rows = [json.loads(r)["epoch"] for r in (run / "metrics.jsonl").read_text().splitlines()]
