@@ -32,6 +32,7 @@ from vae_scale.objectives.perceptual import PerceptualConfig
 from vae_scale.objectives.reconstruction import PixelLossConfig
 from vae_scale.schema import (  # noqa: F401  (re-exported for the sections' users)
     Activation,
+    Betas,
     FieldError,
     NonNegative,
     NonNegativeFloat,
@@ -184,10 +185,7 @@ class TrainConfig(Section):
     epochs: Positive = 20
     lr: Annotated[float, Field(gt=0)] = 1e-3
     weight_decay: NonNegativeFloat = 0.0  # decoupled (AdamW), as VDVAE's 0.01
-    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
-        0.9,
-        0.999,
-    )
+    betas: Betas = (0.9, 0.999)
     lr_schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: NonNegative = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
@@ -224,11 +222,6 @@ class TrainConfig(Section):
     # decoder: the encoder is frozen (fine-tuning a decoder on fixed latents, as SD's ft-MSE
     # / ft-EMA decoders were); all: every weight trains.
     trainable: Literal["all", "decoder"] = "all"
-
-    @field_validator("betas", mode="before")
-    @classmethod
-    def _betas_from_list(cls, value: Any) -> Any:
-        return tuple(value) if isinstance(value, list) else value  # YAML has no tuples
 
     @field_validator("mixed_precision", "progress", mode="before")
     @classmethod

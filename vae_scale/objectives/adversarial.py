@@ -16,10 +16,10 @@ from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import Tensor, nn
 
-from vae_scale.schema import NonNegative, NonNegativeFloat, Positive, Section
+from vae_scale.schema import Betas, NonNegative, NonNegativeFloat, Positive, Section
 
 
 class AdversarialConfig(Section):
@@ -37,16 +37,8 @@ class AdversarialConfig(Section):
     norm: Literal["group", "none"] = "group"
     # the discriminator's own optimizer (AdamW) and schedule, counted from start_step
     lr: Annotated[float, Field(gt=0)] = 1e-4
-    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
-        0.5,
-        0.9,
-    )
+    betas: Betas = (0.5, 0.9)
     lr_schedule: Literal["constant", "cosine"] = "constant"
-
-    @field_validator("betas", mode="before")
-    @classmethod
-    def _betas_from_list(cls, value: Any) -> Any:
-        return tuple(value) if isinstance(value, list) else value  # YAML has no tuples
 
 
 class PatchDiscriminator(nn.Module):
