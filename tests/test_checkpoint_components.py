@@ -73,7 +73,10 @@ def test_components_save_their_own_state_and_older_checkpoints_resume_exactly(
     assert ema.pop("updates") == 30
     assert ema.keys() == load_file(ckpt / "model.safetensors").keys()  # a plain state dict
     # at an epoch's end nothing is mid-way: the next epoch starts from its own plan
-    assert checkpoint.read_state(saved[-1], "train_data") == {"plan": None}
+    data_state = checkpoint.read_state(saved[-1], "train_data")
+    assert data_state["plan"] is None
+    # the shards the position counts into: name, count and hash of each (data/streaming/layout.py)
+    assert [s[1] for s in data_state["layout"]] == [128] * 13 + [101]
     last = rows(full, "metrics.jsonl")[-1]
     assert last["train/skipped_updates"] == 17 and last["train/forced_updates"] == 17
 

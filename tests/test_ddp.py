@@ -180,9 +180,9 @@ def test_two_distinct_gloo_ranks(probe, cli_run):
 def test_two_process_run_in_wandb_and_compare(cli_run, ddp_shards, tmp_path, monkeypatch):
     """W&B's records of the 2-process run: its facts, and samples seen = 2 x batch a step;
     `compare` tells it from a 1-process run of the same per-process batch."""
-    from helpers.wandb_records import read_runs
     from vae_scale.analysis.compare import compare_runs
     from vae_scale.config import load_config
+    from vae_scale.run_files.wandb_records import read_runs
     from vae_scale.training.loop import train
 
     (record,) = read_runs(cli_run["run_dir"])  # rank 0 alone logs

@@ -413,3 +413,92 @@ def test_damaged_val_and_test_shards_are_left_out_before_training_with_skip(
     val_counts = {s["name"]: s["num_samples"] for s in index["splits"]["val"]["shards"]}
     assert row["val/num_samples"] == sum(val_counts.values()) - val_counts[val[0].name]
     assert not any(k.startswith("test/") for k in row)  # every test shard damaged: left out
+
+
+def epoch_keys(run: Path, epoch: int) -> list[str]:
+    rows = (json.loads(r) for r in (run / "sample_keys" / "rank0.jsonl").open())
+    return [k for row in rows if row["epoch"] == epoch for k in row["keys"]]
+
+
+def test_resume_on_moved_renamed_or_resharded_shards_replans_or_refuses(
+    frey_source, frey_shards, tmp_path, capsys
+):
+    from vae_scale.data.sourcing import frey
+    from vae_scale.data.sourcing.shards import write_dataset
+
+    base = ("model.base_channels=4", "model.latent_dim=4", "train.epochs=1",
+            "train.checkpoint_every_steps=5", "train.log_sample_keys=true")  # fmt: skip
+    proc = popen(train_args(frey_shards, tmp_path, *base))
+    wait_for_rows(proc, tmp_path / "tiny" / "steps.jsonl", 12)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    shutil.copytree(tmp_path / "tiny", tmp_path / "again")  # a second copy of the killed run
+    # 1. the same shards moved, renamed and listed in another order: the same samples
+    moved = tmp_path / "moved"
+    shutil.copytree(frey_shards / "frey", moved / "frey")
+    index = json.loads((moved / "frey" / "index.json").read_text())
+    for shard in index["splits"]["train"]["shards"]:
+        renamed = "part-" + shard["name"]
+        (moved / "frey" / shard["name"]).rename(moved / "frey" / renamed)
+        shard["name"] = renamed
+    index["splits"]["train"]["shards"].reverse()
+    (moved / "frey" / "index.json").write_text(json.dumps(index))
+    code, err = cli(train_args(moved, tmp_path, *base), capsys)
+    assert code == 0, err
+    keys = epoch_keys(tmp_path / "tiny", 1)
+    assert len(keys) == len(set(keys)) and 1765 - 25 < len(keys) <= 1765  # each sample once
+    # 2. re-sharded (100 per shard): the position inside the epoch cannot be mapped
+    resharded = tmp_path / "resharded"
+    write_dataset(frey.prepare(frey_source, seed=0, download_ok=False), resharded / "frey", 100)
+    args = train_args(resharded, tmp_path, *base, "run.name=again")
+    code, err = cli(args, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "14 shards of 1765 samples -> 18 of 1765" in err and "--restart-epoch" in err
+    assert "train-000000.tar" in err  # named: its content changed
+    code, err = cli([*args, "--restart-epoch"], capsys)
+    assert code == 0, err
+    keys = epoch_keys(tmp_path / "again", 1)
+    assert 1765 - 25 < len(set(keys)) and len(keys) > len(set(keys))  # the epoch from its start
+
+
+def wandb_curve(run: Path) -> dict[int, dict]:
+    """The history W&B ends up with once every segment of the run is synced in order: a
+    segment's rows at steps its predecessors already reached are dropped (W&B's rule)."""
+    from vae_scale.run_files.wandb_records import read_run, run_files
+
+    curve: dict[int, dict] = {}
+    for path in run_files(run):
+        reached = max(curve, default=0)
+        for row in read_run(path, torn_ok=True).history:
+            step = row.get("global_step")
+            if step is not None and (step > reached or step in curve and step == reached):
+                curve.setdefault(step, {}).update(row)
+    return curve
+
+
+def test_a_killed_runs_wandb_history_is_replayed_to_equal_the_local_logs(
+    frey_shards, tmp_path, monkeypatch
+):
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_SWEEP_ID", "WANDB_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    args = train_args(frey_shards, tmp_path, "model.base_channels=4", "model.latent_dim=4",
+                      "wandb.mode=offline", "train.checkpoint_every_steps=10")  # fmt: skip
+    run = tmp_path / "tiny"
+    for rows in (25, 95):  # killed in epoch 1, then again in epoch 2
+        proc = popen(args)
+        wait_for_rows(proc, run / "steps.jsonl", rows)
+        os.killpg(proc.pid, signal.SIGKILL)  # the trainer and W&B's own process
+        proc.wait()
+    before = wandb_curve(run)
+    proc = popen(args)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    local: dict[int, dict] = {}
+    for name in ("steps.jsonl", "metrics.jsonl"):
+        for row in (json.loads(r) for r in (run / name).open()):
+            local.setdefault(row["global_step"], {}).update(row)
+    assert len(local) == 1765 // 25 * 2 and len(before) < 90  # the kills lost W&B rows
+    curve = wandb_curve(run)
+    assert sorted(curve) == sorted(local)
+    for step, row in local.items():
+        assert {k: curve[step][k] for k in row} == row, step

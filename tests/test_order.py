@@ -101,3 +101,24 @@ def test_packed_ids_round_trip():
     ids = np.array([0, 5, 6, 44_999])
     assert np.array_equal(unpack_ids(pack_ids(ids, 45_000), 45_000), ids)
     assert len(pack_ids(np.arange(40_000), 45_000)) < 200  # a prefix compresses to almost nothing
+
+
+def test_a_changed_layout_maps_what_an_epoch_has_left_by_shard_content():
+    from vae_scale.data.streaming.layout import LayoutChange
+    from vae_scale.errors import ConfigError
+
+    old = [["a.tar", 4, "h-a"], ["b.tar", 3, "h-b"], ["c.tar", 5, "h-c"]]
+    # a renamed and moved to the end, b removed, d added, c unchanged
+    new = [["c.tar", 5, "h-c"], ["d.tar", 2, "h-d"], ["x.tar", 4, "h-a"]]
+    change = LayoutChange(old, new)
+    assert change.describe() == (
+        "3 shards of 12 samples -> 3 of 11; removed: b.tar; added: d.tar; 1 renamed"
+    )
+    order = np.arange(12)
+    consumed = np.array([0, 1, 7, 8])  # two of a, two of c; none of b
+    remaining = np.setdiff1d(order, consumed)
+    ids = change.remaining(remaining, consumed, np.arange(11))
+    # a's last two (x.tar: new ids 9, 10), c's last three (new 2..4), then all of d (5, 6)
+    assert ids.tolist() == [9, 10, 2, 3, 4, 5, 6]
+    with pytest.raises(ConfigError, match="b.tar held samples this epoch had already trained"):
+        change.remaining(np.array([6]), np.array([4]), np.arange(11))

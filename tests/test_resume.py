@@ -196,7 +196,7 @@ def test_full_disk_is_a_clear_cli_error(monkeypatch, capsys):
     import vae_scale.training.loop
     from vae_scale.cli import main
 
-    def disk_full(cfg, resume="auto", command=None, from_another_run=False):
+    def disk_full(cfg, **kw):
         raise OSError(
             errno.ENOSPC, "writing checkpoint X failed; the previous checkpoint Y is intact"
         )

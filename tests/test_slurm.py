@@ -403,7 +403,7 @@ def test_real_slurm_job_checkpoints_on_signal_requeues_and_completes(
     run_id = (run_dir / "wandb_run_id.txt").read_text().strip()
     wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 2 and all(r.name.endswith(run_id) for r in wandb_runs)
-    from helpers.wandb_records import read_runs
+    from vae_scale.run_files.wandb_records import read_runs
 
     assert [r.config["slurm_job_id"] for r in read_runs(run_dir)] == [job, job]
     assert not list(REPO.glob(f".vae_scale_exit_status.{job}"))

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from conftest import REPO, TINY_FREY
-from helpers.wandb_records import read_runs
 from vae_scale.config import load_config
+from vae_scale.run_files.wandb_records import read_runs
 
 SWEEPS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
 

@@ -9,9 +9,9 @@ import json
 import pytest
 
 from conftest import REPO, tiny_frey_config
-from helpers.wandb_records import read_runs
 from vae_scale.config import load_config
 from vae_scale.run_files.logs import read_rows
+from vae_scale.run_files.wandb_records import read_runs
 from vae_scale.training import tracking
 from vae_scale.training.state import TrainState
 

@@ -23,12 +23,12 @@ import torch
 
 from conftest import REPO, TINY_FREY, tiny_overrides
 from helpers.http_shards import ShardServer
-from helpers.wandb_records import read_runs
 from vae_scale.config import DataConfig
 from vae_scale.data.streaming import remote
 from vae_scale.data.streaming.loader import ShardSplit
 from vae_scale.data.streaming.remote import FetchPolicy, TransferStats
 from vae_scale.errors import DataError
+from vae_scale.run_files.wandb_records import read_runs
 
 FAST = FetchPolicy(retries=3, retry_delay_s=0.01, timeout_s=0.3)
 FAST_FIELDS = dict(retries=3, retry_delay_s=0.01, read_timeout_s=0.3)  # FAST as data fields

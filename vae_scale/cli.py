@@ -153,7 +153,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     command = shlex.join(["vae-scale", "train", args.config, *args.overrides])
     try:
         run_dir = train(
-            cfg, resume=args.resume, command=command, from_another_run=args.from_another_run
+            cfg,
+            resume=args.resume,
+            command=command,
+            from_another_run=args.from_another_run,
+            restart_epoch=args.restart_epoch,
         )
     except TrainingDiverged as err:  # a message, not a traceback: the checkpoints are intact
         print(f"error: {err}", file=sys.stderr)
@@ -444,6 +448,12 @@ def _add_train_and_eval_commands(sub: Any) -> None:
         action="store_true",
         help="with --resume PATH: PATH may be a checkpoint of another run folder (its weights, "
         "optimizer and position start this run; refused without this flag)",
+    )
+    tr.add_argument(
+        "--restart-epoch",
+        action="store_true",
+        help="when the training shards changed since a checkpoint taken inside an epoch, in "
+        "a way its position cannot be mapped onto: start that epoch over (refused without it)",
     )
     tr.set_defaults(func=cmd_train)
 

@@ -55,18 +55,21 @@ def train(
     resume: str = "auto",
     command: str | None = None,
     from_another_run: bool = False,
+    restart_epoch: bool = False,
 ) -> Path:
     """Train `cfg`; returns the run folder. `resume`: 'auto', 'none' or a checkpoint path
     (of another run folder only with `from_another_run`); `command`: the command line that
-    asked for it (recorded with the run)."""
+    asked for it (recorded with the run); `restart_epoch`: a checkpoint inside an epoch whose
+    shards have changed since starts that epoch over."""
     wandb_mode = tracking.resolve_mode(cfg.wandb.mode)
     accelerator = setup.make_accelerator(cfg, wandb_mode)
     lock = RunLock(cfg.run_dir)
     try:
         with StopFlag() as stop:
             run = start_run(
-                cfg, accelerator, wandb_mode, resume, stop, lock, command, from_another_run
-            )
+                cfg, accelerator, wandb_mode, resume, stop, lock, command, from_another_run,
+                restart_epoch,
+            )  # fmt: skip
             return train_epochs(run)
     finally:
         lock.release()
@@ -103,6 +106,7 @@ def start_run(
     lock: RunLock,
     command: str | None = None,
     from_another_run: bool = False,
+    restart_epoch: bool = False,
 ) -> Run:
     """Lock the run folder, choose what to resume, build data and models. A start that fails
     leaves no run folder behind that it created."""
@@ -136,8 +140,10 @@ def start_run(
             **({"ema": models.ema} if models.ema is not None else {}),
             **critic_components(models.critic),
         }  # fmt: skip
+        splits["train"].restart_epoch = restart_epoch
         if resume_from is not None:
             missing = checkpointer.restore(resume_from)
+            note_layout_change(accelerator, splits["train"], state)
             if "ema" in missing:  # EMA switched on since: it starts from the loaded weights
                 models.ema.start_from(models.plain)
             accelerator.print(
@@ -150,6 +156,13 @@ def start_run(
             cfg, accelerator, models, splits["train"], steps, command, write=not finished
         )
         setup.start_tracking(cfg, accelerator, run_config, wandb_mode)
+        if resume_from is not None and main and wandb_mode != "disabled":
+            replayed, held = tracking.replay_missing_rows(accelerator, run_dir, state.opt_step)
+            if replayed:
+                accelerator.print(
+                    f"W&B: its history ended at step {held} (the rest was lost with the stopped "
+                    f"process): {replayed} rows replayed from the run folder's logs"
+                )
         nets = perception_networks(
             cfg.eval.lpips, cfg.eval.rfid, splits["train"].image_shape, cfg.run.weights_dir,
             accelerator.device, models.perceptual,
@@ -164,6 +177,24 @@ def start_run(
         cfg, accelerator, splits, models, checkpointer, state, total_steps, stop,
         state.epoch, nets=nets,
     )  # fmt: skip
+
+
+def note_layout_change(accelerator: Accelerator, train_data: ShardSplit, state: TrainState) -> None:
+    """Say how the training shards changed since the checkpoint, and what happens to the epoch
+    it stopped in (re-planned, or started over with --restart-epoch)."""
+    change = train_data.layout_change
+    if change is None:
+        return
+    if state.batch_in_epoch and train_data.position is None:  # --restart-epoch
+        then = f"epoch {state.epoch} starts over on the current shards"
+        state.batch_in_epoch, state.epoch_sums = 0, {}
+    elif state.batch_in_epoch:
+        then = f"the rest of epoch {state.epoch} is re-planned onto them, each sample once"
+    else:
+        then = "the next epochs are planned on the current shards"
+    accelerator.print(
+        f"the training shards changed since the checkpoint ({change.describe()}): {then}"
+    )
 
 
 def critic_components(critic: setup.Critic | None) -> dict[str, Any]:

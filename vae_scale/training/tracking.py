@@ -10,6 +10,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from vae_scale.run_files.logs import METRICS_FILE, STEPS_FILE, read_rows
+from vae_scale.run_files.wandb_records import last_offline_step
 from vae_scale.utils.netutil import is_online
 
 WANDB_HOST = "https://api.wandb.ai"
@@ -159,3 +161,21 @@ def reopen_run(cfg: Any, run_dir: Path) -> Any:
     kwargs = init_kwargs(cfg, run_dir, mode, [])["wandb"]
     kwargs.pop("tags")
     return wandb.init(project=cfg.wandb.project, **kwargs)
+
+
+def replay_missing_rows(accelerator: Any, run_dir: Path, opt_step: int) -> tuple[int, int]:
+    """A resumed run's W&B history may end before its checkpoint (a killed process loses what
+    W&B had not written yet, offline or not uploaded): log again the rows of steps.jsonl and
+    metrics.jsonl after what W&B holds, up to the checkpoint's `opt_step`, so that its curves
+    equal the local logs. Returns (rows replayed, the last step W&B held)."""
+    run = accelerator.get_tracker("wandb", unwrap=True)
+    held = max(last_offline_step(run_dir, run.id), run.starting_step - 1)
+    rows = [
+        (row["global_step"], order, row)
+        for order, name in enumerate((STEPS_FILE, METRICS_FILE))  # a step's row, then its epoch's
+        for row in read_rows(run_dir, name)
+        if held < row["global_step"] <= opt_step
+    ]
+    for step, _, row in sorted(rows, key=lambda r: r[:2]):
+        accelerator.log(row, step=step)
+    return len(rows), held

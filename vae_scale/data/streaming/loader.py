@@ -27,6 +27,7 @@ from webdataset.utils import pytorch_worker_info
 from vae_scale.config import DataConfig
 from vae_scale.data.streaming import catalog, remote
 from vae_scale.data.streaming.decode import DecodeSpec
+from vae_scale.data.streaming.layout import LayoutChange, layout_of
 from vae_scale.data.streaming.order import (
     EpochPlan,
     Topology,
@@ -37,7 +38,7 @@ from vae_scale.data.streaming.order import (
 )
 from vae_scale.data.streaming.reader import BadSample, ReadOptions, ShardReader
 from vae_scale.data.streaming.remote import TransferStats
-from vae_scale.errors import DataError
+from vae_scale.errors import ConfigError, DataError
 from vae_scale.utils.compat import seeded_shuffle, shut_down_loader_workers
 from vae_scale.utils.fsutil import sha256_file
 from vae_scale.utils.seeding import derive_seed
@@ -99,6 +100,12 @@ class ShardSplit:
         # Training: the plan record of the epoch being trained as of the last mid-epoch
         # checkpoint (None between epochs); a resumed run continues from it.
         self.position: dict[str, Any] | None = None
+        # Resuming: how the shards differ from the checkpoint's (None: the same), the rest of
+        # its interrupted epoch in the current shards' ids, and whether to start that epoch
+        # over when the change makes its position meaningless (--restart-epoch).
+        self.layout_change: LayoutChange | None = None
+        self._remapped: np.ndarray | None = None
+        self.restart_epoch = False
         _check_distributed_view(rank, world_size)
 
     def _count_samples(self) -> None:
@@ -132,10 +139,57 @@ class ShardSplit:
         self._count_samples()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"plan": self.position}
+        return {"plan": self.position, "layout": layout_of(self.shards) if self.indexed else None}
 
     def load_state_dict(self, values: dict[str, Any]) -> None:
+        """A checkpoint's position; when the shards changed since (data/streaming/layout.py),
+        the rest of its epoch is mapped onto the current ones now, so that a change it cannot
+        map is refused before anything starts."""
         self.position = values.get("plan")
+        saved = values.get("layout")
+        if saved is None or not self.indexed:
+            return
+        change = LayoutChange(saved, layout_of(self.shards))
+        if not change.changed:
+            return
+        self.layout_change = change
+        if self.position is None:
+            return
+        record = self.position
+        try:
+            self._remapped = self._remap(change, record)
+        except ConfigError as err:
+            if not self.restart_epoch:
+                raise ConfigError(
+                    f"{err}. Resume with the shards it was trained on (data.shards_dir / "
+                    f"data.urls), or add --restart-epoch to train epoch {record['epoch']} from "
+                    f"its start on these shards (the {record['samples_consumed']} samples it "
+                    f"had trained are then trained again)"
+                ) from None
+            self.position = None
+
+    def _remap(self, change: LayoutChange, record: dict[str, Any]) -> np.ndarray:
+        """The current shards' ids of what `record`'s plan (over the old layout) had left."""
+        counts = [s[1] for s in change.old]
+        old = self._recorded_plan(
+            record, global_order(counts, self.seed, record["epoch"], self.shuffle), sum(counts)
+        )
+        done = record["rank_batches"]
+        return change.remaining(
+            old.remaining_after(done), old.consumed(done), self._order(record["epoch"])
+        )
+
+    def _recorded_plan(self, record: dict[str, Any], order: np.ndarray, total: int) -> EpochPlan:
+        """The plan a checkpoint's `record` describes, over the epoch's `order` of `total`."""
+        samples = order
+        if record.get("plan_samples") is not None:
+            mask = np.zeros(total, dtype=bool)
+            mask[unpack_ids(record["plan_samples"], total)] = True
+            samples = order[mask[order]]
+        return EpochPlan(
+            samples, Topology(*record["topology"]), record["steps"], self.seed,
+            record["epoch"], record["generation"], record.get("shuffle_block", self._block()),
+        )  # fmt: skip
 
     def has(self, name: str) -> bool:
         """Whether the dataset has split `name` too (in index.json, or in data.urls)."""
@@ -189,17 +243,11 @@ class ShardSplit:
         order = self._order(epoch)
         if record is None:
             return self._new_plan(order, epoch, 0, multiple), 0
-        samples = order
-        if record.get("plan_samples") is not None:
-            mask = np.zeros(self.num_samples, dtype=bool)
-            mask[unpack_ids(record["plan_samples"], self.num_samples)] = True
-            samples = order[mask[order]]
-        old_topo = Topology(*record["topology"])
-        old = EpochPlan(
-            samples, old_topo, record["steps"], self.seed, epoch, record["generation"],
-            record.get("shuffle_block", self._block()),
-        )  # fmt: skip
-        if old_topo == self.topology:
+        if self._remapped is not None:  # the shards changed: what was left, in their ids
+            remaining, self._remapped = self._remapped, None
+            return self._new_plan(remaining, epoch, record["generation"] + 1, multiple), 0
+        old = self._recorded_plan(record, order, self.num_samples)
+        if old.topo == self.topology:
             return old, record["rank_batches"]
         remaining = old.remaining_after(record["rank_batches"])
         return self._new_plan(remaining, epoch, old.generation + 1, multiple), 0

@@ -1,5 +1,6 @@
-"""Read a W&B run file (`run-<id>.wandb`, offline or synced) back as wandb's own protobuf
-records: what W&B would show, not what our logs say.
+"""W&B run files (`run-<id>.wandb`, offline or synced) read back as wandb's own protobuf
+records: what W&B holds of a run, not what our logs say. A resumed run replays the rows its
+W&B history lacks (a killed process loses the file's unwritten tail); the tests read them.
 
 The file is a leveldb-style log (a 7-byte ":W&B" header, then 32 KiB blocks of records, each
 with a 7-byte header: checksum, length, type FULL/FIRST/MIDDLE/LAST); every record's payload
@@ -20,9 +21,13 @@ HEADER = 7
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
-def payloads(path: Path) -> list[bytes]:
+def payloads(path: Path, torn_ok: bool = False) -> list[bytes]:
+    """The file's records. `torn_ok`: a file cut off by a kill (an incomplete or garbled
+    tail, or only the header) yields the records before the damage instead of raising."""
     data = Path(path).read_bytes()
     if data[:4] != b":W&B":
+        if torn_ok:
+            return []
         raise ValueError(f"{path}: not a W&B run file")
     out, pos, pending = [], HEADER, b""
     while pos + HEADER <= len(data):
@@ -36,6 +41,8 @@ def payloads(path: Path) -> list[bytes]:
             continue
         chunk = data[pos + HEADER : pos + HEADER + length]
         if zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != checksum:
+            if torn_ok:
+                break
             raise ValueError(f"{path}: bad checksum at byte {pos}")
         pos += HEADER + length
         if kind == FULL:
@@ -66,11 +73,11 @@ class WandbRun:
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def read_run(path: Path) -> WandbRun:
+def read_run(path: Path, torn_ok: bool = False) -> WandbRun:
     from wandb.proto import wandb_internal_pb2 as pb
 
     result = WandbRun()
-    for raw in payloads(path):
+    for raw in payloads(path, torn_ok):
         record = pb.Record()
         record.ParseFromString(raw)
         kind = record.WhichOneof("record_type")
@@ -92,7 +99,23 @@ def read_run(path: Path) -> WandbRun:
     return result
 
 
+def run_files(run_dir: Path, run_id: str = "*") -> list[Path]:
+    """The W&B run files under a run folder's wandb/ (one per process start), oldest first."""
+    files = Path(run_dir).glob(f"wandb/*run-*/run-{run_id}.wandb")
+    return sorted(files, key=lambda p: p.parent.name)
+
+
 def read_runs(run_dir: Path) -> list[WandbRun]:
-    """Every W&B run file under a run folder's wandb/ (one per process start), oldest first."""
-    files = sorted(Path(run_dir).glob("wandb/*run-*/run-*.wandb"), key=lambda p: p.parent.name)
-    return [read_run(f) for f in files]
+    return [read_run(f) for f in run_files(run_dir)]
+
+
+def last_offline_step(run_dir: Path, run_id: str) -> int:
+    """The highest `global_step` in the history W&B recorded offline for run `run_id` in this
+    folder (0: none): what `wandb sync` will upload of it."""
+    steps = [
+        int(row["global_step"])
+        for path in run_files(run_dir, run_id)
+        for row in read_run(path, torn_ok=True).history
+        if "global_step" in row
+    ]
+    return max(steps, default=0)
