@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,40 +14,13 @@ import pytest
 
 from conftest import REPO, tiny_overrides
 from conftest import TINY_FREY as TINY
+from helpers.processes import command, descendants
 from vae_scale.training import checkpoint
 
 pytestmark = pytest.mark.slow
 
 BATCH = 10
 TOTAL = 1765  # Frey training faces
-
-
-def command(processes: int) -> list[str]:
-    if processes == 1:
-        return [sys.executable, "-m", "vae_scale.cli"]
-    accelerate = Path(sys.executable).with_name("accelerate")
-    return [
-        str(accelerate), "launch", "--config_file", str(REPO / "launch" / "cpu_2proc.yaml"),
-        "--num_processes", str(processes), "-m", "vae_scale.cli",
-    ]  # fmt: skip
-
-
-def descendants(pid: int) -> list[int]:
-    """pid and every process below it (torchrun starts its workers in new sessions, so a
-    process-group signal would miss them; Slurm signals every process of the step)."""
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        found.append(p)
-        todo += parents.get(p, [])
-    return found
 
 
 def run_trainer(shards, run_dir, processes, workers, stop_after_rows=None):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -13,14 +12,9 @@ from typing import Any
 
 from vae_scale.errors import ConfigError, DataError
 from vae_scale.training.signals import TrainingInterrupted
+from vae_scale.training.signals import record_exit_status as _record_exit_status
 from vae_scale.utils.progress import MODES as PROGRESS_MODES
 from vae_scale.utils.progress import set_default_mode as set_progress_mode
-
-#: `accelerate launch` (torchrun) reports any failed process as exit status 1 and stops the
-#: others as soon as one exits. A job script that must tell "checkpointed after a stop signal,
-#: requeue me" (3) from a failure names a folder here; every process writes its own exit status
-#: into <folder>/rank<RANK> (slurm/train.sbatch reads them).
-EXIT_STATUS_DIR_ENV = "VAE_SCALE_EXIT_STATUS_DIR"
 
 # `shard` options of the image datasets (celeba, folder) only.
 IMAGE_OPTIONS = (
@@ -510,15 +504,6 @@ def _add_picture_commands(sub: Any) -> None:
         # edit: rows = faces, steps -2..+2; interpolate: rows = pairs, steps = latent points
         defaults = {"edit": {"steps": 5, "range": 2.0}, "interpolate": {"n": 6, "steps": 8}}
         p.set_defaults(func=cmd_pictures, **defaults.get(name, {}))
-
-
-def _record_exit_status(code: int) -> int:
-    """Write `code` to $VAE_SCALE_EXIT_STATUS_DIR/rank<RANK> (when set), then return it."""
-    folder = os.environ.get(EXIT_STATUS_DIR_ENV)
-    if folder:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / f"rank{os.environ.get('RANK', '0')}").write_text(f"{code}\n")
-    return code
 
 
 def main(argv: list[str] | None = None) -> int:

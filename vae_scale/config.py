@@ -216,6 +216,12 @@ class TrainConfig(Section):
     progress: Literal["auto", "bar", "lines", "off"] = "auto"
     checkpoint_every_steps: NonNegative = 0  # 0 = only at epoch ends
     keep_checkpoints: Positive = 2
+    # Several processes: a collective that waits longer than this for a blocked process
+    # (a hung file read) ends the job (exit 3, requeue) instead of hanging it ...
+    ddp_timeout_s: Annotated[float, Field(gt=0)] = 1800.0
+    # ... and a process not heard from this long (frozen: stopped, a hung node) ends it sooner
+    # (training/watchdog.py).
+    heartbeat_timeout_s: Annotated[float, Field(gt=0)] = 120.0
     # Every rank writes the keys of each batch it trains to sample_keys/rank<R>.jsonl (an
     # audit of which samples an epoch trained, across preemptions and topology changes).
     log_sample_keys: bool = False

@@ -40,9 +40,10 @@ from vae_scale.training import setup, tracking
 from vae_scale.training.checkpoint import Checkpointer
 from vae_scale.training.optim import TrainingDiverged
 from vae_scale.training.run_folder import RunLock, check_same_run
-from vae_scale.training.signals import StopFlag, TrainingInterrupted
+from vae_scale.training.signals import StopFlag, TrainingInterrupted, record_exit_status
 from vae_scale.training.state import TrainState
 from vae_scale.training.step import StepOutput, batch_sums, step_means, train_step
+from vae_scale.training.watchdog import Watchdog, is_collective_failure
 from vae_scale.utils.compat import reset_accelerate_state
 from vae_scale.utils.progress import Progress
 from vae_scale.utils.seeding import derive_seed
@@ -64,14 +65,32 @@ def train(
     wandb_mode = tracking.resolve_mode(cfg.wandb.mode)
     accelerator = setup.make_accelerator(cfg, wandb_mode)
     lock = RunLock(cfg.run_dir)
+    watchdog = None
     try:
         with StopFlag() as stop:
+            if Watchdog.wanted():
+                watchdog = Watchdog(
+                    accelerator.process_index, accelerator.num_processes,
+                    cfg.train.heartbeat_timeout_s, stop.request, record_exit_status,
+                ).start()  # fmt: skip
             run = start_run(
                 cfg, accelerator, wandb_mode, resume, stop, lock, command, from_another_run,
                 restart_epoch,
             )  # fmt: skip
             return train_epochs(run)
+    except RuntimeError as err:
+        if accelerator.num_processes > 1 and is_collective_failure(err):
+            raise TrainingInterrupted(
+                f"process {accelerator.process_index}: a collective with the other processes "
+                f"failed or waited longer than train.ddp_timeout_s={cfg.train.ddp_timeout_s:g} "
+                f"s ({str(err).splitlines()[0][:200]}): another process is blocked (a hung "
+                f"file system or device) or gone. The latest checkpoint stands; the same "
+                f"command resumes from it"
+            ) from err
+        raise
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         lock.release()
         # A clean process-group teardown, also on errors (rank 0 otherwise may abort); then
         # forget Accelerate's singletons so another train() in this process starts afresh.
@@ -226,7 +245,7 @@ def train_epochs(run: Run) -> Path:
         run.checkpointer.save(state.opt_step)
         if epoch < cfg.train.epochs and stop_requested(run):
             raise TrainingInterrupted(
-                f"stop signal received: checkpointed at the end of epoch {epoch}; run the "
+                f"{run.stop.reason}: checkpointed at the end of epoch {epoch}; run the "
                 f"same command to resume"
             )
     if trained_last:
@@ -391,7 +410,7 @@ def mid_epoch_checkpoint(
     run.checkpointer.save(state.opt_step)
     if stopping:
         raise TrainingInterrupted(
-            f"stop signal received: checkpointed at step {state.opt_step} (epoch {epoch}, "
+            f"{run.stop.reason}: checkpointed at step {state.opt_step} (epoch {epoch}, "
             f"batch {batch}); run the same command to resume"
         )
 

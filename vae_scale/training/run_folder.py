@@ -20,6 +20,8 @@ LOCK_FILE = ".lock"
 MAY_CHANGE = {
     "train.epochs",
     "train.keep_checkpoints",
+    "train.ddp_timeout_s",
+    "train.heartbeat_timeout_s",
     "train.checkpoint_every_steps",
     "train.log_sample_keys",
     "train.log_every_steps",

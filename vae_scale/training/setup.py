@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import TorchDynamoPlugin
+from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin
 
 from vae_scale.config import Config
 from vae_scale.data.streaming.loader import ShardSplit
@@ -50,6 +51,9 @@ def make_accelerator(cfg: Config, wandb_mode: str) -> Accelerator:
         dynamo_plugin=TorchDynamoPlugin(
             backend="inductor" if cfg.train.compile else "no", mode=cfg.train.compile_mode
         ),
+        kwargs_handlers=[
+            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.ddp_timeout_s))
+        ],
     )
 
 

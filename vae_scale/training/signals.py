@@ -11,11 +11,26 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 from types import FrameType
 
 #: Exit status of a run that checkpointed after a stop signal: "requeue me" (slurm/train.sbatch).
 REQUEUE_EXIT_CODE = 3
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+#: `accelerate launch` (torchrun) reports any failed process as exit status 1 and stops the
+#: others as soon as one exits. A job script that must tell "checkpointed after a stop signal,
+#: requeue me" (3) from a failure names a folder here; every process writes its own exit status
+#: into <folder>/rank<RANK> (slurm/train.sbatch reads them).
+EXIT_STATUS_DIR_ENV = "VAE_SCALE_EXIT_STATUS_DIR"
+
+
+def record_exit_status(code: int) -> int:
+    """Write `code` to $VAE_SCALE_EXIT_STATUS_DIR/rank<RANK> (when set), then return it."""
+    folder = os.environ.get(EXIT_STATUS_DIR_ENV)
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f"rank{os.environ.get('RANK', '0')}").write_text(f"{code}\n")
+    return code
 
 
 class TrainingInterrupted(Exception):
@@ -29,7 +44,13 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.reason = "stop signal received"  # what the interruption's message starts with
         self._previous: dict[int, object] = {}
+
+    def request(self, reason: str) -> None:
+        """A stop asked for by this process itself (training/watchdog.py), as a SIGTERM."""
+        self.reason = reason
+        self.received = signal.SIGTERM
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is not None and signum in (signal.SIGTERM, signal.SIGINT):
