@@ -502,3 +502,7 @@ def test_a_killed_runs_wandb_history_is_replayed_to_equal_the_local_logs(
     assert sorted(curve) == sorted(local)
     for step, row in local.items():
         assert {k: curve[step][k] for k in row} == row, step
+    # a re-run with nothing left to do opens no W&B run: no new offline folder to sync
+    folders = sorted(run.glob("wandb/offline-run-*"))
+    proc = popen(args)
+    assert proc.wait(timeout=300) == 0 and sorted(run.glob("wandb/offline-run-*")) == folders

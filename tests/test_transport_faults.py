@@ -51,6 +51,34 @@ def train_shard_bytes(frey_shards: Path) -> list[int]:
     return [p.stat().st_size for p in sorted((frey_shards / "frey").glob("train-*.tar"))]
 
 
+def test_retries_while_evaluating_are_counted_with_the_same_numbers(frey_shards):
+    from accelerate import Accelerator
+
+    from vae_scale.analysis.evaluate import EvalOptions, evaluate_split
+    from vae_scale.losses import build_likelihood
+    from vae_scale.models import build_model
+    from vae_scale.models.mlp import MLPVAEConfig
+    from vae_scale.utils.compat import reset_accelerate_state
+
+    shape = (1, 28, 20)
+    torch.manual_seed(0)
+    model = build_model(MLPVAEConfig(hidden=[8]), shape, build_likelihood("bernoulli", shape))
+    data = DataConfig(batch_size=50, **FAST_FIELDS)
+    try:
+        local = evaluate_split(
+            Accelerator(cpu=True), model, ShardSplit(frey_shards / "frey", "val", data),
+            EvalOptions(),
+        )  # fmt: skip
+        with ShardServer(frey_shards, faults=["reset"]) as srv:  # each shard's first request
+            remote_split = ShardSplit(f"{srv.url}/frey", "val", data)
+            served = evaluate_split(Accelerator(cpu=True), model, remote_split, EvalOptions())
+    finally:
+        reset_accelerate_state()
+    assert served["val/neg_elbo"] == local["val/neg_elbo"]
+    assert served["val/data_retries"] == srv.faults_done["reset"] == 1
+    assert local["val/data_retries"] == 0
+
+
 @pytest.mark.parametrize("fault", ["truncate", "reset", "stall", "refuse", "throttle", "corrupt"])
 def test_every_transport_fault_is_retried_and_reads_the_local_samples(frey_shards, fault):
     keys, images, _ = read_epoch(frey_split(frey_shards / "frey"))

@@ -154,6 +154,9 @@ def split_statistics(
             **dict.fromkeys(["iwae", "count"], 1),
             **{"mu": dims, "mu_sq": dims, "kl_dim": dims},
             "refined": 1,
+            # what the shard transports redid (retries, bytes fetched again) reading the split
+            "retries": 1,
+            "refetched_bytes": 1,
             # reconstruction error of the decoder mean at the posterior mean, and the split's
             # pixel sums (its mean image, the collapsed model's best guess)
             "sq_err": 1,
@@ -209,6 +212,7 @@ def split_statistics(
             mu_sq=mu_flat.pow(2).sum(0),
             kl_dim=kl_per_dim(out.mu, out.logvar, out.kl_groups).double().sum(0),
             refined=refined.to(device),
+            **{k: torch.tensor(float(v), device=device) for k, v in batch["transfers"].items()},
         )
     totals = sums.reduce(accelerator)
     if totals["count"].item() == 0:
@@ -276,6 +280,8 @@ def split_metrics(
     metrics = {
         **{f"{split}/{k}": sums[k].item() / n for k in terms},
         f"{split}/num_samples": int(n),
+        f"{split}/data_retries": int(sums["retries"].item()),
+        f"{split}/data_refetched_bytes": int(sums["refetched_bytes"].item()),
         **refined_metrics(sums, split, refine_steps),
         **reconstruction_metrics(sums, split, active_threshold),
     }

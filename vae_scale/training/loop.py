@@ -174,8 +174,9 @@ def start_run(
         run_config = setup.record_run(
             cfg, accelerator, models, splits["train"], steps, command, write=not finished
         )
-        setup.start_tracking(cfg, accelerator, run_config, wandb_mode)
-        if resume_from is not None and main and wandb_mode != "disabled":
+        # a run with nothing left to do opens no W&B run (offline: no new folder to sync)
+        setup.start_tracking(cfg, accelerator, run_config, "disabled" if finished else wandb_mode)
+        if resume_from is not None and main and wandb_mode != "disabled" and not finished:
             replayed, held = tracking.replay_missing_rows(accelerator, run_dir, state.opt_step)
             if replayed:
                 accelerator.print(
@@ -484,6 +485,10 @@ def end_of_epoch(
                     cfg.run.seed, cfg.data.binarize, refine_steps=refine, nets=nets
                 )
                 metrics.update(evaluate_split(accelerator, eval_model, run.splits[name], options))
+    for name in ("val", "test"):  # the run's transport totals count evaluation's reads too
+        state.data_retries += metrics.get(f"{name}/data_retries", 0)
+        state.data_refetched_bytes += metrics.get(f"{name}/data_refetched_bytes", 0)
+    metrics.update(transfer_metrics(state))
     metrics.update(tracking.best_so_far(state, metrics))
     if accelerator.is_main_process:
         append_row(cfg.run_dir, METRICS_FILE, metrics)
