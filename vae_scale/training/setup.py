@@ -78,7 +78,9 @@ def open_splits(cfg: Config, accelerator: Accelerator) -> dict[str, ShardSplit]:
         worker_init=ignore_stop_signals,  # the main process alone stops (and checkpoints)
     )
     trained = "+".join(cfg.data.train_splits)
-    train = ShardSplit(cfg.shard_dir, trained, cfg.data, shuffle=True, **common)
+    # training reads images only (labels and JSON undecoded); val/test keep labels for the
+    # pictures that colour latents by class
+    train = ShardSplit(cfg.shard_dir, trained, cfg.data, shuffle=True, labels=False, **common)
     splits = {"train": train}
     for name in ("val", "test"):
         if train.has(name) and name not in cfg.data.train_splits:

@@ -46,6 +46,7 @@ from vae_scale.data.index import (
     make_index,
     publish,
 )
+from vae_scale.data.members import member_table
 from vae_scale.data.sourcing.base import SourceData
 from vae_scale.errors import DataError
 from vae_scale.utils.fsutil import fsync, sha256_file, write_json_atomic
@@ -421,10 +422,13 @@ def merge_index(
     for split, items in collection.splits.items():
         parts = [s for t, s in zip(tasks, sidecars) if t.split == split]
         shards = [
-            {"name": s["name"], "num_samples": s["num_samples"], "sha256": s["sha256"]}
+            {
+                "name": s["name"], "num_samples": s["num_samples"], "sha256": s["sha256"],
+                "members": member_table(work / s["name"]).encode(),  # one header walk
+            }
             for s in parts
             if s["num_samples"] > 0
-        ]
+        ]  # fmt: skip
         bad = [b for s in parts for b in s["skipped"]]
         if not shards:
             raise DataError(

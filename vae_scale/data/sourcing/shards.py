@@ -23,6 +23,7 @@ import numpy as np
 import webdataset as wds
 
 from vae_scale.data.index import INDEX_NAME, SHARD_PATTERN, index_matches, make_index, publish
+from vae_scale.data.members import member_table
 from vae_scale.data.sourcing.base import SourceData
 from vae_scale.errors import DataError
 from vae_scale.utils.fsutil import fsync, sha256_file
@@ -56,7 +57,10 @@ def write_split(
     def finished(fname: str) -> None:  # ShardWriter calls this after closing each shard
         path = Path(fname)
         fsync(path)
-        shards.append({"name": path.name, "num_samples": in_shard[0], "sha256": sha256_file(path)})
+        shards.append({
+            "name": path.name, "num_samples": in_shard[0], "sha256": sha256_file(path),
+            "members": member_table(path).encode(),  # where each sample lies: readers slice
+        })  # fmt: skip
         in_shard[0] = 0
 
     count = 0

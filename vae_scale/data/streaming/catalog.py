@@ -10,7 +10,7 @@ Two kinds of source:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ class ShardEntry:
     url: str
     num_samples: int | None = None  # None: no index.json lists this shard
     sha256: str | None = None
+    # its member table (data/members.py), when the index has one
+    members: dict | None = field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -82,7 +84,9 @@ def indexed_entries(location: str, index: dict[str, Any], split: str) -> list[Sh
         url = remote.join(location, shard["name"])
         if remote.is_local(url) and not Path(remote.local_path(url)).is_file():
             raise DataError(f"shard {url} listed in {INDEX_NAME} is missing")
-        entries.append(ShardEntry(url, shard["num_samples"], shard.get("sha256")))
+        entries.append(
+            ShardEntry(url, shard["num_samples"], shard.get("sha256"), shard.get("members"))
+        )
     if not entries:
         raise DataError(f"{location}: split {split!r} has no shards")
     return entries
@@ -105,7 +109,9 @@ def pattern_entries(pattern: str, index: dict[str, Any] | None) -> list[ShardEnt
         if meta is None:
             entries.append(ShardEntry(url))
         else:
-            entries.append(ShardEntry(url, meta["num_samples"], meta.get("sha256")))
+            entries.append(
+                ShardEntry(url, meta["num_samples"], meta.get("sha256"), meta.get("members"))
+            )
     return entries
 
 

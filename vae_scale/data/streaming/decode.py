@@ -24,12 +24,14 @@ IMAGE_SUFFIXES = ("npy", "png", "jpg", "jpeg", "webp")
 class DecodeSpec:
     """How samples of a split become tensors: the expected (H, W, C), or, with `resize`, the
     size every image is resized (shorter side) and centre-cropped to; which members hold the
-    image (first present wins) and the label ('cls', 'json.<field>' or None)."""
+    image (first present wins) and the label ('cls', 'json.<field>' or None); `labels`:
+    whether labels and JSON are decoded at all (training reads images only)."""
 
     image_hwc: tuple[int, int, int]
     resize: bool = False
     image_keys: tuple[str, ...] = IMAGE_SUFFIXES
     label_key: str | None = "cls"
+    labels: bool = True
 
 
 def where(sample: dict[str, Any]) -> str:
@@ -108,10 +110,12 @@ def decode_sample(sample: dict[str, Any], spec: DecodeSpec) -> dict[str, Any]:
         "key": sample.get("__key__"),
         "image": np.ascontiguousarray(image.transpose(2, 0, 1)),
     }
+    if not spec.labels:
+        return out
     try:
         if "json" in sample:
             out["json"] = json.loads(sample["json"])
-        label = _label(sample, out.get("json"), spec.label_key)
+        label = label_of(sample, out.get("json"), spec.label_key)
     except (ValueError, KeyError, TypeError) as err:
         raise DataError(f"{where(sample)}: unreadable label {spec.label_key} ({err})") from err
     if label is not None:
@@ -119,7 +123,8 @@ def decode_sample(sample: dict[str, Any], spec: DecodeSpec) -> dict[str, Any]:
     return out
 
 
-def _label(sample: dict[str, Any], meta: Any, key: str | None) -> int | None:
+def label_of(sample: dict[str, Any], meta: Any, key: str | None) -> int | None:
+    """The label data.label_key names, from a sample's members or its decoded JSON."""
     if key is None:
         return None
     if key.startswith("json."):

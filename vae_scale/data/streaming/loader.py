@@ -38,6 +38,7 @@ from vae_scale.data.streaming.order import (
 )
 from vae_scale.data.streaming.reader import BadSample, ReadOptions, ShardReader
 from vae_scale.data.streaming.remote import TransferStats
+from vae_scale.data.streaming.shard_view import ShardView, verified_shards
 from vae_scale.errors import ConfigError, DataError
 from vae_scale.utils.compat import seeded_shuffle, shut_down_loader_workers
 from vae_scale.utils.fsutil import sha256_file
@@ -64,6 +65,7 @@ class ShardSplit:
         world_size: int = 1,
         rank: int = 0,
         worker_init: Callable[[int], None] | None = None,  # DataLoader worker_init_fn
+        labels: bool = True,  # decode labels and JSON (training and evaluation need neither)
     ):
         data = data or DataConfig()
         self.shard_dir, self.split, self.data = location, split, data
@@ -93,9 +95,12 @@ class ShardSplit:
                 )
             self.image_shape = (c, data.crop, data.crop)
         keys = tuple(data.image_key.split(";"))
-        spec = DecodeSpec((h, w, c), data.image_size is not None, keys, data.label_key)
+        spec = DecodeSpec((h, w, c), data.image_size is not None, keys, data.label_key, labels)
         self.read_options = ReadOptions(spec, data.on_error, data.verify_shards, self.policy)
         self._cache: dict[str, list[Any]] | None = {} if data.cache_in_memory else None
+        # local shards with a member table are sliced (shard_view.py); the record of verified
+        # shards exists before loader workers fork, so they share it
+        self.verified = verified_shards()
         self.topology = Topology(world_size, max(1, data.num_workers), self.batch_size)
         # Training: the plan record of the epoch being trained as of the last mid-epoch
         # checkpoint (None between epochs); a resumed run continues from it.
@@ -129,8 +134,12 @@ class ShardSplit:
             path = Path(remote.local_path(entry.url))
             if not path.is_file():
                 damaged[entry.name] = "missing"
-            elif sha256_file(path) != entry.sha256:
+                continue
+            before = path.stat()
+            if sha256_file(path) != entry.sha256:
                 damaged[entry.name] = "sha256 differs from index.json"
+            elif path.stat() == before:  # hashed once: the first read does not hash it again
+                self.verified.add(before, entry.sha256)
         return damaged
 
     def leave_out(self, names: set[str]) -> None:
@@ -346,11 +355,19 @@ def read_ids(split: ShardSplit, ids: np.ndarray, stats: TransferStats) -> Iterat
     for s, m in zip(shards.tolist(), members.tolist()):
         needed.setdefault(s, []).append(m)
     left = {s: len(ms) for s, ms in needed.items()}
-    loaded: dict[int, dict[int, Any]] = {}
+    loaded: dict[int, Any] = {}
+    options = split.read_options
     for s, m in zip(shards.tolist(), members.tolist()):
-        if s not in loaded:
-            loaded[s] = reader.load(split.shards[s], sorted(set(needed[s])))
-        yield loaded[s][m]
+        source = loaded.get(s)
+        if source is None:
+            entry = split.shards[s]
+            source = None if split._cache is not None else ShardView.open(
+                entry, options.spec, split.verified, options.verify
+            )  # fmt: skip
+            if source is None:  # read the checked way, which reports what is wrong
+                source = reader.load(entry, sorted(set(needed[s])))
+            loaded[s] = source
+        yield (source, m) if type(source) is ShardView else source[m]
         left[s] -= 1
         if not left[s]:
             del loaded[s]  # the worker has moved past this shard
@@ -480,6 +497,12 @@ class Crop:
 def collate(
     samples: list[Any], skipped: int = 0, fallback: Any = None, crop: Crop | None = None
 ) -> dict[str, Any]:
+    """A batch of decoded samples (dicts, BadSample) or shard-view references (view, m)."""
+    if all(type(s) is tuple for s in samples):
+        return _collate_views(samples, skipped, crop)
+    samples = [s[0].sample(s[1]) if type(s) is tuple else s for s in samples]
+    if type(fallback) is tuple:
+        fallback = fallback[0].sample(fallback[1])
     good = [s for s in samples if not isinstance(s, BadSample)]
     if len(good) < len(samples):
         stand_in = good[0] if good else fallback
@@ -497,6 +520,35 @@ def collate(
         batch["cls"] = torch.tensor([s["cls"] for s in samples])
     if any("json" in s for s in samples):
         batch["json"] = [s.get("json") for s in samples]
+    return batch
+
+
+def _collate_views(
+    refs: list[tuple[ShardView, int]], skipped: int, crop: Crop | None
+) -> dict[str, Any]:
+    """Samples of verified shards: every image copied into one (B, H, W, C) array, then the
+    batch transposed to (B, C, H, W) at once (not image by image)."""
+    spec = refs[0][0].spec
+    h, w, c = spec.image_hwc
+    n = h * w * c
+    images = np.empty((len(refs), n), np.uint8)
+    for row, (view, m) in zip(images, refs):
+        start = view.starts[m]
+        row[:] = view.buffer[start : start + n]
+    keys = [view.keys[m] for view, m in refs]
+    chw = torch.from_numpy(images).view(len(refs), h, w, c).permute(0, 3, 1, 2)
+    if crop is not None and crop.size is not None:
+        image = torch.stack([crop(x, k) for x, k in zip(chw, keys)])
+    else:  # standard strides: for C = 1 `contiguous()` would keep channel-last ones, and
+        # convolutions choose their kernel (and rounding) by the layout they see
+        image = torch.empty((len(refs), c, h, w), dtype=torch.uint8).copy_(chw)
+    batch: dict[str, Any] = {"image": image, "key": keys, "skipped": skipped}
+    if spec.labels:
+        labels = [view.labels_of(m) for view, m in refs]
+        if all("cls" in x for x in labels):
+            batch["cls"] = torch.tensor([x["cls"] for x in labels])
+        if any("json" in x for x in labels):
+            batch["json"] = [x.get("json") for x in labels]
     return batch
 
 

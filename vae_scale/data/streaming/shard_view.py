@@ -1,0 +1,166 @@
+"""A local shard read by slicing: verified once, then each image is a slice of the mapped file.
+
+When index.json gives a shard's member table (data/members.py) and its sha256, the shard is
+mapped into memory, hashed once per content (`VerifiedShards`: the process and the loader
+workers it forks share the result, so later epochs do not hash it again), and its images are
+sliced out where the table says: no header walk, no regrouping of members, no per-image
+transpose (batches are collated as one array and transposed once). Labels and JSON are
+decoded only for splits that ask for them. Anything this path does not handle (remote shards,
+no table or hash, images that are not the index's npy, a hash that differs) returns None, and
+the shard is read the checked way (reader.py), which also reports what is wrong.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vae_scale.data.members import MemberTable
+from vae_scale.data.streaming import remote
+from vae_scale.data.streaming.catalog import ShardEntry
+from vae_scale.data.streaming.decode import DecodeSpec, label_of
+
+
+class VerifiedShards:
+    """Shards whose bytes hashed to their index.json sha256, known by content identity
+    (device, inode, size, mtime, ctime and the hash): a marker file each in a folder the
+    process makes before it forks loader workers, removed when that process exits. A file
+    written or replaced since has another identity and is hashed again."""
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="vae_scale-verified-"))
+        atexit.register(_remove, self.folder, os.getpid())
+
+    def _marker(self, st: os.stat_result, sha256: str) -> Path:
+        who = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{sha256}"
+        return self.folder / hashlib.sha1(who.encode()).hexdigest()
+
+    def has(self, st: os.stat_result, sha256: str) -> bool:
+        return self._marker(st, sha256).exists()
+
+    def add(self, st: os.stat_result, sha256: str) -> None:
+        try:
+            self._marker(st, sha256).touch()
+        except OSError:  # the folder is gone (its process ended): hashed again next time
+            pass
+
+
+def _remove(folder: Path, creator: int) -> None:
+    if os.getpid() == creator:  # not in a forked worker that inherited the handler
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+_VERIFIED: VerifiedShards | None = None
+
+
+def verified_shards() -> VerifiedShards:
+    """This process's record (made on first use; a loader should call it before forking)."""
+    global _VERIFIED
+    if _VERIFIED is None or not _VERIFIED.folder.is_dir():
+        _VERIFIED = VerifiedShards()
+    return _VERIFIED
+
+
+class ShardView:
+    """The samples of one verified local shard: `image_into(flat_row, m)` copies sample m's
+    pixels (H*W*C bytes, HWC), `keys[m]` its key, `labels_of(m)` its cls / json."""
+
+    def __init__(self, entry: ShardEntry, table: MemberTable, spec: DecodeSpec, view, starts):
+        self.entry, self.table, self.spec = entry, table, spec
+        self.buffer = view  # the mapped shard, as a uint8 array
+        self.starts = starts  # per sample, the first byte of its pixels
+        self.keys = table.keys
+        self.nbytes = int(np.prod(spec.image_hwc))
+
+    @classmethod
+    def open(
+        cls, entry: ShardEntry, spec: DecodeSpec, verified: VerifiedShards, verify: bool
+    ) -> ShardView | None:
+        if not (entry.members and entry.sha256 and verify and remote.is_local(entry.url)):
+            return None
+        if spec.resize or "npy" not in spec.image_keys:
+            return None
+        try:
+            table = MemberTable.decode(entry.members)
+        except (ValueError, KeyError, TypeError):
+            return None
+        first_image = next((k for k in spec.image_keys if k in table.fields), None)
+        if first_image != "npy" or len(table.keys) != entry.num_samples or not table.keys:
+            return None
+        offsets, sizes = table.column("npy")
+        try:
+            with open(remote.local_path(entry.url), "rb") as f:
+                st = os.fstat(f.fileno())
+                if st.st_size == 0:
+                    return None
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError:
+            return None
+        if not verified.has(st, entry.sha256):
+            if hashlib.sha256(mapped).hexdigest() != entry.sha256:
+                return None
+            verified.add(st, entry.sha256)
+        data = np.frombuffer(mapped, np.uint8)
+        header = _npy_header(bytes(mapped[offsets[0] : offsets[0] + 256]), spec)
+        if header is None or offsets.max() + sizes.max() > len(data):
+            return None
+        n = int(np.prod(spec.image_hwc))
+        if not (sizes == len(header) + n).all():  # every image the index's shape and dtype
+            return None
+        # every member starts with the same npy header (one gather, once per shard)
+        heads = data[offsets[:, None] + np.arange(len(header))]
+        if not (heads == np.frombuffer(header, np.uint8)).all():
+            return None
+        return cls(entry, table, spec, data, (offsets + len(header)).tolist())
+
+    def labels_of(self, m: int) -> dict[str, Any]:
+        """Sample m's `json` (decoded) and `cls` (data.label_key), as decode.py gives them."""
+        member: dict[str, Any] = {}
+        for field in ("cls", "json"):
+            if field in self.table.fields:
+                offsets, sizes = self.table.column(field)
+                if sizes[m] >= 0:
+                    member[field] = self.buffer[offsets[m] : offsets[m] + sizes[m]].tobytes()
+        out: dict[str, Any] = {}
+        if "json" in member:
+            out["json"] = json.loads(member["json"])
+        label = label_of(member, out.get("json"), self.spec.label_key)
+        if label is not None:
+            out["cls"] = label
+        return out
+
+    def sample(self, m: int) -> dict[str, Any]:
+        """Sample m as decode.py's decode_sample gives it (image CHW), for the batches that
+        mix this path with the checked one."""
+        start = self.starts[m]
+        h, w, c = self.spec.image_hwc
+        image = self.buffer[start : start + self.nbytes].reshape(h, w, c).transpose(2, 0, 1)
+        out = {"key": self.keys[m], "image": np.ascontiguousarray(image)}
+        return {**out, **self.labels_of(m)} if self.spec.labels else out
+
+
+def _npy_header(head: bytes, spec: DecodeSpec) -> bytes | None:
+    """The npy header of a member starting with `head`, if it describes the index's image
+    (uint8, C order, (H, W, C))."""
+    if head[:8] != b"\x93NUMPY\x01\x00":
+        return None
+    end = 10 + int.from_bytes(head[8:10], "little")
+    try:
+        import ast
+
+        meta = ast.literal_eval(head[10:end].decode("latin1"))
+    except (ValueError, SyntaxError, UnicodeDecodeError):
+        return None
+    h, w, c = spec.image_hwc
+    if meta.get("descr") != "|u1" or meta.get("fortran_order") or meta.get("shape") != (h, w, c):
+        return None
+    return head[:end]
