@@ -3,7 +3,7 @@
 The same images (CIFAR-10 train and CelebA 64x64 as `vae-scale shard` writes them), the same
 batch (uint8 (B, C, H, W) tensors out, in stored order), read one pass at a time in
 alternating rounds, with 0 and 1 DataLoader workers:
-- ours: `ShardSplit.train_batches` (no shuffle, labels off, as the trainer reads);
+- ours: `ShardSplit.eval_batches` (each image once in stored order, labels off);
 - webdataset: a plain `wds.WebDataset` pipeline over the same tar files (npy decoded);
 - mds: MosaicML Streaming's `StreamingDataset` over an MDS copy (`ndarray:uint8:H,W,C`);
 - litdata: LitData's `StreamingDataset` / `StreamingDataLoader` over an `optimize`d copy;
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import multiprocessing
 import os
 import resource
 import statistics
@@ -92,9 +93,9 @@ def all_images(paths: list[Path], tables: list[MemberTable], hwc) -> Iterator[np
 
 
 def ours(shard_dir: Path, batch: int, workers: int) -> Pass:
-    data = DataConfig(batch_size=batch, num_workers=workers, drop_last=False)
+    data = DataConfig(batch_size=batch, num_workers=workers)
     split = ShardSplit(shard_dir, "train", data, shuffle=False, labels=False)
-    return lambda: (b["image"] for b in split.train_batches(1))
+    return lambda: (b["image"] for b in split.eval_batches())  # each image once, in order
 
 
 class _RawStream(IterableDataset):
@@ -189,19 +190,24 @@ def litdata(shard_dir: Path, batch: int, workers: int, out: Path) -> Pass:
 # ---------------------------------------------------------------------------- measuring
 
 
-def one_pass(make: Pass, expected: int) -> tuple[float, float, int]:
+def one_pass(make: Pass, expected: int, passes: int = 1) -> tuple[float, float, int]:
+    """Wall and CPU seconds of `passes` epochs over the images (a loader made per epoch, as a
+    training loop makes one), and the images read."""
+    # Linux's default; a peer's import may have switched the process to spawn
+    multiprocessing.set_start_method("fork", force=True)
     gc.collect()
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
     seen = 0
-    iterator = iter(make())
-    for images in iterator:
-        assert images.dtype == torch.uint8 and images.is_contiguous() and images.shape[1] in (1, 3)
-        seen += len(images)
-    del iterator
+    for _ in range(passes):
+        iterator = iter(make())
+        for images in iterator:
+            assert images.dtype == torch.uint8 and images.is_contiguous()
+            seen += len(images)
+        del iterator
     gc.collect()  # loader workers joined and reaped: their CPU time is in RUSAGE_CHILDREN
     wall, cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
-    if seen != expected:
-        raise RuntimeError(f"a pass read {seen} images, expected {expected}")
+    if seen != expected * passes:
+        raise RuntimeError(f"{passes} passes read {seen} images, expected {expected} each")
     return wall, cpu, seen
 
 
@@ -226,29 +232,34 @@ def compare(args: argparse.Namespace, dataset: str) -> list[dict]:
             except ImportError as err:
                 print(f"{name}: not installed ({err.name}); pip install -e '.[bench]'")
         times: dict[str, list[tuple[float, float]]] = {name: [] for name in loaders}
-        one_pass(loaders["ours"], expected)  # warm the page cache and the imports
+        passes = -(-args.min_images // expected)  # epochs per measurement
+        for name in loaders:  # warm the page cache, the imports and the peers' own caches
+            one_pass(loaders[name], expected)
         names = list(loaders)
         for r in range(args.rounds):
             for name in names[r % len(names) :] + names[: r % len(names)]:  # alternating
-                wall, cpu, _ = one_pass(loaders[name], expected)
+                wall, cpu, _ = one_pass(loaders[name], expected, passes)
                 times[name].append((wall, cpu))
         for name, runs in times.items():
             wall = statistics.median(w for w, _ in runs)
             cpu = statistics.median(c for _, c in runs)
             rows.append({
-                "dataset": dataset, "workers": workers, "loader": name, "images": expected,
-                "img_per_wall_s": expected / wall, "img_per_cpu_s": expected / cpu,
+                "dataset": dataset, "workers": workers, "loader": name,
+                "images": expected * passes, "img_per_wall_s": expected * passes / wall,
+                "img_per_cpu_s": expected * passes / cpu,
+                "cpu_ratios": [c for _, c in runs],
             })  # fmt: skip
     return rows
 
 
-def input_overhead(args: argparse.Namespace, steps: int = 30) -> list[dict]:
+def input_overhead(args: argparse.Namespace) -> list[dict]:
     """Seconds per training step of the CIFAR-10 ResNet VAE fed by our loader vs by the same
     batches already in memory (the model's own cost)."""
     from vae_scale.config import load_config
     from vae_scale.losses import build_likelihood
     from vae_scale.models import build_model
 
+    steps = args.overhead_steps
     shard_dir = prepare("cifar10", args.data, args.out)
     cfg = load_config(Path(__file__).parents[1] / "configs" / "cifar10_resnet.yaml", [])
     shape = (3, 32, 32)
@@ -320,7 +331,9 @@ def main() -> None:
     parser.add_argument("--workers", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--min-images", type=int, default=50_000, help="per measurement")
     parser.add_argument("--no-overhead", action="store_true", help="skip the training overhead")
+    parser.add_argument("--overhead-steps", type=int, default=10, help="training steps timed")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = [row for dataset in args.datasets for row in compare(args, dataset)]
