@@ -516,6 +516,11 @@ def collate(
         "key": [s["key"] for s in samples],
         "skipped": skipped,
     }
+    return add_labels(batch, samples)
+
+
+def add_labels(batch: dict[str, Any], samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """The batch's `cls` (when every sample has one) and `json` (when any has one)."""
     if all("cls" in s for s in samples):
         batch["cls"] = torch.tensor([s["cls"] for s in samples])
     if any("json" in s for s in samples):
@@ -544,11 +549,7 @@ def _collate_views(
         image = torch.empty((len(refs), c, h, w), dtype=torch.uint8).copy_(chw)
     batch: dict[str, Any] = {"image": image, "key": keys, "skipped": skipped}
     if spec.labels:
-        labels = [view.labels_of(m) for view, m in refs]
-        if all("cls" in x for x in labels):
-            batch["cls"] = torch.tensor([x["cls"] for x in labels])
-        if any("json" in x for x in labels):
-            batch["json"] = [x.get("json") for x in labels]
+        return add_labels(batch, [view.labels_of(m) for view, m in refs])
     return batch
 
 

@@ -12,14 +12,10 @@ the shard is read the checked way (reader.py), which also reports what is wrong.
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import json
 import mmap
 import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,31 +28,48 @@ from vae_scale.data.streaming.decode import DecodeSpec, label_of
 
 class VerifiedShards:
     """Shards whose bytes hashed to their index.json sha256, known by content identity
-    (device, inode, size, mtime, ctime and the hash): a marker file each in a folder the
-    process makes before it forks loader workers, removed when that process exits. A file
-    written or replaced since has another identity and is hashed again."""
+    (device, inode, size, mtime, ctime and the hash). The record is a table in anonymous
+    shared memory that the process maps before it forks loader workers, so what one worker
+    verified the parent and later workers know; nothing goes to disk and nothing outlives the
+    processes. A file written or replaced since has another identity and is hashed again; a
+    full table (or a spawned worker, which maps its own) only means hashing again."""
 
-    def __init__(self) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="vae_scale-verified-"))
-        atexit.register(_remove, self.folder, os.getpid())
+    DIGEST = 16  # bytes per slot
+    PROBES = 8
 
-    def _marker(self, st: os.stat_result, sha256: str) -> Path:
+    def __init__(self, slots: int = 1 << 16) -> None:
+        self.slots = slots
+        self.table = mmap.mmap(-1, slots * self.DIGEST)  # MAP_SHARED | MAP_ANONYMOUS
+
+    def _identity(self, st: os.stat_result, sha256: str) -> bytes:
         who = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{sha256}"
-        return self.folder / hashlib.sha1(who.encode()).hexdigest()
+        return hashlib.blake2b(who.encode(), digest_size=self.DIGEST).digest()
+
+    def _slots(self, identity: bytes):
+        first = int.from_bytes(identity[:8], "little") % self.slots
+        for i in range(self.PROBES):
+            at = (first + i) % self.slots * self.DIGEST
+            yield at, self.table[at : at + self.DIGEST]
 
     def has(self, st: os.stat_result, sha256: str) -> bool:
-        return self._marker(st, sha256).exists()
+        identity = self._identity(st, sha256)
+        for _, held in self._slots(identity):
+            if held == identity:
+                return True
+            if not any(held):
+                return False
+        return False
 
     def add(self, st: os.stat_result, sha256: str) -> None:
-        try:
-            self._marker(st, sha256).touch()
-        except OSError:  # the folder is gone (its process ended): hashed again next time
-            pass
-
-
-def _remove(folder: Path, creator: int) -> None:
-    if os.getpid() == creator:  # not in a forked worker that inherited the handler
-        shutil.rmtree(folder, ignore_errors=True)
+        # Two workers filling one empty slot at once: one record is lost, so that shard is
+        # hashed again later; a torn slot never equals an identity.
+        identity = self._identity(st, sha256)
+        for at, held in self._slots(identity):
+            if held == identity:
+                return
+            if not any(held):
+                self.table[at : at + self.DIGEST] = identity
+                return
 
 
 _VERIFIED: VerifiedShards | None = None
@@ -65,7 +78,7 @@ _VERIFIED: VerifiedShards | None = None
 def verified_shards() -> VerifiedShards:
     """This process's record (made on first use; a loader should call it before forking)."""
     global _VERIFIED
-    if _VERIFIED is None or not _VERIFIED.folder.is_dir():
+    if _VERIFIED is None:
         _VERIFIED = VerifiedShards()
     return _VERIFIED
 
