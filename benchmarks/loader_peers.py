@@ -16,8 +16,9 @@ environment of their own (MosaicML Streaming pins an older numpy):
     python3 -m venv .venv-bench && .venv-bench/bin/pip install -e '.[bench]'
     .venv-bench/bin/python -m benchmarks.loader_peers --data ../shared/data --out /tmp/peers
 
-Then the training-input overhead: steps of the CIFAR-10 ResNet VAE fed by our loader vs the
-same batches already in memory.
+Then the training-input overhead: steps of the CIFAR-10 ResNet VAE (`--overhead-overrides`
+for a smaller one) fed by our loader, with the share of step time spent waiting for the next
+batch, vs the same batches already in memory.
 """
 
 from __future__ import annotations
@@ -253,15 +254,17 @@ def compare(args: argparse.Namespace, dataset: str) -> list[dict]:
 
 
 def input_overhead(args: argparse.Namespace) -> list[dict]:
-    """Seconds per training step of the CIFAR-10 ResNet VAE fed by our loader vs by the same
-    batches already in memory (the model's own cost)."""
+    """Seconds per training step of the CIFAR-10 ResNet VAE fed by our loader (and the share
+    of it spent waiting for input) vs by the same batches already in memory."""
     from vae_scale.config import load_config
     from vae_scale.losses import build_likelihood
     from vae_scale.models import build_model
 
     steps = args.overhead_steps
     shard_dir = prepare("cifar10", args.data, args.out)
-    cfg = load_config(Path(__file__).parents[1] / "configs" / "cifar10_resnet.yaml", [])
+    cfg = load_config(
+        Path(__file__).parents[1] / "configs" / "cifar10_resnet.yaml", args.overhead_overrides
+    )
     shape = (3, 32, 32)
     torch.manual_seed(0)
     model = build_model(cfg.model, shape, build_likelihood(cfg.loss.likelihood, shape))
@@ -281,24 +284,47 @@ def input_overhead(args: argparse.Namespace) -> list[dict]:
             loss.backward()
             opt.step()
 
-        def timed(batches: Iterable[torch.Tensor]) -> float:
-            t0, done = time.perf_counter(), 0
-            for images in batches:
+        def interleaved(
+            split: ShardSplit, kept: list[torch.Tensor]
+        ) -> tuple[list[float], list[float], float]:
+            """Seconds of each fed step (waiting for the batch included) and of each step on
+            a batch already in memory, taken in turn so that drift falls on both alike, and
+            the share of the fed steps' time spent waiting. The loader's start-up (its first
+            batch) is timed apart."""
+            batches = (b["image"] for b in split.train_batches(1))
+            step(next(batches))
+            fed, resident, waited = [], [], 0.0
+            for i in range(steps):
+                t0 = time.perf_counter()
+                images = next(batches)
+                t1 = time.perf_counter()
                 step(images)
-                done += 1
-                if done == steps:
-                    break
-            return (time.perf_counter() - t0) / done
+                fed.append(time.perf_counter() - t0)
+                waited += t1 - t0
+                t0 = time.perf_counter()
+                step(kept[i % len(kept)])
+                resident.append(time.perf_counter() - t0)
+            return fed, resident, waited / sum(fed)
+
+        def first_batch(split: ShardSplit) -> float:
+            t0 = time.perf_counter()
+            next(iter(split.train_batches(1)))
+            return time.perf_counter() - t0
 
         kept = [b["image"] for _, b in zip(range(steps), split.train_batches(1))]
-        fed, resident = [], []
+        fed, resident, start, wait = [], [], [], []
         for _ in range(args.rounds):
-            fed.append(timed(b["image"] for b in split.train_batches(1)))
-            resident.append(timed(kept))
+            fed_s, resident_s, wait_share = interleaved(split, kept)
+            fed += fed_s
+            resident += resident_s
+            wait.append(wait_share)
+            start.append(first_batch(split))
         fed_s, resident_s = statistics.median(fed), statistics.median(resident)
         rows.append({
             "workers": workers, "step_s_fed": fed_s, "step_s_in_memory": resident_s,
-            "overhead": fed_s / resident_s - 1,
+            "overhead": fed_s / resident_s - 1, "input_wait_share": statistics.median(wait),
+            "first_batch_s": statistics.median(start), "steps": steps, "rounds": args.rounds,
+            "batch": cfg.data.batch_size, "overrides": args.overhead_overrides,
         })  # fmt: skip
     return rows
 
@@ -326,7 +352,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("VAE_SCALE_DATA", "data")))
     parser.add_argument("--out", type=Path, default=Path("bench_peers"))
     parser.add_argument("--datasets", nargs="+", default=["cifar10", "celeba"])
-    parser.add_argument("--loaders", nargs="+",
+    parser.add_argument("--loaders", nargs="*",
                         default=["ours", "raw", "webdataset", "mds", "litdata"])  # fmt: skip
     parser.add_argument("--workers", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--batch", type=int, default=256)
@@ -334,17 +360,25 @@ def main() -> None:
     parser.add_argument("--min-images", type=int, default=50_000, help="per measurement")
     parser.add_argument("--no-overhead", action="store_true", help="skip the training overhead")
     parser.add_argument("--overhead-steps", type=int, default=10, help="training steps timed")
+    parser.add_argument("--overhead-overrides", nargs="*", default=[],
+                        help="config overrides for the timed model")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows = [row for dataset in args.datasets for row in compare(args, dataset)]
-    print(table(rows))
+    rows = (
+        [row for dataset in args.datasets for row in compare(args, dataset)] if args.loaders else []
+    )
+    if rows:
+        print(table(rows))
     result = {"loaders": rows}
     if not args.no_overhead:
         result["input_overhead"] = input_overhead(args)
         for row in result["input_overhead"]:
             print(
-                f"training input overhead, {row['workers']} workers: {row['overhead']:+.1%} "
-                f"({row['step_s_fed'] * 1e3:.1f} vs {row['step_s_in_memory'] * 1e3:.1f} ms/step)"
+                f"training input overhead, {row['workers']} workers "
+                f"{' '.join(row['overrides'])}: waiting for input {row['input_wait_share']:.2%} "
+                f"of the step time; median step time {row['overhead']:+.1%} "
+                f"({row['step_s_fed'] * 1e3:.1f} vs {row['step_s_in_memory'] * 1e3:.1f} ms/step; "
+                f"first batch {row['first_batch_s'] * 1e3:.0f} ms)"
             )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "loader_peers.json").write_text(json.dumps(result, indent=1))

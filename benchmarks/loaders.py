@@ -53,7 +53,7 @@ def first_shards(shard_dir: Path, n: int, min_shards: int) -> ShardSplit:
         if total >= n and len(keep) >= min_shards:
             break
         keep.append(shard)
-        total += shard["num_samples"]
+        total += shard.num_samples
     split.shards, split.num_samples = keep, total
     return split
 

@@ -33,6 +33,7 @@ from vae_scale.run_files.logs import (
     METRICS_FILE,
     STEPS_FILE,
     append_row,
+    read_rows,
     sample_keys_file,
     truncate_logs,
 )
@@ -169,8 +170,10 @@ def start_run(
                 f"resumed from {resume_from} (epoch {state.epoch}, batch "
                 f"{state.batch_in_epoch}, step {state.opt_step})"
             )
+        if state.unevaluated:  # the metrics of the run the checkpoint was written by
+            settle_evaluation(resume_from.parent.parent, state)
         # a run with nothing left to train keeps its record as it is
-        finished = state.epoch > cfg.train.epochs
+        finished = state.epoch > cfg.train.epochs and not state.unevaluated
         run_config = setup.record_run(
             cfg, accelerator, models, splits["train"], steps, command, write=not finished
         )
@@ -226,9 +229,9 @@ def critic_components(critic: setup.Critic | None) -> dict[str, Any]:
 
 
 def train_epochs(run: Run) -> Path:
-    """for epoch: train_one_epoch, end_of_epoch (evaluate, log, pictures), checkpoint."""
+    """for epoch: train_one_epoch, checkpoint, end_of_epoch (evaluate, log, pictures)."""
     cfg, accelerator, state = run.cfg, run.accelerator, run.state
-    if state.epoch > cfg.train.epochs:
+    if state.epoch > cfg.train.epochs and not state.unevaluated:
         accelerator.print(
             f"{cfg.run_dir} has already trained {state.epoch - 1} epochs (train.epochs="
             f"{cfg.train.epochs}): nothing to do; raise train.epochs to train longer"
@@ -237,13 +240,23 @@ def train_epochs(run: Run) -> Path:
     if accelerator.is_main_process and "test" in run.splits:
         picture_inputs = first_images(run.splits["test"], cfg.eval.recon_rows)
     trained_last = False
+    if state.unevaluated:  # its checkpoint came before a failed or interrupted evaluation
+        epoch, sums, seconds = unevaluated_epoch(state, accelerator.device)
+        accelerator.print(f"epoch {epoch} was trained and checkpointed; evaluating it now")
+        end_of_epoch(run, epoch, sums, seconds, picture_inputs)
+        state.unevaluated = {}
+        trained_last = epoch == cfg.train.epochs
     for epoch in range(state.epoch, cfg.train.epochs + 1):
         trained_last = epoch == cfg.train.epochs
         sums, seconds = train_one_epoch(run, epoch)
-        end_of_epoch(run, epoch, sums, seconds, picture_inputs)
         state.epoch, state.batch_in_epoch, state.epoch_sums = epoch + 1, 0, {}
         run.splits["train"].position = None
+        state.unevaluated = {
+            "epoch": epoch, "sums": {k: v.tolist() for k, v in sums.items()}, "seconds": seconds
+        }  # fmt: skip
         run.checkpointer.save(state.opt_step)
+        end_of_epoch(run, epoch, sums, seconds, picture_inputs)
+        state.unevaluated = {}
         if epoch < cfg.train.epochs and stop_requested(run):
             raise TrainingInterrupted(
                 f"{run.stop.reason}: checkpointed at the end of epoch {epoch}; run the "
@@ -253,6 +266,36 @@ def train_epochs(run: Run) -> Path:
         measure_latents(run)
     accelerator.wait_for_everyone()
     return cfg.run_dir
+
+
+def unevaluated_epoch(
+    state: TrainState, device: torch.device
+) -> tuple[int, dict[str, torch.Tensor], float]:
+    """The checkpointed epoch still to evaluate: its number, train sums and seconds."""
+    record = state.unevaluated
+    sums = {
+        name: torch.tensor(value, dtype=torch.float64, device=device)
+        for name, value in record["sums"].items()
+    }
+    return record["epoch"], sums, record["seconds"]
+
+
+def settle_evaluation(run_dir: Path, state: TrainState) -> None:
+    """A checkpoint taken before its epoch's evaluation: when `run_dir`'s metrics.jsonl holds
+    that evaluation's row (it finished before the process stopped), take what the evaluation
+    changed from it (the best value so far, the transport counters) and consider it done."""
+    epoch = state.unevaluated["epoch"]
+    rows = read_rows(run_dir, METRICS_FILE)
+    row = next(
+        (r for r in rows if r.get("epoch") == epoch and r.get("global_step") == state.opt_step),
+        None,
+    )
+    if row is None:
+        return
+    tracking.best_so_far(state, row)
+    state.data_retries = row.get("data/retries", state.data_retries)
+    state.data_refetched_bytes = row.get("data/refetched_bytes", state.data_refetched_bytes)
+    state.unevaluated = {}
 
 
 def measure_latents(run: Run) -> None:

@@ -28,6 +28,10 @@ class TrainState:
     best: dict[str, Any] = field(default_factory=dict)
     # The current epoch's metric sums so far, summed over ranks (mid-epoch checkpoints).
     epoch_sums: dict[str, list[float]] = field(default_factory=dict)
+    # An epoch-end checkpoint is taken before the epoch is evaluated, so that a failed or
+    # killed evaluation does not cost the epoch's training: the epoch, its train sums and
+    # seconds, until its metrics.jsonl row says it was evaluated (training/loop.py).
+    unevaluated: dict[str, Any] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

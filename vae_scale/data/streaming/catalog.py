@@ -97,6 +97,7 @@ def pattern_entries(pattern: str, index: dict[str, Any] | None) -> list[ShardEnt
     urls = remote.expand(pattern)
     if not urls:
         raise DataError(f"data.urls: {pattern!r} names no shard")
+    check_local_urls(urls)
     known: dict[str, dict[str, Any]] = {}
     for split in (index or {}).get("splits", {}).values():
         known.update({s["name"]: s for s in split["shards"]})
@@ -113,6 +114,32 @@ def pattern_entries(pattern: str, index: dict[str, Any] | None) -> list[ShardEnt
                 ShardEntry(url, meta["num_samples"], meta.get("sha256"), meta.get("members"))
             )
     return entries
+
+
+def check_local_urls(urls: list[str]) -> None:
+    """Local shards of data.urls exist and are files, before a run starts (a folder or a typo
+    would otherwise fail in the middle of the first epoch)."""
+    for url in urls:
+        if not remote.is_local(url):
+            continue
+        path = Path(remote.local_path(url))
+        if path.is_dir():
+            tars = sorted(p.name for p in path.glob("*.tar"))
+            first = next((t for t in tars if t.startswith("train")), tars[0] if tars else None)
+            example = f"'{path}/{first or 'train-{000000..000009}.tar'}'"
+            hint = (  # <data.shards_dir>/<data.dataset> is where a run finds such a folder
+                f"; it holds {INDEX_NAME}, so it can also be read without data.urls as "
+                f"data.shards_dir={path.parent} data.dataset={path.name}"
+                if (path / INDEX_NAME).is_file()
+                else ""
+            )
+            raise DataError(
+                f"data.urls: {url} is a folder; name its shard files, e.g. {example} "
+                f"(brace ranges like train-{{000000..000099}}.tar and '::' between patterns "
+                f"work){hint}"
+            )
+        if not path.is_file():
+            raise DataError(f"data.urls: shard {url} does not exist")
 
 
 def _names(word: str, name: str) -> bool:

@@ -101,10 +101,15 @@ def decode_sample(sample: dict[str, Any], spec: DecodeSpec) -> dict[str, Any]:
     if image.ndim == 2:
         image = image[..., None]
     if image.shape != tuple(spec.image_hwc) or image.dtype != np.uint8:
+        source = (
+            "from data.image_size and data.channels (npy images are taken as they are; "
+            "png/jpg/webp are resized)"
+            if spec.resize
+            else "as in index.json (or set data.image_size to resize png/jpg/webp on decode)"
+        )
         raise DataError(
             f"{where(sample)}: image of shape {image.shape} {image.dtype}, expected "
-            f"{tuple(spec.image_hwc)} uint8 (H, W, C) as in index.json (or set data.image_size "
-            f"to resize on decode)"
+            f"{tuple(spec.image_hwc)} uint8 (H, W, C) {source}"
         )
     out: dict[str, Any] = {
         "key": sample.get("__key__"),

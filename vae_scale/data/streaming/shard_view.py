@@ -13,6 +13,7 @@ the shard is read the checked way (reader.py), which also reports what is wrong.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import mmap
 import os
@@ -164,16 +165,13 @@ class ShardView:
 def _npy_header(head: bytes, spec: DecodeSpec) -> bytes | None:
     """The npy header of a member starting with `head`, if it describes the index's image
     (uint8, C order, (H, W, C))."""
-    if head[:8] != b"\x93NUMPY\x01\x00":
-        return None
-    end = 10 + int.from_bytes(head[8:10], "little")
+    f = io.BytesIO(head)
     try:
-        import ast
-
-        meta = ast.literal_eval(head[10:end].decode("latin1"))
-    except (ValueError, SyntaxError, UnicodeDecodeError):
+        if np.lib.format.read_magic(f) != (1, 0):
+            return None
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
+    except ValueError:
         return None
-    h, w, c = spec.image_hwc
-    if meta.get("descr") != "|u1" or meta.get("fortran_order") or meta.get("shape") != (h, w, c):
+    if dtype != np.uint8 or fortran_order or shape != tuple(spec.image_hwc):
         return None
-    return head[:end]
+    return head[: f.tell()]
