@@ -16,6 +16,7 @@ import pytest
 
 from conftest import REPO, TINY_FREY, tiny_overrides
 from vae_scale.cli import main
+from vae_scale.run_files.wandb_records import HEADER, run_files
 from vae_scale.training import checkpoint
 from vae_scale.training.signals import REQUEUE_EXIT_CODE
 
@@ -482,7 +483,7 @@ def test_resume_on_moved_renamed_or_resharded_shards_replans_or_refuses(
 def wandb_curve(run: Path) -> dict[int, dict]:
     """The history W&B ends up with once every segment of the run is synced in order: a
     segment's rows at steps its predecessors already reached are dropped (W&B's rule)."""
-    from vae_scale.run_files.wandb_records import read_run, run_files
+    from vae_scale.run_files.wandb_records import read_run
 
     curve: dict[int, dict] = {}
     for path in run_files(run):
@@ -508,6 +509,12 @@ def test_a_killed_runs_wandb_history_is_replayed_to_equal_the_local_logs(
         wait_for_rows(proc, run / "steps.jsonl", rows)
         os.killpg(proc.pid, signal.SIGKILL)  # the trainer and W&B's own process
         proc.wait()
+    # How much of a killed segment W&B had written depends on its flush timing (on a loaded
+    # machine it may have written every row): the second segment is cut back to the 7-byte
+    # header a kill before W&B's first write leaves, so W&B surely lacks rows before the
+    # checkpoint (step 90)
+    newest = run_files(run)[-1]
+    newest.write_bytes(newest.read_bytes()[:HEADER])
     before = wandb_curve(run)
     proc = popen(args)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
@@ -515,7 +522,7 @@ def test_a_killed_runs_wandb_history_is_replayed_to_equal_the_local_logs(
     for name in ("steps.jsonl", "metrics.jsonl"):
         for row in (json.loads(r) for r in (run / name).open()):
             local.setdefault(row["global_step"], {}).update(row)
-    assert len(local) == 1765 // 25 * 2 and len(before) < 90  # the kills lost W&B rows
+    assert len(local) == 1765 // 25 * 2 and max(before, default=0) < 90  # W&B lost rows
     curve = wandb_curve(run)
     assert sorted(curve) == sorted(local)
     for step, row in local.items():
