@@ -1,5 +1,6 @@
-"""The loader benchmarks read what they claim to: every loader of benchmarks/loader_peers.py
-that this environment has yields the same images, in the same order, as the shards hold, and
+"""The loader benchmarks read what they claim to: ours, the raw offsets loop and plain
+webdataset in benchmarks/loader_peers.py (the peers that need the `bench` extra are not
+installed here) yield the same images, in the same order, as the shards hold, and
 benchmarks/loaders.py cuts a split to whole shards (nothing is timed here)."""
 
 from __future__ import annotations
