@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from vae_scale.errors import ConfigError
 from vae_scale.utils.fsutil import sha256_file
 
 MANIFEST = "manifest.json"
@@ -93,3 +94,42 @@ def read_state(folder: Path, name: str) -> dict[str, Any] | None:
     if rest.is_file():
         values.update(json.loads(rest.read_text()))
     return values
+
+
+#: files of a checkpoint that hold no pickle (everything else is Accelerate's torch.save output)
+_DATA_SUFFIXES = (".safetensors", ".json")
+
+
+def load_plain(file: Path, mmap: bool = False) -> Any:
+    """A torch.save file read by torch's restricted unpickler (`weights_only=True`, plus the
+    numpy types Accelerate allows for RNG states): tensors and plain values only, never code.
+    `mmap` maps the tensors' bytes instead of reading them. Raises on anything else."""
+    from accelerate.utils import load  # the loader (and allowlist) Accelerate restores with
+
+    return load(file, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def check_plain_data(path: Path) -> None:
+    """Every pickle-based file of checkpoint `path` (optimizer, scaler, RNG states: whatever
+    Accelerate's load_state could unpickle) must load as plain data; a file that needs
+    anything else (a crafted `__reduce__` that would run code) is refused, naming it, before
+    anything unpickles it. The tensors are mapped, not read: this costs little even for large
+    optimizer states."""
+    for file in sorted(path.iterdir()):
+        if not file.is_file() or file.name.endswith(_DATA_SUFFIXES):
+            continue
+        try:
+            load_plain(file, mmap=True)
+        except Exception as err:  # UnpicklingError, or a file that is not torch's format
+            why = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+            raise UnsafeCheckpoint(
+                f"checkpoint {path}: {file.name} is not plain saved data ({type(err).__name__}"
+                f"{': ' + why if why else ''}); refusing to unpickle it, as that could run "
+                f"code from the file. vae_scale and Accelerate never write such a file: this "
+                f"checkpoint was altered or comes from elsewhere. Resume from another one "
+                f"(--resume PATH) or move it away"
+            ) from None
+
+
+class UnsafeCheckpoint(ConfigError):
+    """A checkpoint file that would need more than tensors and plain values to load."""

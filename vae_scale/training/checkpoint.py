@@ -26,10 +26,12 @@ from vae_scale.run_files.checkpoints import (  # noqa: F401  (the format, re-exp
     MANIFEST,
     PREFIX,
     TRAIN_STATE,
+    check_plain_data,
     checkpoint_step,
     complete_checkpoints,
     is_complete,
     latest_checkpoint,
+    load_plain,
     read_state,
     read_train_state,
     write_state,
@@ -137,6 +139,8 @@ class Checkpointer:
             try:
                 self._clean_partial()
                 choice[0] = self._choose(resume, from_another_run)
+                if choice[0] is not None:  # before anything unpickles a file of it
+                    check_plain_data(Path(choice[0]))
             except ConfigError as err:
                 choice[1] = str(err)
         if self.accelerator.num_processes > 1:
@@ -225,8 +229,8 @@ class Checkpointer:
         if not file.is_file():
             problem = None if rank and max(written, default=-1) < rank else "is missing"
         else:
-            try:  # our own file, its sha256 verified against the manifest
-                saved = torch.load(file, map_location="cpu", weights_only=False)
+            try:  # checked as plain data when the checkpoint was chosen (check_plain_data)
+                saved = load_plain(file)
                 same = torch.equal(torch.get_rng_state(), saved["torch_manual_seed"])
                 same = same and random.getstate() == saved["random_state"]
                 problem = None if same else "was not restored"
