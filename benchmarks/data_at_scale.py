@@ -24,7 +24,7 @@ from vae_scale.config import DataConfig
 from vae_scale.data.sourcing.base import SourceData
 from vae_scale.data.sourcing.shards import write_dataset
 from vae_scale.data.streaming.loader import ShardSplit
-from vae_scale.data.streaming.order import EpochPlan, Topology, global_order, steps_for
+from vae_scale.data.streaming.order import EpochPlan, Topology, batches_for, global_order
 
 CIFAR = [500] * 90
 FREY = [128] * 13 + [101]
@@ -49,7 +49,7 @@ def dropped_rows() -> list[str]:
         before = world * batch * min(old_batches_per_rank(counts, world, workers, batch))
         topo = Topology(world, max(1, workers), batch)
         order = global_order(counts, 0, 1, True)
-        plan = EpochPlan(order, topo, steps_for(total, topo, True), 0, 1)
+        plan = EpochPlan(order, topo, batches_for(total, topo, True), 0, 1)
         old = "no batch (error)" if before == 0 else f"{100 * (total - before) / total:.1f} %"
         rows.append(
             f"| {name} | {world} x {workers} | {batch} | {old} | "
@@ -97,8 +97,8 @@ def throughput_rows(folder: Path, workers: list[int], repeats: int) -> list[str]
 
 
 def first_batch_s(split: ShardSplit, fraction: float) -> float:
-    plan, _ = split.plan(1)
-    start = int(plan.steps * fraction)
+    plan, _ = split.planner.plan(1)
+    start = int(plan.batches * fraction)
     t = time.perf_counter()
     next(iter(split.train_batches(1, start, plan)))
     return time.perf_counter() - t

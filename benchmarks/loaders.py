@@ -49,23 +49,24 @@ def first_shards(shard_dir: Path, n: int, min_shards: int) -> ShardSplit:
     so every loader worker gets one)."""
     split = ShardSplit(shard_dir, "train", DataConfig(batch_size=1))
     total, keep = 0, []
-    for shard in split.shards:
+    for shard in split.catalog.shards:
         if total >= n and len(keep) >= min_shards:
             break
         keep.append(shard)
         total += shard.num_samples
-    split.shards, split.num_samples = keep, total
+    split.catalog.leave_out({s.name for s in split.catalog.shards[len(keep) :]})
     return split
 
 
 def ours_reader(split: ShardSplit, batch_size: int) -> Callable[[int, bool], Batches]:
     def make(workers: int, cache: bool = False) -> Batches:
         reader = ShardSplit(
-            split.shard_dir,
+            split.catalog.location,
             "train",
             DataConfig(batch_size=batch_size, num_workers=workers, cache_in_memory=cache),
         )
-        reader.shards, reader.num_samples = split.shards, split.num_samples
+        kept = len(split.catalog.shards)
+        reader.catalog.leave_out({s.name for s in reader.catalog.shards[kept:]})
         return lambda: (b["image"] for b in reader.eval_batches())
 
     return make

@@ -1,7 +1,7 @@
 """Training-step throughput of a config in several settings, FLOPs per image, matmul peak.
 
 One step is the training loop's own `training.step.train_step` on the loop's own model,
-optimizer and EMA (`training.setup.build_models`): uint8 batch -> float on the device
+optimizer and EMA (`training.setup.build_training`): uint8 batch -> float on the device
 (+ channels_last), forward under Accelerate's autocast, the training objective (neg. ELBO, plus
 the encoder augmentation term where the config turns it on), backward, the update policy
 (clipping, skips) and the AdamW step.
@@ -34,7 +34,7 @@ from vae_scale.data.streaming.inputs import prepare_batch
 from vae_scale.data.streaming.loader import ShardSplit
 from vae_scale.losses import build_likelihood, neg_elbo
 from vae_scale.models import build_model
-from vae_scale.training.setup import build_models, make_accelerator
+from vae_scale.training.setup import build_training, make_accelerator
 from vae_scale.training.state import TrainState
 from vae_scale.training.step import train_step
 from vae_scale.utils.compat import cpu_has_fast_bf16, reset_accelerate_state
@@ -57,7 +57,7 @@ def sync(device: torch.device) -> None:
 def training_stream(cfg: Config, shard_dir: Path) -> Iterator[dict]:
     """Training batches for ever (epoch after epoch), as train.py reads them."""
     split = ShardSplit(str(shard_dir), "train", cfg.data, seed=cfg.run.seed, shuffle=True)
-    split.check_enough_shards()
+    split.catalog.check_enough_shards()
     if cfg.data.cache_in_memory:
         split.fill_cache()  # time the steady state (epoch >= 2)
     return itertools.chain.from_iterable(split.train_batches(e) for e in itertools.count(1))
@@ -91,16 +91,13 @@ def measure_setting(
     accelerator = make_accelerator(cfg, "disabled")
     try:
         torch.manual_seed(0)
-        models = build_models(cfg, accelerator, shape)
+        objective, nets = build_training(cfg, accelerator, shape)
         device = accelerator.device
         state = TrainState()
 
         def step(images: torch.Tensor) -> None:
-            x = prepare_batch(images, device, cfg.data.binarize)
-            m = models
-            train_step(
-                accelerator, m.model, m.plain, m.optimizer, m.policy, x, cfg, state, 10**9, m.ema
-            )
+            x = prepare_batch(images, device, cfg.data.binarize, None, cfg.train.channels_last)
+            train_step(accelerator, objective, nets, x, state, 10**9)
 
         synthetic = torch.randint(0, 256, (cfg.data.batch_size, *shape), dtype=torch.uint8)
         if torch.cuda.is_available():

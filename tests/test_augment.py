@@ -13,7 +13,7 @@ from conftest import tiny_frey_config
 from vae_scale.errors import ConfigError
 from vae_scale.losses import build_likelihood, neg_elbo
 from vae_scale.models.mlp import MLPVAE, MLPVAEConfig
-from vae_scale.training.augment import Deformation, encoder_augmentation_terms, random_deform
+from vae_scale.objectives.encoder_aug import Deformation, encoder_augmentation_terms, random_deform
 
 AFFINE = Deformation(rotate_deg=10, scale=0.1, shear=0.1, shift_px=1.0)
 SIZE = 29  # odd, so the centre of the image is a pixel centre

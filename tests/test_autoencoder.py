@@ -67,8 +67,8 @@ def tiny(shards: Path, run_dir: Path, name: str = "ae", *extra: str) -> list[str
         f"data.shards_dir={shards}", "data.dataset=blobs", "data.batch_size=16",
         "data.num_workers=0", f"run.dir={run_dir}", f"run.name={name}", "wandb.mode=disabled",
         "model.widths=[16,16,16]", "model.groups=8", "model.layers_per_block=1",
-        f"loss.adversarial.start_step={START}", "loss.adversarial.layers=2",
-        "loss.adversarial.channels=8", "loss.adversarial.lecam_weight=0.01",
+        f"loss.discriminator.start_step={START}", "loss.discriminator.layers=2",
+        "loss.discriminator.channels=8", "loss.discriminator.lecam_weight=0.01",
         "train.mixed_precision=no", "train.channels_last=false", "train.lr=1e-3",
         "train.epochs=2", "train.log_every_steps=1", "train.checkpoint_every_steps=4",
         "train.keep_checkpoints=100", "train.ema_decay=0.9", "eval.picture_epochs=[]",
@@ -189,65 +189,73 @@ def test_frechet_distance_from_sums_matches_the_direct_formula():
 
 
 def build(tmp_path: Path, *extra: str):
-    from vae_scale.training.setup import build_models
+    """The objective and its prepared networks, for a tiny config on one process."""
+    from vae_scale.training.setup import build_training
 
     cfg = load_config(CONFIG, tiny(tmp_path, tmp_path, "unit", *extra))
     accelerator = Accelerator(cpu=True)
     set_seed(0)
-    return cfg, accelerator, build_models(cfg, accelerator, (3, 16, 16))
+    return cfg, accelerator, *build_training(cfg, accelerator, (3, 16, 16))
 
 
-def test_terms_finite_critic_silent_before_start_and_isolated_after(tmp_path):
-    from vae_scale.objectives.adversarial import discriminator_loss
-    from vae_scale.objectives.autoencoder import CRITIC_TERMS, autoencoder_objective
+def test_terms_finite_discriminator_silent_before_start_and_isolated_after(tmp_path):
+    from vae_scale.objectives.autoencoder import DISCRIMINATOR_TERMS
+    from vae_scale.objectives.discriminator import discriminator_loss
 
-    cfg, accelerator, m = build(tmp_path, "loss.adversarial.lecam_weight=0")
+    cfg, accelerator, objective, nets = build(tmp_path, "loss.discriminator.lecam_weight=0")
+    vae, disc = nets["vae"], nets["discriminator"]
+    assert objective.start_step("discriminator") == START and objective.start_step("vae") == 0
     x = torch.rand(8, 3, 16, 16)
-    args = (accelerator, m.model, m.plain, x, cfg.loss, 1e-6)
-    before = autoencoder_objective(*args, START - 1, m.perceptual, m.critic)
+    before = objective.loss(nets, x, START - 1)
     before.loss.backward()
-    assert all(before.terms[k].abs().sum() == 0 for k in CRITIC_TERMS)
-    assert all(p.grad is None for p in m.critic.plain.parameters())  # not even run
-    m.plain.zero_grad(set_to_none=True)
+    assert all(before.terms[k].abs().sum() == 0 for k in DISCRIMINATOR_TERMS)
+    assert all(p.grad is None for p in disc.unwrapped.parameters())  # not even run
+    assert objective.before_update(nets, START - 1) == {"adaptive_weight": 0.0}
+    vae.unwrapped.zero_grad(set_to_none=True)
 
     torch.manual_seed(1)  # the posterior draw, again below
-    after = autoencoder_objective(*args, START, m.perceptual, m.critic)
+    after = objective.loss(nets, x, START)
     for name, value in after.terms.items():
         assert torch.isfinite(value).all(), name
-    assert after.terms["adaptive_weight"][0] > 0
     assert after.terms["gan"].abs().sum() > 0
     after.loss.backward()
-    critic_grads = [p.grad.clone() for p in m.critic.plain.parameters()]
-    assert any(g.abs().sum() > 0 for g in critic_grads)
-    # The critic's gradients are those of its own loss alone: the generator's adversarial
+    assert objective.before_update(nets, START)["adaptive_weight"] > 0
+    disc_grads = [p.grad.clone() for p in disc.unwrapped.parameters()]
+    assert any(g.abs().sum() > 0 for g in disc_grads)
+    # The discriminator's gradients are those of its own loss alone: the autoencoder's GAN
     # term reached the autoencoder through detached discriminator weights.
-    m.critic.plain.zero_grad(set_to_none=True)
+    disc.unwrapped.zero_grad(set_to_none=True)
     torch.manual_seed(1)
-    recon = m.plain(x).x_params.detach()
-    real, fake = m.critic.model(torch.cat([x * 2 - 1, recon])).chunk(2)
+    recon = vae.unwrapped(x).x_params.detach()
+    real, fake = disc.model(torch.cat([x * 2 - 1, recon])).chunk(2)
     assert torch.equal(real.flatten(1).mean(1), after.terms["logits_real"])
-    discriminator_loss(real, fake, cfg.loss.adversarial.loss).backward()
-    for ours, alone in zip(critic_grads, m.critic.plain.parameters(), strict=True):
+    discriminator_loss(real, fake, cfg.loss.discriminator.loss).backward()
+    for ours, alone in zip(disc_grads, disc.unwrapped.parameters(), strict=True):
         assert torch.allclose(ours, alone.grad, atol=1e-7)
-    if m.perceptual is not None:
-        assert all(p.grad is None for p in m.perceptual.parameters())
+    for frozen in objective.frozen().values():
+        assert all(p.grad is None for p in frozen.parameters())
+    # evaluation's per-image terms: the same discriminator, its mean is the batch's loss
+    terms = objective.eval_terms(vae.unwrapped, x, recon)
+    assert set(terms) == set(objective.eval_term_names())
+    real, fake = disc.unwrapped(torch.cat([x * 2 - 1, recon])).detach().chunk(2)
+    loss = discriminator_loss(real, fake, cfg.loss.discriminator.loss)
+    assert terms["discriminator_loss"].mean() == pytest.approx(loss.item(), rel=1e-6)
+    assert terms["pixel_l1"].mean() == pytest.approx((recon - (x * 2 - 1)).abs().mean().item())
 
 
 def test_decoder_only_training_freezes_the_encoder(tmp_path):
     from vae_scale.training.state import TrainState
     from vae_scale.training.step import train_step
 
-    cfg, accelerator, m = build(tmp_path, "train.trainable=decoder")
-    encoder = {k: v.clone() for k, v in m.plain.net.encoder.state_dict().items()}
-    decoder = {k: v.clone() for k, v in m.plain.net.decoder.state_dict().items()}
+    cfg, accelerator, objective, nets = build(tmp_path, "train.trainable=decoder")
+    vae = nets["vae"].unwrapped
+    encoder = {k: v.clone() for k, v in vae.net.encoder.state_dict().items()}
+    decoder = {k: v.clone() for k, v in vae.net.decoder.state_dict().items()}
     state = TrainState()
     for _ in range(3):
-        train_step(
-            accelerator, m.model, m.plain, m.optimizer, m.policy, torch.rand(4, 3, 16, 16),
-            cfg, state, 10, m.ema, m.perceptual, m.critic,
-        )  # fmt: skip
-    assert all(torch.equal(encoder[k], v) for k, v in m.plain.net.encoder.state_dict().items())
-    assert any(not torch.equal(decoder[k], v) for k, v in m.plain.net.decoder.state_dict().items())
+        train_step(accelerator, objective, nets, torch.rand(4, 3, 16, 16), state, 10)
+    assert all(torch.equal(encoder[k], v) for k, v in vae.net.encoder.state_dict().items())
+    assert any(not torch.equal(decoder[k], v) for k, v in vae.net.decoder.state_dict().items())
 
 
 def test_config_refuses_what_the_objective_cannot_do(tmp_path):
@@ -255,12 +263,22 @@ def test_config_refuses_what_the_objective_cannot_do(tmp_path):
         ("loss.likelihood=logistic", "loss.likelihood"),
         ("train.mixed_precision=fp16", "train.mixed_precision"),
         ("loss.free_bits=0.5", "loss.free_bits"),
-        ("loss.adversarial.loss=wasserstein", "loss.adversarial.loss"),
+        ("loss.discriminator.loss=wasserstein", "loss.discriminator.loss"),
     ]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(CONFIG, tiny(tmp_path, tmp_path, "x", override))
-    with pytest.raises(ConfigError, match=r"loss\.adversarial\.layers"):
-        build(tmp_path, "loss.adversarial.layers=3")  # 16 px: no patch left
+    with pytest.raises(ConfigError, match=r"loss\.discriminator\.layers"):
+        build(tmp_path, "loss.discriminator.layers=3")  # 16 px: no patch left
+    # a config written before the renames reads under the new names
+    from vae_scale.config import config_from_dict
+
+    raw = {"model": {"name": "autoencoder_kl"}, "data": {"crop": 8},
+           "train": {"grad_accum_steps": 2},
+           "loss": {"objective": "autoencoder", "likelihood": "gaussian",
+                    "adversarial": {"start_step": 7}}}  # fmt: skip
+    old = config_from_dict(raw)
+    assert old.loss.discriminator.start_step == 7 and old.data.random_crop == 8
+    assert old.train.grad_accum_batches == 2
 
 
 # ----------------------------------------------------------------- through the real CLI
@@ -284,19 +302,24 @@ def test_training_learns_and_the_discriminator_waits_for_its_start(trained):
         assert last["train/step_lpips"] < first["train/step_lpips"]
     for row in rows:
         started = row["global_step"] > START  # the row of step S is logged after update S-1
-        assert (row["train/step_disc_loss"] != 0) == started, row
-        assert (row["train/disc_grad_norm"] > 0) == started
+        assert (row["train/step_discriminator_loss"] != 0) == started, row
+        assert (row["train/discriminator_grad_norm"] > 0) == started
+        assert (row["train/adaptive_weight"] > 0) == started
         assert all(np.isfinite(v) for v in row.values() if isinstance(v, float))
     ckpts = {checkpoint.checkpoint_step(p): p for p in (trained / "checkpoints").iterdir()}
-    critic_at = {s: load_file(p / "model_1.safetensors") for s, p in ckpts.items()}
-    for key, value in critic_at[4].items():
-        assert torch.equal(value, critic_at[8][key])  # untouched before its start
-    assert any(not torch.equal(v, critic_at[16][k]) for k, v in critic_at[8].items())
+    disc_at = {s: load_file(p / "model_1.safetensors") for s, p in ckpts.items()}
+    for key, value in disc_at[4].items():
+        assert torch.equal(value, disc_at[8][key])  # untouched before its start
+    assert any(not torch.equal(v, disc_at[16][k]) for k, v in disc_at[8].items())
     model_keys = load_file(ckpts[32] / "model.safetensors").keys()
     assert not any("features" in k or "heads" in k for k in model_keys)  # LPIPS not saved
     metrics = [json.loads(r) for r in (trained / "metrics.jsonl").read_text().splitlines()]
     for key in ("test/psnr", "test/ssim", "test/bpd", "train/lpips"):
         assert np.isfinite(metrics[-1][key]), key
+    # the objective's own terms are evaluated on val and test too
+    for split in ("val", "test"):
+        for term in ("pixel_l1", "gan", "discriminator_loss", "logits_real", "logits_fake"):
+            assert np.isfinite(metrics[-1][f"{split}/{term}"]), (split, term)
     assert ("test/lpips" in metrics[-1]) == HAVE_WEIGHTS
     stats = json.loads((trained / "latent_stats.json").read_text())
     assert len(stats["latents_mean"]) == 4 and stats["samples"] == 64
@@ -398,7 +421,9 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
     )
     probe = str(REPO / "tests" / "helpers" / "autoencoder_probe.py")
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-    env["PYTHONPATH"] = str(REPO)
+    # one thread, as each launched rank has: kernels then sum in the same order, and Adam's
+    # first steps do not blow thread-count rounding up into visible differences
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     one = subprocess.run(
         [sys.executable, probe, "--out", str(tmp_path / "one.json"), *weights], env=env,
         capture_output=True, text=True, timeout=300,
@@ -416,8 +441,8 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
     for row_a, row_b in zip(a["rows"], b["rows"], strict=True):
         for key in row_a:
             assert row_b[key] == pytest.approx(row_a[key], rel=1e-4, abs=1e-5), key
-    assert a["rows"][-1]["disc_loss"] > 0 and a["rows"][-1]["adaptive_weight"] > 0
-    for part in ("model", "critic"):
+    assert a["rows"][-1]["discriminator_loss"] > 0 and a["rows"][-1]["adaptive_weight"] > 0
+    for part in ("model", "discriminator"):
         for key, value in a[part].items():
             if key.endswith("to_k.bias"):
                 # softmax ignores a shift shared by all keys: this bias's true gradient is
@@ -425,6 +450,39 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
                 continue
             assert np.allclose(value, b[part][key], atol=2e-5), (part, key)
     assert np.allclose(a["lecam"]["averages"], b["lecam"]["averages"], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_accumulated_batches_make_the_update_of_one_whole_batch(tmp_path):
+    """2 accumulated batches of 8 make the gradients of 1 batch of 16, the discriminator
+    training: the adaptive weight comes from the whole step's gradients, once, and weighs the
+    GAN term of both batches (weighting each batch by its own made 6.5 % of difference).
+    Without LPIPS, whose float32 VGG alone rounds batches of 8 and 16 apart by ~1e-4."""
+    probe = str(REPO / "tests" / "helpers" / "autoencoder_probe.py")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    for accum in (1, 2):
+        done = subprocess.run(
+            [sys.executable, probe, "--out", str(tmp_path / f"a{accum}.json"),
+             "--global-batch", "16", "--accum", str(accum), "--steps", "1", "--grads",
+             "loss.discriminator.start_step=0", "loss.perceptual.weight=0"],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"a{n}.json").read_text()) for n in (1, 2))
+    (row_one,), (row_two,) = one["rows"], two["rows"]
+    assert row_one["adaptive_weight"] > 0
+    for key in row_one:
+        assert row_two[key] == pytest.approx(row_one[key], rel=1e-5, abs=1e-6), key
+    for net in ("vae", "discriminator"):
+        pairs = [(np.array(a), np.array(b)) for a, b in zip(one["grads"][net], two["grads"][net])]
+        total = np.sqrt(sum(np.sum(a**2) for a, _ in pairs))
+        assert np.sqrt(sum(np.sum((a - b) ** 2) for a, b in pairs)) < 2e-5 * total, net
+        for a, b in pairs:  # each tensor (one whose gradient is rounding noise, to its level)
+            assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(a) + 1e-6 * total, net
+    # LeCam's averages moved once, by the step's means
+    assert one["lecam"]["updates"] == two["lecam"]["updates"] == 1
+    assert np.allclose(one["lecam"]["averages"], two["lecam"]["averages"], atol=1e-6)
 
 
 def test_likelihood_families_get_psnr_ssim_and_lpips_only_for_rgb_in_auto(frey_shards, tmp_path):
@@ -456,7 +514,7 @@ def test_random_crops_are_windows_fresh_each_epoch_and_centred_in_evaluation(blo
     from vae_scale.data.streaming.loader import ShardSplit
 
     def split(name: str, workers: int = 0, crop: int | None = 8) -> ShardSplit:
-        data = DataConfig(dataset="blobs", batch_size=16, crop=crop, num_workers=workers)
+        data = DataConfig(dataset="blobs", batch_size=16, random_crop=crop, num_workers=workers)
         return ShardSplit(blob_shards / "blobs", name, data, shuffle=name == "train", seed=3)
 
     full = {}
@@ -493,5 +551,5 @@ def test_random_crops_are_windows_fresh_each_epoch_and_centred_in_evaluation(blo
     for batch in split("test").eval_batches():
         for key, window in zip(batch["key"], batch["image"], strict=True):
             assert torch.equal(test_full[key][:, 4:12, 4:12], window)
-    with pytest.raises(Exception, match="data.crop"):
+    with pytest.raises(Exception, match="data.random_crop"):
         split("train", crop=17)

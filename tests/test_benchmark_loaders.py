@@ -57,6 +57,6 @@ def test_one_pass_refuses_a_loader_that_drops_images(shards):
 def test_first_shards_keeps_whole_shards_up_to_n(shards):
     shard_dir, _ = shards
     split = first_shards(shard_dir, n=20, min_shards=2)
-    assert [s.num_samples for s in split.shards] == [8, 8, 8] and split.num_samples == 24
+    assert [s.num_samples for s in split.catalog.shards] == [8, 8, 8] and split.num_samples == 24
     split = first_shards(shard_dir, n=1, min_shards=4)
-    assert len(split.shards) == 4 and split.num_samples == 32
+    assert len(split.catalog.shards) == 4 and split.num_samples == 32

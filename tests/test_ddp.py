@@ -27,7 +27,7 @@ from vae_scale.config import DataConfig
 from vae_scale.data.sourcing.base import SourceData
 from vae_scale.data.sourcing.shards import load_index, write_dataset
 from vae_scale.data.streaming.loader import ShardSplit
-from vae_scale.data.streaming.order import EpochPlan, Topology, global_order, steps_for
+from vae_scale.data.streaming.order import EpochPlan, Topology, batches_for, global_order
 
 pytestmark = pytest.mark.slow  # every test here launches real processes
 
@@ -84,7 +84,7 @@ def plan_keys(
     counts = [e["num_samples"] for e in load_index(shard_dir)["splits"][split]["shards"]]
     topo = Topology(world, max(1, workers), batch)
     order = global_order(counts, SEED, 1, shuffle=True)
-    plan = EpochPlan(order, topo, steps_for(len(order), topo, True), SEED, 1, 0, block)
+    plan = EpochPlan(order, topo, batches_for(len(order), topo, True), SEED, 1, 0, block)
     per_rank = [
         [keys[i] for w in range(topo.workers) for i in plan.worker_slice(r, w)]
         for r in range(world)
@@ -272,7 +272,7 @@ def test_uneven_shards_follow_the_documented_rule(probe, ddp_shards):
     steps = total // (2 * BATCH)
     for rank, record in enumerate(probe["ranks"]):
         seen = [k for batch in record["train_batches"] for k in batch]
-        assert record["steps_in_epoch"] == len(record["train_batches"]) == steps == plan.steps
+        assert record["steps_in_epoch"] == len(record["train_batches"]) == steps == plan.batches
         assert all(len(batch) == BATCH for batch in record["train_batches"])
         assert len(seen) == len(set(seen)) == steps * BATCH
         assert sorted(seen) == sorted(expected[rank])

@@ -18,7 +18,7 @@ from vae_scale.data.streaming.inputs import DeviceBatches, images_to_float
 from vae_scale.losses import build_likelihood, neg_elbo
 from vae_scale.metrics import MetricSums
 from vae_scale.models import build_model
-from vae_scale.training.setup import build_models, make_accelerator
+from vae_scale.training.setup import build_training, make_accelerator
 from vae_scale.training.state import TrainState
 from vae_scale.utils.compat import reset_accelerate_state
 
@@ -89,14 +89,15 @@ def test_steady_state_steps_make_no_host_sync(name):
     shape = SHAPES[cfg.data.dataset]
     reset_accelerate_state()
     accelerator = make_accelerator(cfg, "disabled")
-    models = build_models(cfg, accelerator, shape)
-    assert models.policy.on_device
+    training = build_training(cfg, accelerator, shape)
+    vae = training[1]["vae"]
+    assert vae.policy.on_device
     state = TrainState()
     sums = MetricSums.lazy(accelerator.device)
 
     def steps(n: int, seed: int) -> None:
         stream = [{"image": batch_of(shape, 32, seed + k).pin_memory()} for k in range(n)]
-        loop_steps(cfg, accelerator, models, state, stream, sums, total_steps=1000)
+        loop_steps(cfg, accelerator, training, state, stream, sums, total_steps=1000)
 
     steps(3, 0)  # warm-up: allocations, the EMA's first copy, cuDNN autotuning
     torch.cuda.synchronize()
@@ -105,8 +106,8 @@ def test_steady_state_steps_make_no_host_sync(name):
         steps(5, 100)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    models.policy.settle()
-    assert state.opt_step == 8 and models.policy.counts.bad_steps == 0
+    vae.policy.settle()
+    assert state.opt_step == 8 and vae.policy.counts.bad_steps == 0
     accelerator.end_training()
     reset_accelerate_state()
 

@@ -11,7 +11,7 @@ from torch.overrides import TorchFunctionMode
 from vae_scale.config import config_from_dict
 from vae_scale.data.streaming.inputs import DeviceBatches
 from vae_scale.metrics import MetricSums
-from vae_scale.training.setup import build_models, make_accelerator
+from vae_scale.training.setup import build_training, make_accelerator
 from vae_scale.training.state import TrainState
 from vae_scale.training.step import batch_sums, train_step
 from vae_scale.utils.compat import reset_accelerate_state
@@ -46,7 +46,8 @@ def tiny_setup(*overrides: str):
     reset_accelerate_state()
     accelerator = make_accelerator(cfg, "disabled")
     torch.manual_seed(0)
-    return cfg, accelerator, build_models(cfg, accelerator, SHAPE)
+    objective, nets = build_training(cfg, accelerator, SHAPE)
+    return cfg, accelerator, (objective, nets)
 
 
 def batches(n: int, seed: int = 1) -> list[dict]:
@@ -57,36 +58,36 @@ def batches(n: int, seed: int = 1) -> list[dict]:
     ]
 
 
-def loop_steps(cfg, accelerator, models, state, stream, sums, total_steps: int = 100) -> None:
-    """What the training loop does per batch between log steps."""
+def loop_steps(cfg, accelerator, training, state, stream, sums, total_steps: int = 100) -> None:
+    """What the training loop does per batch between log steps (`training`: the objective and
+    its networks)."""
+    objective, nets = training
     on_device = DeviceBatches(
         stream, accelerator.device, cfg.train.channels_last, cfg.data.binarize
     )
     for _batch, x in on_device:
-        m = models
-        out = train_step(
-            accelerator, m.model, m.plain, m.optimizer, m.policy, x, cfg, state, total_steps, m.ema
-        )
+        out = train_step(accelerator, objective, nets, x, state, total_steps)
         sums.add(**batch_sums(out, x.shape[0]))
 
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_steady_state_steps_read_nothing_on_the_host_with_fused_adamw(fused):
-    cfg, accelerator, models = tiny_setup(
+    cfg, accelerator, training = tiny_setup(
         f"train.fused_adamw={str(fused).lower()}", "train.skip_threshold=1e5"
     )
-    assert models.policy.on_device is fused
+    vae = training[1]["vae"]
+    assert vae.policy.on_device is fused
     state = TrainState()
     sums = MetricSums.lazy(accelerator.device)
-    loop_steps(cfg, accelerator, models, state, batches(3), sums)  # warm-up (first EMA copy)
+    loop_steps(cfg, accelerator, training, state, batches(3), sums)  # warm-up (first EMA copy)
     with HostReads() as reads:
-        loop_steps(cfg, accelerator, models, state, batches(5, seed=2), sums)
+        loop_steps(cfg, accelerator, training, state, batches(5, seed=2), sums)
     if fused:
         assert reads.calls == []
     else:  # the host policy reads the gradient norm every step: the detector sees it
         assert reads.calls.count("__float__") >= 5
-    models.policy.settle()
-    assert state.opt_step == 8 and models.ema.updates == 8
+    vae.policy.settle()
+    assert state.opt_step == 8 and vae.ema.updates == 8
     reset_accelerate_state()
 
 
@@ -95,28 +96,29 @@ def test_device_policy_skips_what_the_host_policy_skips(monkeypatch):
     end equal whether the policy decides on the host or on the device."""
     results = {}
     for on_device in (False, True):
-        cfg, accelerator, models = tiny_setup(
+        cfg, accelerator, training = tiny_setup(
             "train.fused_adamw=true", "train.max_bad_steps=5", "train.skip_threshold=5e3"
         )
-        models.policy.on_device = on_device
-        models.policy.load_state_dict({})  # counters where this path keeps them
+        vae = training[1]["vae"]
+        vae.policy.on_device = on_device
+        vae.policy.load_state_dict({})  # counters where this path keeps them
         state = TrainState()
         sums = MetricSums.lazy(accelerator.device)
-        original = type(models.plain).decode
+        original = type(vae.unwrapped).decode
         for k, batch in enumerate(batches(12)):
             scale = float("nan") if k in (3, 4) else (100.0 if k in (7, 8, 9) else 1.0)
             monkeypatch.setattr(
-                type(models.plain),
+                type(vae.unwrapped),
                 "decode",
                 lambda self, z, s=scale, decode=original: decode(self, z) * s,
             )
-            loop_steps(cfg, accelerator, models, state, [batch], sums)
-        monkeypatch.setattr(type(models.plain), "decode", original)
-        models.policy.settle()
-        counts = models.policy.counts
+            loop_steps(cfg, accelerator, training, state, [batch], sums)
+        monkeypatch.setattr(type(vae.unwrapped), "decode", original)
+        vae.policy.settle()
+        counts = vae.policy.counts
         counters = (counts.bad_steps, counts.skipped_updates, counts.forced_updates, state.opt_step)
-        weights = {k: v.clone() for k, v in models.plain.state_dict().items()}
-        ema = {k: v.clone() for k, v in models.ema.module.state_dict().items()}
+        weights = {k: v.clone() for k, v in vae.unwrapped.state_dict().items()}
+        ema = {k: v.clone() for k, v in vae.ema.module.state_dict().items()}
         results[on_device] = counters, weights, ema
         reset_accelerate_state()
     (host_counts, host_w, host_ema), (dev_counts, dev_w, dev_ema) = results[False], results[True]
@@ -128,24 +130,25 @@ def test_device_policy_skips_what_the_host_policy_skips(monkeypatch):
 def test_divergence_on_the_device_path_is_caught_at_the_next_settle(monkeypatch):
     from vae_scale.training.optim import TrainingDiverged
 
-    cfg, accelerator, models = tiny_setup(
+    cfg, accelerator, training = tiny_setup(
         "train.fused_adamw=true", "train.max_bad_steps=3", "train.skip_threshold=0"
     )
+    vae = training[1]["vae"]
     state = TrainState()
     sums = MetricSums.lazy(accelerator.device)
-    original = type(models.plain).decode
-    monkeypatch.setattr(type(models.plain), "decode", lambda self, z: original(self, z) * 0 / 0)
-    loop_steps(cfg, accelerator, models, state, batches(4), sums)
-    monkeypatch.setattr(type(models.plain), "decode", original)
-    loop_steps(cfg, accelerator, models, state, batches(1), sums)  # a good step ends the run
-    counts = models.policy.counts
+    original = type(vae.unwrapped).decode
+    monkeypatch.setattr(type(vae.unwrapped), "decode", lambda self, z: original(self, z) * 0 / 0)
+    loop_steps(cfg, accelerator, training, state, batches(4), sums)
+    monkeypatch.setattr(type(vae.unwrapped), "decode", original)
+    loop_steps(cfg, accelerator, training, state, batches(1), sums)  # a good step ends the run
+    counts = vae.policy.counts
     assert counts.bad_steps == counts.consecutive_bad == 0  # not settled yet
-    models.policy.settle()
-    counts = models.policy.counts
+    vae.policy.settle()
+    counts = vae.policy.counts
     assert counts.bad_steps == 4 and counts.consecutive_bad == 0
     with pytest.raises(TrainingDiverged, match="4 optimizer steps in a row"):
-        models.policy.check_divergence(None)  # the run of 4 was seen on the device
-    assert all(torch.isfinite(p).all() for p in models.plain.parameters())  # never applied
+        vae.policy.check_divergence(None)  # the run of 4 was seen on the device
+    assert all(torch.isfinite(p).all() for p in vae.unwrapped.parameters())  # never applied
     reset_accelerate_state()
 
 

@@ -72,7 +72,7 @@ def test_ranks_read_disjoint_shards_and_same_step_count(tmp_path, monkeypatch):
         batches = list(split.train_batches(epoch=1))
         steps[rank] = len(batches)
         seen[rank] = {k for b in batches for k in b["key"]}
-        assert steps[rank] == split.steps_in_epoch(1)
+        assert steps[rank] == split.planner.batches_in_epoch()
     assert steps[0] == steps[1] > 0  # no rank waits for another at epoch end
     assert not seen[0] & seen[1]
 
@@ -98,10 +98,10 @@ def test_more_workers_than_shards_read_every_sample_once(tmp_path):
         DataConfig(batch_size=2, num_workers=2, shuffle_buffer=4),
         shuffle=True,
     )
-    split.check_enough_shards()  # indexed: nothing to check
+    split.catalog.check_enough_shards()  # indexed: nothing to check
     keys = keys_of(split, 1)
     assert sorted(keys) == [f"s{i:05d}" for i in range(30)]
-    assert split.steps_in_epoch(1) == 15
+    assert split.planner.batches_in_epoch() == 15
 
 
 def test_wrong_distributed_view_is_caught(tmp_path, monkeypatch):

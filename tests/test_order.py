@@ -7,9 +7,9 @@ import pytest
 from vae_scale.data.streaming.order import (
     EpochPlan,
     Topology,
+    batches_for,
     global_order,
     pack_ids,
-    steps_for,
     unpack_ids,
 )
 
@@ -19,7 +19,7 @@ CIFAR_SHARDS = [500] * 90  # full CIFAR-10 train split as `vae-scale shard cifar
 def make_plan(counts, world, workers, batch, drop_last=True, block=2000, epoch=1, samples=None):
     topo = Topology(world, workers, batch)
     order = global_order(counts, seed=0, epoch=epoch, shuffle=True) if samples is None else samples
-    return EpochPlan(order, topo, steps_for(len(order), topo, drop_last), 0, epoch, 0, block)
+    return EpochPlan(order, topo, batches_for(len(order), topo, drop_last), 0, epoch, 0, block)
 
 
 def rank_ids(plan: EpochPlan, rank: int) -> np.ndarray:
@@ -31,7 +31,7 @@ def test_cifar_epoch_leaves_out_less_than_one_global_batch(world, workers):
     plan = make_plan(CIFAR_SHARDS, world, workers, batch=128)
     total = sum(CIFAR_SHARDS)
     per_rank = [rank_ids(plan, r) for r in range(world)]
-    assert all(len(ids) == plan.steps * 128 for ids in per_rank)  # same steps on every rank
+    assert all(len(ids) == plan.batches * 128 for ids in per_rank)  # same steps on every rank
     seen = np.concatenate(per_rank)
     assert len(np.unique(seen)) == len(seen)  # ranks and workers disjoint
     assert plan.dropped == total - len(seen) <= world * 128 - 1
@@ -43,7 +43,7 @@ def test_cifar_epoch_leaves_out_less_than_one_global_batch(world, workers):
 def test_without_drop_last_the_tail_wraps_and_is_counted():
     plan = make_plan(CIFAR_SHARDS, 16, 4, 128, drop_last=False)
     seen = np.concatenate([rank_ids(plan, r) for r in range(16)])
-    assert plan.dropped == 0 and plan.padded == plan.steps * 16 * 128 - 45_000 > 0
+    assert plan.dropped == 0 and plan.padded == plan.batches * 16 * 128 - 45_000 > 0
     assert set(seen.tolist()) == set(range(45_000))  # every sample, the padding repeats some
     assert len(seen) - len(np.unique(seen)) == plan.padded
 

@@ -40,7 +40,7 @@ def test_lines_are_whole_and_as_rare_as_the_rarer_of_steps_and_seconds(monkeypat
     clock = [0.0]
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     out = io.StringIO()
-    progress = Progress(total=100, desc="epoch 2/5", mode="lines", every_steps=10, every_s=5,
+    progress = Progress(total=100, desc="epoch 2/5", mode="lines", every=10, every_s=5,
                         stream=out)  # fmt: skip
     for step in range(1, 101):
         clock[0] = step * 0.1  # 10 steps a second: the 5 s bound is the rarer one
@@ -59,7 +59,7 @@ def test_lines_follow_the_step_bound_when_steps_are_slow(monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     out = io.StringIO()
-    progress = Progress(total=40, mode="lines", every_steps=10, every_s=5, stream=out,
+    progress = Progress(total=40, mode="lines", every=10, every_s=5, stream=out,
                         final_line=False, initial=5)  # fmt: skip
     for _ in range(6, 41):
         clock[0] += 2.0  # a step every 2 s: the 10-step bound is the rarer one

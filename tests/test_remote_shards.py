@@ -61,7 +61,7 @@ def test_a_shard_that_keeps_failing_is_an_error_naming_its_url(frey_shards):
         with pytest.warns(UserWarning, match="train-000003.tar"):
             batches = list(skipping.train_batches(1))
     # the run goes on: same steps, the lost shard's places taken by other samples and counted
-    assert len(batches) == skipping.steps_in_epoch(1)
+    assert len(batches) == skipping.planner.batches_in_epoch()
     assert sum(b["skipped"] for b in batches) == 128
 
 
@@ -71,7 +71,7 @@ def test_pipe_urls_with_an_index_elsewhere(frey_shards):
     names = [s["name"] for s in index["splits"]["train"]["shards"]]
     urls = "::".join(f"pipe:cat {folder / n}" for n in names)
     piped = frey_split("", urls={"train": urls}, index_url=str(folder / "index.json"))
-    assert piped.indexed and piped.num_samples == 1765
+    assert piped.catalog.indexed and piped.num_samples == 1765
     assert epoch_keys(piped) == epoch_keys(frey_split(folder))
 
 
@@ -81,7 +81,7 @@ def test_brace_pattern_over_http_with_a_local_cache(frey_shards, tmp_path):
         pattern = f"{server.url}/frey/train-{{000000..000013}}.tar"
         # index.json found beside them
         split = frey_split("", urls={"train": pattern}, retries=1, cache_dir=str(cache))
-        assert split.indexed and split.num_samples == 1765
+        assert split.catalog.indexed and split.num_samples == 1765
         first = epoch_keys(split, 1)
         served = sum(n for p, n in server.requests.items() if p.endswith(".tar"))
         second = epoch_keys(split, 2)
@@ -114,7 +114,7 @@ def test_foreign_webdataset_without_index_is_resized_and_resampled(tmp_path):
         "", "train", DataConfig(batch_size=8, urls={"train": pattern}, image_size=16), shuffle=True
     )
     with pytest.raises(DataError, match="data.samples_per_epoch"):
-        train.check_enough_shards()
+        train.catalog.check_enough_shards()
     train = ShardSplit(
         "",
         "train",
@@ -122,7 +122,7 @@ def test_foreign_webdataset_without_index_is_resized_and_resampled(tmp_path):
         shuffle=True,
     )
     batches = list(train.train_batches(1))
-    assert len(batches) == train.steps_in_epoch(1) == 5
+    assert len(batches) == train.planner.batches_in_epoch() == 5
     assert batches[0]["image"].shape == (8, 3, 16, 16) and batches[0]["image"].dtype == torch.uint8
     assert set(batches[0]["cls"].tolist()) <= {0, 1, 2}
     evaluation = ShardSplit(

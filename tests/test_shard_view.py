@@ -35,7 +35,7 @@ def rgb_shards(tmp_path_factory):
 
 
 def without_tables(split: ShardSplit) -> ShardSplit:
-    split.shards = [dataclasses.replace(e, members=None) for e in split.shards]
+    split.catalog.shards = [dataclasses.replace(e, members=None) for e in split.catalog.shards]
     return split
 
 
@@ -100,7 +100,7 @@ def test_each_shard_is_hashed_once_per_content(rgb_shards, tmp_path, monkeypatch
         hashes.append(len(calls.read_text().splitlines()))
     # Epoch 1 hashes each of the 8 shards; two workers opening one shard at the same moment
     # may both hash it (a shard at most once per worker). Later epochs hash nothing.
-    assert len(split.shards) <= hashes[0] <= 2 * len(split.shards)
+    assert len(split.catalog.shards) <= hashes[0] <= 2 * len(split.catalog.shards)
     assert hashes[2] == hashes[1] == hashes[0]
 
 
@@ -111,7 +111,7 @@ def test_a_shard_changed_after_it_was_verified_is_hashed_again_and_named(rgb_sha
     shutil.copytree(rgb_shards, folder)
     split = ShardSplit(folder, "train", DataConfig(batch_size=6))
     assert len(list(split.train_batches(1))) == 10
-    shard = folder / split.shards[0].name
+    shard = folder / split.catalog.shards[0].name
     data = bytearray(shard.read_bytes())
     data[700] ^= 0x01  # a pixel of the first image
     shard.write_bytes(bytes(data))

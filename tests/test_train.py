@@ -58,7 +58,7 @@ def test_bf16_on_cpu_trains(frey_shards, tmp_path):
 @pytest.mark.slow
 def test_gradient_accumulation_counts_optimizer_steps(frey_shards, tmp_path):
     cfg = tiny_frey_config(
-        frey_shards, tmp_path, "train.grad_accum_steps=4", "train.epochs=1", "data.batch_size=50"
+        frey_shards, tmp_path, "train.grad_accum_batches=4", "train.epochs=1", "data.batch_size=50"
     )
     rows = metrics(train(cfg))
     # 1765 // 50 = 35 batches -> 32 (whole cycles of 4) -> 8 optimizer steps

@@ -133,7 +133,7 @@ def test_final_statuses_are_not_retried_and_name_the_url(frey_shards, status):
     message = str(err.value)
     assert f"{srv.url}/frey/train-000002.tar: HTTP {status}" in message
     assert "attempt 1 of 4; not retried" in message
-    assert len(batches) == skipping.steps_in_epoch(1)
+    assert len(batches) == skipping.planner.batches_in_epoch()
     assert sum(b["skipped"] for b in batches) == 128  # the whole shard's samples, counted
 
 

@@ -24,10 +24,13 @@ from pydantic import (
     model_validator,
 )
 
+from vae_scale.data.config import DataConfig
 from vae_scale.errors import ConfigError
 from vae_scale.losses import LIKELIHOODS
 from vae_scale.models import FAMILIES
-from vae_scale.objectives.adversarial import AdversarialConfig
+from vae_scale.objectives import OBJECTIVES
+from vae_scale.objectives.discriminator import DiscriminatorConfig
+from vae_scale.objectives.encoder_aug import EncoderAugConfig
 from vae_scale.objectives.perceptual import PerceptualConfig
 from vae_scale.objectives.reconstruction import PixelLossConfig
 from vae_scale.schema import (  # noqa: F401  (re-exported for the sections' users)
@@ -60,112 +63,11 @@ class RunConfig(Section):
         return name
 
 
-class DataConfig(Section):
-    dataset: str = "frey"
-    # Where the dataset's shards and index.json are: <shards_dir>/<dataset>, a local folder or
-    # a URL (http(s)://host/path, s3://bucket/path with s3fs, file://...).
-    shards_dir: str = "shards"
-    # Shards of another tool, per split: a brace pattern of paths or URLs
-    # ("https://host/c10/train-{000000..000089}.tar"), several joined by '::', or pipe:
-    # commands. index.json is read beside them when it exists (or from data.index_url).
-    urls: dict[Literal["train", "val", "test"], str] = Field(default_factory=dict)
-    index_url: str | None = None
-    # Without an index: samples per training epoch (shards are resampled, open_clip's
-    # convention), and decoding: images resized (shorter side) and centre-cropped to
-    # image_size, of `channels`, from the first present member of image_key; label from
-    # label_key ('cls', 'json.<field>', or null for none).
-    samples_per_epoch: Annotated[int, Field(ge=1)] | None = None
-    image_size: Annotated[int, Field(ge=1)] | None = None
-    channels: Literal[1, 3] = 3
-    # Train on crop x crop windows of the stored images: a fresh random window per sample and
-    # epoch (seeded by run.seed, epoch and sample key, so resume and elastic re-plans stay
-    # exact); evaluation, pictures and exports use the centre window. null: whole images.
-    crop: Annotated[int, Field(ge=1)] | None = None
-    image_key: str = "npy;png;jpg;jpeg;webp"
-    label_key: str | None = "cls"
-    batch_size: Positive = 100  # per process
-    num_workers: NonNegative = 0  # DataLoader workers per process
-    shuffle_buffer: NonNegative = 1000  # samples per shuffled block of each worker's slice
-    # True: an epoch leaves out the tail short of a global batch (at most world x batch - 1
-    # samples); False: the last global batch is filled by wrapping to the epoch's start.
-    drop_last: bool = True
-    binarize: Literal["none", "dynamic"] = "none"
-    on_error: Literal["raise", "skip"] = "raise"
-    verify_shards: bool = True  # sha256 of each shard read whole, against index.json
-    # Remote shards: attempts after a transient failure (waiting retry_delay_s, doubling; a
-    # 429's Retry-After if longer), the longest wait for the next byte before a read counts as
-    # stalled, shards larger than max_shard_mb_in_memory kept in a local file instead of RAM,
-    # and an optional local cache of whole shards, least recently used evicted above the bound.
-    retries: NonNegative = 3
-    retry_delay_s: NonNegativeFloat = 1.0
-    read_timeout_s: Annotated[float, Field(gt=0)] = 60.0
-    max_shard_mb_in_memory: Annotated[float, Field(gt=0)] = 512.0
-    cache_dir: str | None = None
-    cache_max_gb: Annotated[float, Field(gt=0)] = 50.0
-    # Keep decoded shards in RAM after their first read (for datasets that fit in memory, e.g.
-    # Frey, MNIST): later epochs read no files. With num_workers > 0 each process decodes its
-    # whole split once at start-up and the forked loader workers share it.
-    cache_in_memory: bool = False
-    # The shard splits training reads. ["train", "val"] is the final fit on all the labelled
-    # training data once settings are chosen (the 60,000 MNIST digits the study trained on);
-    # val is then not evaluated. The test split is never trained on.
-    train_splits: list[Literal["train", "val"]] = Field(default_factory=lambda: ["train"])
-
-    @field_validator("train_splits")
-    @classmethod
-    def _distinct(cls, splits: list[str]) -> list[str]:
-        if not splits or len(set(splits)) != len(splits):
-            raise ValueError(
-                'expected a non-empty list of distinct splits from "train", "val" (test is '
-                "never trained on)"
-            )
-        return splits
-
-    @field_validator("image_key")
-    @classmethod
-    def _image_keys(cls, keys: str) -> str:
-        if not all(keys.split(";")):
-            raise ValueError("expected member suffixes separated by ';', e.g. 'jpg;png'")
-        return keys
-
-
-class Deformation(Section):
-    """Ranges of a random per-image deformation (all zero: the identity).
-
-    Affine: rotation uniform in +-rotate_deg, zoom in 1 +- scale, shear factor in +-shear,
-    shift in +-shift_px pixels per axis. Elastic (Simard et al. 2003): a per-pixel displacement
-    drawn uniform in [-1, 1], smoothed by a Gaussian of elastic_sigma pixels and scaled by
-    elastic_alpha pixels (0 = off). Stroke thickness: each image blended toward its 3x3 grey
-    dilation (thicker strokes) or erosion (thinner) by a factor uniform in +-thickness.
-    """
-
-    rotate_deg: Annotated[float, Field(ge=0, le=180)] = 0.0
-    scale: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    shear: NonNegativeFloat = 0.0
-    shift_px: NonNegativeFloat = 0.0
-    elastic_alpha: NonNegativeFloat = 0.0
-    elastic_sigma: Annotated[float, Field(gt=0)] = 4.0
-    thickness: Annotated[float, Field(ge=0, le=1)] = 0.0
-
-
-class EncoderAugConfig(Deformation):
-    """Encoder augmentation (vae_scale/training/augment.py): an extra neg. ELBO term, weighted
-    by `weight` (0 = off), on `copies` randomly deformed copies of each batch, that trains
-    only the encoder; the deformation's ranges are the fields of `Deformation`."""
-
-    weight: NonNegativeFloat = 0.0
-    copies: Positive = 1
-    rotate_deg: Annotated[float, Field(ge=0, le=180)] = 10.0
-    scale: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    shear: NonNegativeFloat = 0.1
-    shift_px: NonNegativeFloat = 1.0
-
-
 class LossConfig(Section):
     # elbo: the negative ELBO of `likelihood` (likelihood VAEs); autoencoder: the KL
-    # autoencoder of latent diffusion (pixel + perceptual + beta x KL + adversarial terms,
+    # autoencoder of latent diffusion (pixel + perceptual + beta x KL + discriminator terms,
     # vae_scale/objectives/autoencoder.py), with loss.likelihood: gaussian for its bits/dim.
-    objective: Literal["elbo", "autoencoder"] = "elbo"
+    objective: Literal[tuple(OBJECTIVES)] = "elbo"  # type: ignore[valid-type]
     likelihood: Literal[tuple(LIKELIHOODS)] = "bernoulli"  # type: ignore[valid-type]
     beta: NonNegativeFloat = 1.0  # final KL weight (autoencoders: ~1e-6 on per-image sums)
     kl_warmup_steps: NonNegative = 0  # linear warm-up of the KL weight from beta_start to beta
@@ -178,7 +80,7 @@ class LossConfig(Section):
     # the autoencoder objective's terms, each its own section (vae_scale/objectives/)
     pixel: PixelLossConfig = Field(default_factory=PixelLossConfig)
     perceptual: PerceptualConfig = Field(default_factory=PerceptualConfig)
-    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
+    discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
 
 
 class TrainConfig(Section):
@@ -189,7 +91,7 @@ class TrainConfig(Section):
     lr_schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: NonNegative = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    grad_accum_steps: Positive = 1
+    grad_accum_batches: Positive = 1  # batches per optimizer step (gradient accumulation)
     grad_clip: NonNegativeFloat = 0.0  # max gradient norm (0 = off)
     max_bad_steps: Positive = 20  # stop after this many consecutive non-finite steps
     # Skip updates whose gradient norm exceeds this (0 = off; VDVAE's spike guard). After
@@ -307,29 +209,8 @@ class Config(Section):
         return self
 
     @model_validator(mode="after")
-    def _autoencoder_objective(self) -> Config:
-        if self.loss.objective != "autoencoder":
-            return self
-        if self.loss.likelihood != "gaussian":
-            raise FieldError(
-                "loss.likelihood",
-                "expected 'gaussian' with loss.objective 'autoencoder' (the decoder predicts "
-                "the image; a learned per-pixel scale around it gives its bits/dim)",
-            )
-        if self.loss.adversarial.weight and self.train.mixed_precision == "fp16":
-            raise FieldError(
-                "train.mixed_precision",
-                "'fp16' with a discriminator (two optimizers under one grad scaler) is not "
-                "supported; use 'bf16' (or loss.adversarial.weight=0)",
-            )
-        unsupported = {"loss.encoder_aug.weight": self.loss.encoder_aug.weight,
-                       "loss.z_samples": self.loss.z_samples > 1,
-                       "loss.free_bits": self.loss.free_bits}  # fmt: skip
-        for key, asked in unsupported.items():
-            if asked:
-                raise FieldError(
-                    key, "an ELBO setting; loss.objective 'autoencoder' has no use for it"
-                )
+    def _what_the_objective_can_do(self) -> Config:
+        OBJECTIVES[self.loss.objective].check_config(self)
         return self
 
     @property
@@ -339,9 +220,7 @@ class Config(Section):
     @property
     def shard_dir(self) -> str:
         """Where this config's dataset is: <data.shards_dir>/<data.dataset> (folder or URL)."""
-        from vae_scale.data.streaming.remote import join
-
-        return join(self.data.shards_dir, self.data.dataset)
+        return self.data.location
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -435,10 +314,40 @@ def apply_override(raw: dict[str, Any], text: str) -> None:
     node[parts[-1]] = value
 
 
-def config_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+#: keys renamed since runs were recorded with them: old -> new (read under the new name)
+RENAMED = {
+    "loss.adversarial": "loss.discriminator",
+    "data.crop": "data.random_crop",
+    "train.grad_accum_steps": "train.grad_accum_batches",
+}
+
+
+def rename_old_keys(raw: dict[str, Any]) -> list[str]:
+    """Move keys of RENAMED to their new names in the nested dict `raw` (in place); returns
+    'old -> new' for each one moved."""
+    moved = []
+    for old, new in RENAMED.items():
+        (section, key), (_, new_key) = old.split("."), new.split(".")
+        values = raw.get(section)
+        if isinstance(values, dict) and key in values:
+            if new_key in values:
+                raise ConfigError(f"{old}: renamed to {new}; give only {new}")
+            values[new_key] = values.pop(key)
+            moved.append(f"{old} -> {new}")
+    return moved
+
+
+def config_from_dict(
+    raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), note_renamed: bool = False
+) -> Config:
+    """A validated Config from nested sections and dotted overrides; keys renamed since (a
+    run's older config.json) are read under their new names, said when `note_renamed`."""
     raw = _copy_sections(raw or {})
     for text in overrides:
         apply_override(raw, text)
+    moved = rename_old_keys(raw)
+    if moved and note_renamed:
+        print(f"note: renamed config keys, read under their new names: {', '.join(moved)}")
     if not isinstance(raw.get("model"), dict):
         raise ConfigError(f"model.name: required; one of {list(MODEL_NAMES)}")
     try:
@@ -465,6 +374,6 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if isinstance(raw.setdefault("wandb", {}), dict):  # runs of one config file: one group
         raw["wandb"].setdefault("group", path.stem)
     try:
-        return config_from_dict(raw, overrides)
+        return config_from_dict(raw, overrides, note_renamed=True)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None

@@ -129,12 +129,12 @@ def main() -> None:
         common = dict(seed=args.seed, world_size=world, rank=rank)
         data = DataConfig(batch_size=args.batch_size, shuffle_buffer=200)
         train_data = ShardSplit(args.shards, "train", data, shuffle=True, **common)
-        train_data.check_enough_shards()
+        train_data.catalog.check_enough_shards()
         model = tiny_model(train_data.image_shape, args.seed)
         optimizer = make_optimizer(model)
         model, optimizer = accelerator.prepare(model, optimizer)  # the loader is not prepared
         model.train()
-        record["steps_in_epoch"] = train_data.steps_in_epoch(1)
+        record["steps_in_epoch"] = train_data.planner.batches_in_epoch()
         record["train_batches"] = []
         for batch in train_data.train_batches(epoch=1):
             train_step(accelerator, model, optimizer, batch["image"], batch["key"], args.seed)
@@ -147,8 +147,8 @@ def main() -> None:
 
         even_data = DataConfig(batch_size=args.even_batch_size, num_workers=2, shuffle_buffer=50)
         even = ShardSplit(args.even_shards, "train", even_data, shuffle=True, **common)
-        even.check_enough_shards()
-        record["even_steps_in_epoch"] = even.steps_in_epoch(1)
+        even.catalog.check_enough_shards()
+        record["even_steps_in_epoch"] = even.planner.batches_in_epoch()
         record["even_keys"] = [k for b in even.train_batches(epoch=1) for k in b["key"]]
 
         torch.save(core.state_dict(), out / f"params_rank{rank}.pt")

@@ -72,7 +72,7 @@ def split_attribute_vector(
 ) -> Tensor:
     """The vector of `attribute` from the posterior means of `split` (its first `limit`
     images) and the attributes stored in its samples."""
-    position = attribute_position(split.index, attribute)
+    position = attribute_position(split.catalog.index, attribute)
     means, flags = posterior_means(model, split.eval_batches(), limit=limit)
     has = flags[:, position]
     print(

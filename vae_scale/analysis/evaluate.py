@@ -23,6 +23,7 @@ from vae_scale.models.base import check_single_latent
 from vae_scale.perception.fid import FEATURES, frechet_distance
 from vae_scale.perception.image_metrics import psnr, ssim
 from vae_scale.perception.networks import PerceptionNets
+from vae_scale.utils.compat import full_precision_forward
 from vae_scale.utils.progress import Progress
 from vae_scale.utils.seeding import derive_seed
 
@@ -130,6 +131,7 @@ class EvalOptions:
     refine_steps: int = 0
     progress: bool = False  # show the split's progress (`vae-scale eval`; training's are short)
     nets: PerceptionNets | None = None  # LPIPS / rFID networks (PSNR and SSIM always)
+    objective: Any = None  # its own terms (objectives/base.py's eval_terms) are reported too
 
 
 @torch.no_grad()
@@ -138,11 +140,14 @@ def split_statistics(
 ) -> dict[str, torch.Tensor]:
     """Sums over the whole split, reduced over processes: neg_elbo, recon, kl, iwae, count,
     per latent dimension the sums of E_q[z] (mu), E_q[z]^2 (mu_sq) and KL (kl_dim), each
-    latent group's KL (kl_<group>, hierarchical models) and, with `refine_steps`, the
-    negative ELBO under refined posteriors (refined)."""
+    latent group's KL (kl_<group>, hierarchical models), with `refine_steps` the negative ELBO
+    under refined posteriors (refined), and the objective's own terms (`term/<name>`).
+    Float32 whatever the training precision: the numbers of a bf16 run compare with
+    `vae-scale eval`'s."""
     seed, binarize = options.seed, options.binarize
     iw_samples, refine_steps = options.iw_samples, options.refine_steps
     nets = options.nets or PerceptionNets()
+    objective_terms = options.objective.eval_term_names() if options.objective else []
     model.eval()
     device = accelerator.device
     dims = int(torch.tensor(model.latent_shape).prod())
@@ -154,6 +159,7 @@ def split_statistics(
             **dict.fromkeys(["iwae", "count"], 1),
             **{"mu": dims, "mu_sq": dims, "kl_dim": dims},
             "refined": 1,
+            **{f"term/{name}": 1 for name in objective_terms},
             # what the shard transports redid (retries, bytes fetched again) reading the split
             "retries": 1,
             "refetched_bytes": 1,
@@ -175,7 +181,7 @@ def split_statistics(
         },
         device,
     )
-    share = -(-data.num_samples // data.world_size) if data.indexed else 0
+    share = -(-data.num_samples // data.world_size) if data.catalog.indexed else 0
     batches = Progress(
         data.eval_batches(), total=-(-share // data.batch_size) or None,
         desc=f"evaluating {data.split}", unit="batch",
@@ -185,9 +191,8 @@ def split_statistics(
         noise = SampleNoise(batch["key"], seed, f"eval/{data.split}")
         x = prepare_batch(batch["image"], device, binarize, noise.generators)
         eps = noise.normal(tuple(model.latent_shape), device)
-        with accelerator.autocast():
-            out = model(x, eps)
-            iw = iwae_nll(model, x, iw_samples, noise) if iw_samples else torch.zeros(len(x))
+        out = full_precision_forward(model, x, eps)
+        iw = iwae_nll(model, x, iw_samples, noise) if iw_samples else torch.zeros(len(x))
         refined = torch.zeros(())
         if refine_steps:
             refine_noise = SampleNoise(batch["key"], seed, f"refine/{data.split}")
@@ -197,10 +202,12 @@ def split_statistics(
         )
         mu_flat = out.mu.float().flatten(1).double()
         x_flat = x.float().flatten(1).double()
-        with accelerator.autocast():
-            recon_images = model.reconstruct(x).float()
+        recon_images = model.reconstruct(x).float()
         recon = recon_images.flatten(1).double()
-        sums.add(**perception_sums(nets, x.float(), recon_images.clamp(0, 1), accelerator))
+        sums.add(**perception_sums(nets, x.float(), recon_images.clamp(0, 1)))
+        if objective_terms:
+            own = options.objective.eval_terms(model, x, out.x_params)
+            sums.add(**{f"term/{k}": v.double().sum() for k, v in own.items()})
         sums.add(
             sq_err=(recon - x_flat).pow(2).mean(1).sum(),
             x=x_flat.sum(0),
@@ -221,13 +228,12 @@ def split_statistics(
 
 
 def perception_sums(
-    nets: PerceptionNets, x: torch.Tensor, recon: torch.Tensor, accelerator: Accelerator
+    nets: PerceptionNets, x: torch.Tensor, recon: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """A batch's PSNR, SSIM (and LPIPS, rFID statistics when their networks are here)."""
     sums = {"psnr": psnr(recon, x).double().sum(), "ssim": ssim(recon, x).double().sum()}
     if nets.lpips is not None:
-        with accelerator.autocast():
-            sums["lpips"] = nets.lpips(x, recon).double().sum()
+        sums["lpips"] = nets.lpips(x, recon).double().sum()
     if nets.inception is not None:
         for name, images in (("real", x), ("fake", recon)):
             features = nets.inception(images)
@@ -284,6 +290,7 @@ def split_metrics(
         f"{split}/data_refetched_bytes": int(sums["refetched_bytes"].item()),
         **refined_metrics(sums, split, refine_steps),
         **reconstruction_metrics(sums, split, active_threshold),
+        **{f"{split}/{k[5:]}": v.item() / n for k, v in sums.items() if k.startswith("term/")},
     }
     if model.likelihood.discrete_8bit:
         dims = int(torch.tensor(data.image_shape).prod())

@@ -38,7 +38,15 @@ def load_run_config(run_dir: Path, name: str = "config.json") -> tuple[Config, d
     path = Path(run_dir) / name
     if not path.is_file():
         raise ConfigError(f"{path} not found: {run_dir} is not a vae_scale run folder")
-    raw = json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(
+            f"{path} is damaged ({err}): the settings this run was trained with cannot be "
+            f"read. Restore it (a copy is in the W&B run's config)"
+        ) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object of config sections")
     sections = {name: raw[name] for name in (*SECTIONS, "model") if name in raw}
     return config_from_dict(sections), raw
 
@@ -79,18 +87,25 @@ def load_run(
     """
     run_dir = Path(run_dir)
     cfg, raw = load_run_config(run_dir)
-    ckpt_path = (
-        Path(ckpt)
-        if ckpt
-        else checkpoint.latest_checkpoint(run_dir / "checkpoints", verify_hashes=True)
-    )
-    if ckpt_path is None or not checkpoint.is_complete(ckpt_path):
-        raise ConfigError(f"{run_dir}: no complete checkpoint to load")
     model = build_recorded_model(cfg, raw)
-    weights_file = ckpt_path / EMA_FILE
-    if weights == "raw" or not weights_file.is_file():
-        weights_file = ckpt_path / "model.safetensors"
-    model.load_state_dict(load_file(weights_file))
+    # A trainer may prune the newest checkpoint of a moment ago while we read it: choose again.
+    for attempt in range(5):
+        ckpt_path = (
+            Path(ckpt)
+            if ckpt
+            else checkpoint.latest_checkpoint(run_dir / "checkpoints", verify_hashes=True)
+        )
+        if ckpt_path is None or not checkpoint.is_complete(ckpt_path):
+            raise ConfigError(f"{run_dir}: no complete checkpoint to load")
+        weights_file = ckpt_path / EMA_FILE
+        if weights == "raw" or not weights_file.is_file():
+            weights_file = ckpt_path / "model.safetensors"
+        try:
+            model.load_state_dict(load_file(weights_file))
+            step = checkpoint.read_train_state(ckpt_path)["opt_step"]
+            break
+        except (FileNotFoundError, NotADirectoryError):
+            if ckpt or attempt == 4:
+                raise ConfigError(f"{ckpt_path} vanished while it was read") from None
     model.to(device).eval()
-    step = checkpoint.read_train_state(ckpt_path)["opt_step"]
     return TrainedRun(run_dir, cfg, model, ckpt_path, model.image_shape, step, weights_file, raw)

@@ -84,7 +84,7 @@ class VAE(nn.Module):
         return [p for m in found for p in m.parameters()]
 
     def last_decoder_layer(self) -> nn.Parameter:
-        """The weight of the decoder's last layer: where the adversarial term's adaptive
+        """The weight of the decoder's last layer: where the discriminator term's adaptive
         weight compares gradient norms (taming's `last_layer`)."""
         decoder = getattr(self, "decoder", None)
         layers = [
@@ -93,7 +93,7 @@ class VAE(nn.Module):
         ]  # fmt: skip
         if not layers:
             raise ConfigError(
-                f"loss.adversarial.adaptive_weight: {type(self).__name__} has no decoder layer "
+                f"loss.discriminator.adaptive_weight: {type(self).__name__} has no decoder layer "
                 f"to compare gradients at; set it to false"
             )
         return layers[-1].weight

@@ -1,20 +1,26 @@
-"""Training objectives beyond the ELBO: each term is its own file with its config section
-(reconstruction.py, perceptual.py, adversarial.py); autoencoder.py combines them into the
-KL autoencoder's objective that training/step.py calls."""
+"""Every training objective, one file each, and the one registry that maps `loss.objective` to
+its class (the only place that reads that string). An objective declares the networks it trains
+and the frozen ones it uses, gates when each trains, computes its loss and the terms evaluation
+reports (base.py). Terms with a config section of their own: reconstruction.py, perceptual.py,
+discriminator.py, encoder_aug.py."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
 
-import torch
+from vae_scale.objectives.autoencoder import AutoencoderObjective
+from vae_scale.objectives.base import Loss, NetworkSpec, Objective
+from vae_scale.objectives.elbo import ElboObjective
+
+#: loss.objective -> its class
+OBJECTIVES: dict[str, type[Objective]] = {
+    cls.name: cls for cls in (ElboObjective, AutoencoderObjective)
+}
 
 
-@dataclass
-class Objective:
-    """What one step minimises: `loss`, the scalar to backpropagate, and `terms`, every term
-    to report by name, each a 1-D tensor of rows (images, posterior draws, deformed copies)
-    whose mean is the term's per-image value. Epoch sums, steps.jsonl, W&B and the progress
-    line take every key, so a new term appears everywhere once it is added to an objective."""
+def build_objective(cfg: Any, image_shape: tuple[int, int, int], accelerator: Any) -> Objective:
+    """The objective `cfg.loss.objective` names, with fresh networks for `image_shape`."""
+    return OBJECTIVES[cfg.loss.objective](cfg, image_shape, accelerator)
 
-    loss: torch.Tensor
-    terms: dict[str, torch.Tensor]
+
+__all__ = ["OBJECTIVES", "Loss", "NetworkSpec", "Objective", "build_objective"]

@@ -41,15 +41,16 @@ def is_complete(path: Path, verify_hashes: bool = False) -> bool:
     return True
 
 
-def complete_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first; incomplete ones are reported and ignored."""
+def complete_checkpoints(ckpt_root: Path, quiet: bool = False) -> list[Path]:
+    """Complete checkpoints, oldest first; incomplete ones are ignored (and reported, unless
+    `quiet`)."""
     if not ckpt_root.is_dir():
         return []
     found = []
     for path in sorted(ckpt_root.glob(f"{PREFIX}*")):
         if is_complete(path):
             found.append(path)
-        else:
+        elif not quiet:
             warnings.warn(f"ignoring incomplete checkpoint {path}", stacklevel=2)
     return found
 

@@ -106,11 +106,20 @@ def _finish(tmp: Path, final: Path, ckpt_root: Path, step: int, keep: int) -> No
     fsync(tmp / MANIFEST)
     fsync(tmp)
     if final.exists():
-        shutil.rmtree(final)
+        _remove(final)
     os.replace(tmp, final)
     fsync(ckpt_root)
     for old in complete_checkpoints(ckpt_root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
+
+
+def _remove(folder: Path) -> None:
+    """Delete a checkpoint folder by first renaming it to a temporary name (atomic): a kill
+    during the slow deletion leaves a `.tmp-` folder the next start sweeps, never a
+    half-deleted `step_*` folder that looks like a damaged checkpoint forever."""
+    doomed = folder.with_name(f".tmp-del-{folder.name}")
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 class Stateful(Protocol):
@@ -123,8 +132,10 @@ class Checkpointer:
     ones (collective). A checkpoint holds Accelerate's states (weights, optimizer, scaler, RNG)
     and the state dict of every object in `components` under its name (`write_state`)."""
 
-    def __init__(self, accelerator: Accelerator, run_dir: Path, keep: int):
-        self.accelerator, self.run_dir, self.keep = accelerator, run_dir, keep
+    def __init__(self, accelerator: Accelerator, run_dir: Path, train: Any):
+        """`train`: the train section (keep_checkpoints, checkpoint_every_steps)."""
+        self.accelerator, self.run_dir = accelerator, run_dir
+        self.keep, self.every = train.keep_checkpoints, train.checkpoint_every_steps
         self.root = run_dir / "checkpoints"
         self.components: dict[str, Stateful] = {}  # handed over once they exist
         self.latest: Path | None = None  # the newest complete checkpoint of this run
@@ -152,12 +163,25 @@ class Checkpointer:
         self.latest = None if choice[0] is None else Path(choice[0])
         return self.latest
 
+    def due(self, step: int) -> bool:
+        """Whether optimizer step `step` gets a mid-epoch checkpoint (every
+        train.checkpoint_every_steps; epoch ends always get one)."""
+        return bool(self.every) and step % self.every == 0
+
     def _clean_partial(self) -> None:
-        """Remove temporary checkpoint folders of trainers that were killed mid-write (this
-        process holds the run folder's lock, so none of them is being written)."""
-        if self.root.is_dir():
-            for partial in self.root.glob(f".tmp-{PREFIX}*"):
-                shutil.rmtree(partial, ignore_errors=True)
+        """Remove what trainers killed mid-write or mid-prune left (this process holds the run
+        folder's lock, so none of it is in use): temporary folders, and incomplete `step_*`
+        folders older than the newest complete checkpoint (a newer incomplete one is left for
+        `--resume auto` to report)."""
+        if not self.root.is_dir():
+            return
+        for partial in self.root.glob(".tmp-*"):
+            shutil.rmtree(partial, ignore_errors=True)
+        complete = complete_checkpoints(self.root, quiet=True)
+        if complete:
+            for folder in self.root.glob(f"{PREFIX}*"):
+                if folder.name < complete[-1].name and folder not in complete:
+                    shutil.rmtree(folder, ignore_errors=True)
 
     def _choose(self, resume: str, from_another_run: bool = False) -> str | None:
         if resume == "none":
@@ -199,6 +223,8 @@ class Checkpointer:
         missing = []
         for name, component in self.components.items():
             values = read_state(path, name)
+            if values is None and name in FORMER_NAMES:
+                values = read_state(path, FORMER_NAMES[name])
             if name in older:
                 values = {**older[name], **(values or {})}
             if values is None:
@@ -252,6 +278,10 @@ class Checkpointer:
             self.accelerator, self.root, step, states if main else {}, self.keep
         )
         return self.latest
+
+
+#: components renamed since checkpoints were written: name -> its former name
+FORMER_NAMES = {"discriminator_policy": "critic_policy"}
 
 
 def _older_states(path: Path) -> dict[str, dict[str, Any]]:

@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from vae_scale.config import Config
+from vae_scale.config import Config, rename_old_keys
 from vae_scale.errors import ConfigError
 
 LOCK_FILE = ".lock"
@@ -110,12 +110,12 @@ def check_same_run(cfg: Config, run_dir: Path) -> None:
             f"checked. Restore it (a copy is in the W&B run's config), or resume with "
             f"--resume CHECKPOINT after moving it aside"
         ) from None
+    rename_old_keys(recorded)  # a record of an older vae_scale: its keys' current names
     now = _flat(cfg.to_dict())
     # A key the record lacks was added to vae_scale after the run was written: the run did
     # what its default does. A key the code no longer has is no setting of this run.
-    before = {**_defaults(recorded.get("model", {}).get("name", cfg.model.name)), **_flat(
-        {k: recorded[k] for k in cfg.to_dict() if k in recorded}
-    )}  # fmt: skip
+    defaults = _defaults(recorded.get("model", {}).get("name", cfg.model.name))
+    before = {**defaults, **_flat({k: recorded[k] for k in cfg.to_dict() if k in recorded})}
     differing = sorted(
         k
         for k in now

@@ -1,31 +1,37 @@
-"""Everything the loop needs before its first step: the Accelerator, the data splits, the
-model with its optimizer and EMA, the run's config record and W&B."""
+"""Everything the loop needs before its first step (`start_run`): the Accelerator, the run
+folder and the checkpoint to resume, the data splits, the objective and the networks it trains,
+the run's config record and W&B."""
 
 from __future__ import annotations
 
+import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin
+from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin, set_seed
+from torch import nn
 
 from vae_scale.config import Config
 from vae_scale.data.streaming.loader import ShardSplit
+from vae_scale.data.streaming.remote import TransferStats
 from vae_scale.errors import ConfigError, DataError
-from vae_scale.losses import build_likelihood, likelihood_convention
-from vae_scale.models import VAE, build_model
+from vae_scale.losses import likelihood_convention
 from vae_scale.models.base import check_single_latent
-from vae_scale.objectives.adversarial import LeCam, PatchDiscriminator
-from vae_scale.perception.lpips import LPIPS, MIN_SIDE
+from vae_scale.objectives import Objective, build_objective
+from vae_scale.run_files.logs import METRICS_FILE, STEPS_FILE, sample_keys_file, truncate_logs
 from vae_scale.training import tracking
-from vae_scale.training.ema import EMA
-from vae_scale.training.optim import UpdatePolicy, build_optimizer, use_fused
-from vae_scale.training.signals import ignore_stop_signals
-from vae_scale.utils.compat import cpu_has_fast_bf16, uncompiled
+from vae_scale.training.checkpoint import Checkpointer
+from vae_scale.training.evaluation import EpochEvaluation
+from vae_scale.training.networks import TrainedNetwork, build_networks
+from vae_scale.training.run_folder import RunLock, check_same_run
+from vae_scale.training.signals import StopFlag, ignore_stop_signals
+from vae_scale.training.state import TrainState
+from vae_scale.utils.compat import cpu_has_fast_bf16
 from vae_scale.utils.fsutil import write_json_atomic
 
 
@@ -45,7 +51,7 @@ def make_accelerator(cfg: Config, wandb_mode: str) -> Accelerator:
     return Accelerator(
         cpu=use_cpu,
         mixed_precision=cfg.train.mixed_precision,
-        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        gradient_accumulation_steps=cfg.train.grad_accum_batches,
         log_with="wandb" if wandb_mode != "disabled" else None,
         project_dir=str(cfg.run_dir),
         dynamo_plugin=TorchDynamoPlugin(
@@ -83,11 +89,11 @@ def open_splits(cfg: Config, accelerator: Accelerator) -> dict[str, ShardSplit]:
     train = ShardSplit(cfg.shard_dir, trained, cfg.data, shuffle=True, labels=False, **common)
     splits = {"train": train}
     for name in ("val", "test"):
-        if train.has(name) and name not in cfg.data.train_splits:
+        if train.catalog.has(name) and name not in cfg.data.train_splits:
             split = ShardSplit(cfg.shard_dir, name, cfg.data, **common)
             if checked_for_evaluation(split, cfg, accelerator):
                 splits[name] = split
-    train.check_enough_shards()
+    train.catalog.check_enough_shards()
     return splits
 
 
@@ -103,150 +109,37 @@ def checked_for_evaluation(split: ShardSplit, cfg: Config, accelerator: Accelera
     listed = "; ".join(f"{name}: {why}" for name, why in sorted(damaged.items()))
     if cfg.data.on_error != "skip":
         raise DataError(
-            f"{split.split} shards of {split.shard_dir} are damaged ({listed}); re-shard "
+            f"{split.split} shards of {split.catalog.location} are damaged ({listed}); re-shard "
             f"(`vae-scale shard ... --force`), or set data.on_error=skip to evaluate without them"
         )
-    split.leave_out(set(damaged))
-    left = f"{split.num_samples} samples left" if split.shards else "not evaluated"
+    split.catalog.leave_out(set(damaged))
+    left = f"{split.num_samples} samples left" if split.catalog.shards else "not evaluated"
     accelerator.print(
         f"warning: {split.split}: leaving out damaged shards ({listed}), data.on_error=skip; {left}"
     )
-    return bool(split.shards)
+    return bool(split.catalog.shards)
 
 
-@dataclass
-class Critic:
-    """The adversarial objective's discriminator, trained beside the model with its own
-    optimizer and update policy (loss.adversarial): inactive before its start_step."""
-
-    model: torch.nn.Module  # prepared (DDP): its gradients are all-reduced
-    plain: PatchDiscriminator
-    optimizer: torch.optim.Optimizer
-    policy: UpdatePolicy
-    lecam: LeCam
-    start_step: int
-
-
-@dataclass
-class Models:
-    """The trained model in its three wrappings, its optimizer, and the EMA of its weights;
-    for the autoencoder objective also the frozen LPIPS network and the discriminator."""
-
-    model: torch.nn.Module  # prepared: DDP and/or torch.compile around the VAE
-    plain: VAE  # the bare VAE inside (its parameters are the trained ones)
-    optimizer: torch.optim.Optimizer
-    policy: UpdatePolicy  # what an update does with skips and non-finite gradients
-    ema: EMA | None
-    core: torch.nn.Module  # unwrapped from DDP, possibly still compiled
-    perceptual: LPIPS | None = None  # frozen: not prepared, not checkpointed
-    critic: Critic | None = None
-
-    @property
-    def for_eval(self) -> VAE:
-        """What evaluation and pictures use: the EMA when kept, never the compiled wrapper."""
-        return self.plain if self.ema is None else self.ema.module
-
-
-def build_models(cfg: Config, accelerator: Accelerator, image_shape: tuple[int, ...]) -> Models:
-    def fresh() -> VAE:
-        return build_model(
-            cfg.model, image_shape, build_likelihood(cfg.loss.likelihood, image_shape)
-        )
-
-    model = fresh()
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.train.trainable == "decoder":
-        for p in model.encoder_parameters():
-            p.requires_grad_(False)
-    fused = use_fused(cfg.train, accelerator.device)
-    optimizer = build_optimizer(model, cfg.train, fused)
-    # fused AdamW reads a skip decision on the device; fp16's GradScaler decides itself
-    on_device = fused and cfg.train.mixed_precision != "fp16"
-    policy = UpdatePolicy(cfg.train, on_device, accelerator.device)
-    model, optimizer = accelerator.prepare(model, optimizer)  # the loader is never prepared
-    # prepared second: a checkpoint's model_1 / optimizer_1
-    critic = build_critic(cfg, accelerator, image_shape, on_device)
-    core = accelerator.unwrap_model(model)
-    plain = uncompiled(core)
-    check_capabilities(plain, cfg)
-    ema = None
-    if cfg.train.ema_decay > 0:  # built fresh: no DDP, compile or autocast wrappers
-        shadow = fresh()
-        shadow.load_state_dict(plain.state_dict())
-        fmt = torch.channels_last if cfg.train.channels_last else torch.preserve_format
-        ema = EMA(shadow.to(accelerator.device, memory_format=fmt), cfg.train.ema_decay)
-    perceptual = None
-    if cfg.loss.objective == "autoencoder" and cfg.loss.perceptual.weight:
-        if min(image_shape[1:]) < MIN_SIDE:
-            raise ConfigError(
-                f"loss.perceptual.weight: LPIPS-VGG needs images of at least {MIN_SIDE}x"
-                f"{MIN_SIDE}; these are {image_shape[1]}x{image_shape[2]} (set it to 0)"
-            )
-        perceptual = LPIPS.pretrained(cfg.run.weights_dir).to(accelerator.device)
-    return Models(model, plain, optimizer, policy, ema, core, perceptual, critic)
-
-
-def build_critic(
-    cfg: Config, accelerator: Accelerator, image_shape: tuple[int, ...], on_device: bool
-) -> Critic | None:
-    """The discriminator, its AdamW (loss.adversarial's lr, betas, schedule) and update policy
-    (train's clipping and skip rules), prepared like the model; None without one."""
-    adv = cfg.loss.adversarial
-    if cfg.loss.objective != "autoencoder" or not adv.weight:
-        return None
-    side = min(image_shape[1:])
-    if side // 2**adv.layers < 3:  # then two stride-1 4x4 convs leave no patch
+def batches_per_epoch(cfg: Config, train_data: ShardSplit, world_size: int) -> int:
+    """Batches each rank trains per full epoch: whole optimizer steps only (multiples of
+    train.grad_accum_batches), so every epoch ends on an optimizer step."""
+    accum = cfg.train.grad_accum_batches
+    batches = train_data.planner.batches_in_epoch(multiple=accum)
+    if batches == 0:
         raise ConfigError(
-            f"loss.adversarial.layers: {adv.layers} halvings leave no patch of a "
-            f"{side}-pixel image; use at most {max(1, (side // 3).bit_length() - 1)}"
-        )
-    plain = PatchDiscriminator(image_shape[0], adv)
-    if cfg.train.channels_last:
-        plain = plain.to(memory_format=torch.channels_last)
-    rules = cfg.train.model_copy(
-        update={"lr": adv.lr, "betas": adv.betas, "weight_decay": 0.0,
-                "lr_schedule": adv.lr_schedule, "warmup_steps": 0}
-    )  # fmt: skip
-    optimizer = build_optimizer(plain, rules, use_fused(cfg.train, accelerator.device))
-    model, optimizer = accelerator.prepare(plain, optimizer)
-    policy = UpdatePolicy(rules, on_device, accelerator.device)
-    lecam = LeCam(adv.lecam_decay, accelerator.device)
-    return Critic(model, plain, optimizer, policy, lecam, adv.start_step)
-
-
-def check_capabilities(model: VAE, cfg: Config) -> None:
-    """Refuse settings the model family cannot serve, naming the key."""
-    needs_single_latent = {
-        "eval.refine_steps": (cfg.eval.refine_steps, "posterior refinement"),
-        "loss.encoder_aug.weight": (cfg.loss.encoder_aug.weight, "encoder augmentation"),
-        "loss.z_samples": (cfg.loss.z_samples > 1, "several posterior draws per image"),
-    }
-    for key, (asked, feature) in needs_single_latent.items():
-        if asked:
-            check_single_latent(model, key, feature)
-
-
-def steps_per_epoch(cfg: Config, train_data: ShardSplit, world_size: int) -> int:
-    """Batches each rank trains per full epoch: whole accumulation cycles only, so every epoch
-    ends on an optimizer step."""
-    accum = cfg.train.grad_accum_steps
-    steps = train_data.steps_in_epoch(multiple=accum)
-    if steps == 0:
-        raise ConfigError(
-            f"data.batch_size: {cfg.data.batch_size} x {accum} accumulation steps x "
+            f"data.batch_size: {cfg.data.batch_size} x {accum} batches per step x "
             f"{world_size} processes is more than one epoch of {train_data.num_samples} "
             f"training samples holds"
         )
-    return steps
+    return batches
 
 
 def record_run(
     cfg: Config,
     accelerator: Accelerator,
-    models: Models,
+    vae: nn.Module,
     train_data: ShardSplit,
-    steps: int,
+    batches: int,
     command: str | None = None,
     write: bool = True,
 ) -> dict[str, Any]:
@@ -254,8 +147,8 @@ def record_run(
     of this run (what trained it, where, on how many processes and machines)."""
     if not accelerator.is_main_process:
         return {}
-    global_batch = cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum_steps
-    index = train_data.index or {"image_shape": list(train_data.image_shape), "splits": {}}
+    global_batch = cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum_batches
+    index = train_data.catalog.index or {"image_shape": list(train_data.image_shape), "splits": {}}
     index_summary = {k: v for k, v in index.items() if k != "splits"}
     index_summary["splits"] = {k: v["num_samples"] for k, v in index["splits"].items()}
     index_summary["image_shape"] = list(train_data.image_shape)
@@ -268,7 +161,7 @@ def record_run(
         "global_batch_size": global_batch,
         "num_processes": accelerator.num_processes,
         **tracking.cluster_facts(accelerator.num_processes),
-        "num_parameters": sum(p.numel() for p in models.core.parameters()),
+        "num_parameters": sum(p.numel() for p in vae.parameters()),
         # what the nats of */neg_elbo and */recon measure (bce_grey, bce_binarized, ...)
         "likelihood_convention": likelihood_convention(cfg.loss.likelihood, cfg.data.binarize),
     }
@@ -277,7 +170,7 @@ def record_run(
     accelerator.print(
         f"{cfg.run.name}: {run_config['num_parameters']:,} parameters, "
         f"{accelerator.num_processes} process(es) on {accelerator.device}, global batch "
-        f"{global_batch}, {steps} batches/epoch"
+        f"{global_batch} per optimizer step, {batches} batches/epoch"
     )
     return run_config
 
@@ -297,3 +190,156 @@ def start_tracking(
     )
     if main:
         tracking.define_metrics(accelerator.get_tracker("wandb", unwrap=True))
+
+
+@dataclass
+class StartRequest:
+    """How a run is asked to start: `resume` 'auto', 'none' or a checkpoint folder (of another
+    run folder only with `from_another_run`); `restart_epoch`: a checkpoint inside an epoch
+    whose shards have changed since starts that epoch over; `command`: the command line
+    (recorded with the run); `wandb_mode` as tracking.resolve_mode chose it."""
+
+    resume: str = "auto"
+    command: str | None = None
+    from_another_run: bool = False
+    restart_epoch: bool = False
+    wandb_mode: str = "disabled"
+
+
+@dataclass
+class Run:
+    """What the loop's pieces share."""
+
+    cfg: Config
+    accelerator: Accelerator
+    splits: dict[str, ShardSplit]
+    objective: Objective
+    nets: dict[str, TrainedNetwork]  # what the objective trains, the exported network first
+    checkpointer: Checkpointer
+    evaluation: EpochEvaluation
+    state: TrainState
+    total_steps: int  # optimizer steps of the whole run (the lr schedule's length)
+    stop: StopFlag
+    first_epoch: int  # the first epoch this process trains (its plan is printed)
+    # this rank's transport retries and refetched bytes since they were last added to `state`
+    transfers: TransferStats = field(default_factory=TransferStats)
+
+    @property
+    def vae(self) -> TrainedNetwork:
+        """The network a run exports and evaluates (the objective's first)."""
+        return next(iter(self.nets.values()))
+
+
+def start_run(
+    cfg: Config, accelerator: Accelerator, stop: StopFlag, lock: RunLock, request: StartRequest
+) -> Run:
+    """Lock the run folder, choose what to resume, build data, objective and networks, restore
+    the checkpoint, record the run and start W&B. A start that fails leaves no run folder
+    behind that it created."""
+    run_dir, main = cfg.run_dir, accelerator.is_main_process
+    created = main and not run_dir.exists()
+    try:
+        refusal = None
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                lock.acquire()
+            except ConfigError as err:
+                created, refusal = False, err  # the folder is the other trainer's
+        agree(accelerator, refusal)
+        checkpointer = Checkpointer(accelerator, run_dir, cfg.train)
+        resume_from = checkpointer.find(request.resume, request.from_another_run)
+        if resume_from is not None:
+            check_same_run(cfg, run_dir)
+        else:  # a fresh start: no rows of an attempt that died before its first checkpoint
+            logs = (sample_keys_file(accelerator.process_index),)
+            truncate_logs(run_dir, 0, (METRICS_FILE, STEPS_FILE, *logs) if main else logs)
+        set_seed(cfg.run.seed)  # identical initial weights on every rank
+        splits = open_splits(cfg, accelerator)
+        train_data = splits["train"]
+        objective, nets = build_training(cfg, accelerator, train_data.image_shape)
+        batches = batches_per_epoch(cfg, train_data, accelerator.num_processes)
+        state = TrainState()
+        components = {"train_state": state, "train_data": train_data.planner}
+        for net in nets.values():
+            components.update(net.components())
+        checkpointer.components = {**components, **objective.components()}
+        train_data.planner.restart_epoch = request.restart_epoch
+        if resume_from is not None:
+            restore(checkpointer, resume_from, nets, train_data, state)
+        evaluation = EpochEvaluation(cfg, accelerator, splits, objective)
+        if state.unevaluated:  # the metrics of the run the checkpoint was written by
+            evaluation.settle(resume_from.parent.parent, state)
+        # a run with nothing left to train keeps its record as it is, and opens no W&B run
+        finished = state.epoch > cfg.train.epochs and not state.unevaluated
+        vae = next(iter(nets.values())).unwrapped
+        run_config = record_run(
+            cfg, accelerator, vae, train_data, batches, request.command, write=not finished
+        )
+        mode = "disabled" if finished else request.wandb_mode
+        start_tracking(cfg, accelerator, run_config, mode)
+        if resume_from is not None and main and mode != "disabled":
+            replayed, held = tracking.replay_missing_rows(accelerator, run_dir, state.opt_step)
+            if replayed:
+                accelerator.print(
+                    f"W&B: its history ended at step {held} (the rest was lost with the stopped "
+                    f"process): {replayed} rows replayed from the run folder's logs"
+                )
+        evaluation.open_networks()
+    except BaseException:
+        if created and not (run_dir / "checkpoints").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    total_steps = batches * cfg.train.epochs // cfg.train.grad_accum_batches
+    return Run(
+        cfg, accelerator, splits, objective, nets, checkpointer, evaluation, state,
+        total_steps, stop, state.epoch,
+    )  # fmt: skip
+
+
+def build_training(
+    cfg: Config, accelerator: Accelerator, image_shape: tuple[int, int, int]
+) -> tuple[Objective, dict[str, TrainedNetwork]]:
+    """The objective `cfg` names and every network it trains, prepared (fresh weights)."""
+    objective = build_objective(cfg, image_shape, accelerator)
+    if cfg.eval.refine_steps:
+        check_single_latent(objective.vae, "eval.refine_steps", "posterior refinement")
+    return objective, build_networks(accelerator, objective, cfg.train)
+
+
+def restore(
+    checkpointer: Checkpointer,
+    path: Path,
+    nets: dict[str, TrainedNetwork],
+    train_data: ShardSplit,
+    state: TrainState,
+) -> None:
+    """Load checkpoint `path` into the networks and components, and say what changed since."""
+    missing = checkpointer.restore(path)
+    note_layout_change(checkpointer.accelerator, train_data, state)
+    for net in nets.values():
+        if net.ema is not None and net.state_names[1] in missing:
+            net.ema.start_from(net.unwrapped)  # EMA switched on since: from the loaded weights
+    checkpointer.accelerator.print(
+        f"resumed from {path} (epoch {state.epoch}, batch {state.batch_in_epoch}, step "
+        f"{state.opt_step})"
+    )
+
+
+def note_layout_change(accelerator: Accelerator, train_data: ShardSplit, state: TrainState) -> None:
+    """Say how the training shards changed since the checkpoint, and what happens to the epoch
+    it stopped in (re-planned, or started over with --restart-epoch)."""
+    planner = train_data.planner
+    change = planner.layout_change
+    if change is None:
+        return
+    if state.batch_in_epoch and planner.position is None:  # --restart-epoch
+        then = f"epoch {state.epoch} starts over on the current shards"
+        state.batch_in_epoch, state.epoch_sums = 0, {}
+    elif state.batch_in_epoch:
+        then = f"the rest of epoch {state.epoch} is re-planned onto them, each sample once"
+    else:
+        then = "the next epochs are planned on the current shards"
+    accelerator.print(
+        f"the training shards changed since the checkpoint ({change.describe()}): {then}"
+    )

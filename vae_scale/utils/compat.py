@@ -69,3 +69,10 @@ def shut_down_loader_workers(iterator: Any) -> None:
     shutdown = getattr(iterator, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
+
+
+def full_precision_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """`module`'s forward without Accelerate's mixed-precision wrapper: `prepare` puts an
+    autocast around the *instance's* forward (kept by `unwrap_model`, shared with the DDP
+    module), so evaluation runs the class's forward to compute in float32."""
+    return type(module).forward(module, *args, **kwargs)

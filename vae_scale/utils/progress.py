@@ -4,10 +4,10 @@ tab), which a bar fills with carriage-return redraws.
 
 `train.progress` (and `--progress` of `shard` and `eval`; benchmarks run these): `auto` (a bar
 when stderr is a terminal and no Slurm job is running, else lines), `bar`, `lines` or `off`.
-In `lines` mode a line is written when at least `every_steps` steps and `every_s` seconds
-have passed since the last one (whichever is rarer), and at the end:
+In `lines` mode a line is written when at least `every` units (batches, for training) and
+`every_s` seconds have passed since the last one (whichever is rarer), and at the end:
 
-    epoch 3/20: step 60/110 (55%), 310.4 samples/s, neg_elbo 2301.55, ETA 0:00:07
+    epoch 3/20: batch 60/110 (55%), 310.4 samples/s, step 1234, neg_elbo 2301.55, ETA 0:00:07
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ def resolve_mode(mode: str | None = None, stream: TextIO | None = None) -> str:
 
 
 class Progress:
-    """Wraps an iterable (or is updated by hand) of `total` steps, `initial` already done.
-    `update(n, samples=..., **values)`: n steps done, the samples they held (for samples/s)
-    and values to show (the latest of each)."""
+    """Wraps an iterable (or is updated by hand) of `total` units (batches, images, shards),
+    `initial` already done. `update(n, samples=..., **values)`: n units done, the samples they
+    held (for samples/s) and values to show (the latest of each)."""
 
     def __init__(
         self,
@@ -54,7 +54,7 @@ class Progress:
         desc: str = "",
         mode: str | None = None,
         initial: int = 0,
-        every_steps: int = 1,
+        every: int = 1,
         every_s: float = EVERY_S,
         unit: str = "step",
         disable: bool = False,
@@ -65,7 +65,7 @@ class Progress:
         self.stream = sys.stderr if stream is None else stream
         self.mode = "off" if disable else resolve_mode(mode, self.stream)
         self.n = self.last_n = self.initial = initial
-        self.every_steps, self.every_s = max(1, every_steps), every_s
+        self.every, self.every_s = max(1, every), every_s
         self.final_line = final_line
         self.values: dict[str, Any] = {}
         self.samples = 0
@@ -96,8 +96,8 @@ class Progress:
                 self.bar.set_postfix({k: _fmt(v) for k, v in self.values.items()}, refresh=False)
         elif self.mode == "lines":
             now = time.monotonic()
-            due = self.n - self.last_n >= self.every_steps and now - self.last_t >= self.every_s
-            if due and self.n != self.total:  # the last step is close()'s line
+            due = self.n - self.last_n >= self.every and now - self.last_t >= self.every_s
+            if due and self.n != self.total:  # the last unit is close()'s line
                 self._line(now)
 
     def set_values(self, **values: Any) -> None:

@@ -1,4 +1,5 @@
-"""A split's shards: where each one is, and what index.json says of it (count, sha256).
+"""A split's shards: where each one is, and what index.json says of it (count, sha256);
+`SplitCatalog` is what one split holds.
 
 Two kinds of source:
 - a dataset location (a local folder or a URL) holding index.json and the shards it names,
@@ -14,9 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from vae_scale.data.index import INDEX_NAME, check_index
 from vae_scale.data.streaming import remote
 from vae_scale.errors import DataError
+from vae_scale.utils.fsutil import sha256_file
 
 
 @dataclass(frozen=True)
@@ -150,3 +154,105 @@ def index_location(pattern: str) -> str | None:
     """Where index.json would sit beside the shards of `pattern` (None for pipe: commands)."""
     first = remote.expand(pattern)[0]
     return None if first.startswith("pipe:") else remote.dirname(first)
+
+
+class SplitCatalog:
+    """What one split holds: its shards (from index.json, or a data.urls pattern), their
+    sample counts and hashes, and the image shape. `location`: the dataset folder or URL
+    holding index.json ('' when data.urls names the shards); `split`: a split of index.json,
+    or several joined by "+" ("train+val") read as one."""
+
+    def __init__(self, location: str | Path, split: str, data: Any, policy: remote.FetchPolicy):
+        self.location, self.split, self.data = location, split, data
+        parts = split.split("+")
+        urls = data.urls
+        self.urls = "::".join(urls[p] for p in parts) if all(p in urls for p in parts) else None
+        self.index = self._open_index(policy)
+        if self.urls:
+            self.shards = pattern_entries(self.urls, self.index)
+        else:
+            self.shards = [e for p in parts for e in indexed_entries(str(location), self.index, p)]
+        self._count_samples()
+        c, h, w = self._stored_shape()
+        self.stored_hwc = (h, w, c)  # as decoded from the shards
+        self.image_shape = (c, h, w)  # as the model sees it
+        if data.random_crop is not None:
+            if data.random_crop > min(h, w):
+                raise DataError(
+                    f"data.random_crop: {data.random_crop} is larger than the {h}x{w} images "
+                    f"of {location}"
+                )
+            self.image_shape = (c, data.random_crop, data.random_crop)
+
+    def _count_samples(self) -> None:
+        self.indexed = all(s.num_samples is not None for s in self.shards)
+        if self.indexed:
+            self.counts = [int(s.num_samples) for s in self.shards]
+            self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+            self.num_samples = int(self.offsets[-1])
+        else:
+            self.num_samples = self.data.samples_per_epoch or 0
+
+    def _open_index(self, policy: remote.FetchPolicy) -> dict | None:
+        if self.data.index_url:
+            return read_index(self.data.index_url, policy)
+        if not self.urls:
+            return read_index(str(self.location), policy)
+        beside = index_location(self.urls)
+        return None if beside is None else read_index(beside, policy, False)
+
+    def _stored_shape(self) -> tuple[int, int, int]:
+        size = self.data.image_size
+        if size is not None:
+            return (self.data.channels, size, size)
+        if self.index is None:
+            raise DataError(
+                f"{self.urls}: no index.json beside these shards, so the image size is unknown: "
+                f"set data.image_size (images are resized and centre-cropped to it)"
+            )
+        c, h, w = self.index["image_shape"]
+        return (c, h, w)
+
+    def has(self, name: str) -> bool:
+        """Whether the dataset has split `name` too (in index.json, or in data.urls)."""
+        if self.urls:
+            return name in self.data.urls
+        return self.index is not None and name in self.index["splits"]
+
+    def damaged_local_shards(self, verified: Any) -> dict[str, str]:
+        """Local shards whose bytes are not those index.json names (sha256), or missing:
+        name -> what is wrong. Intact ones are added to `verified` (hashed once: their first
+        read does not hash them again). Remote shards are checked as they arrive."""
+        damaged = {}
+        for entry in self.shards:
+            if not remote.is_local(entry.url) or not entry.sha256:
+                continue
+            path = Path(remote.local_path(entry.url))
+            if not path.is_file():
+                damaged[entry.name] = "missing"
+                continue
+            before = path.stat()
+            if sha256_file(path) != entry.sha256:
+                damaged[entry.name] = "sha256 differs from index.json"
+            elif path.stat() == before:
+                verified.add(before, entry.sha256)
+        return damaged
+
+    def leave_out(self, names: set[str]) -> None:
+        """Read the split without these shards (data.on_error=skip)."""
+        self.shards = [s for s in self.shards if s.name not in names]
+        self._count_samples()
+
+    def check_enough_shards(self) -> None:
+        """Index-less training resamples whole shards per (rank, worker): it needs a count."""
+        if not self.indexed and self.data.samples_per_epoch is None:
+            raise DataError(
+                f"{self.urls}: no index.json gives these shards' sample counts; set "
+                f"data.samples_per_epoch (the shards are then resampled, open_clip's "
+                f"convention) or shard the data with `vae-scale shard`"
+            )
+
+    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global sample ids -> (shard number, sample number within the shard)."""
+        shard = np.searchsorted(self.offsets, ids, side="right") - 1
+        return shard, ids - self.offsets[shard]

@@ -24,24 +24,17 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.utils import pytorch_worker_info
 
-from vae_scale.config import DataConfig
-from vae_scale.data.streaming import catalog, remote
+from vae_scale.data.config import DataConfig
+from vae_scale.data.streaming import remote
+from vae_scale.data.streaming.catalog import SplitCatalog
 from vae_scale.data.streaming.decode import DecodeSpec
-from vae_scale.data.streaming.layout import LayoutChange, layout_of
-from vae_scale.data.streaming.order import (
-    EpochPlan,
-    Topology,
-    global_order,
-    plan_record,
-    steps_for,
-    unpack_ids,
-)
+from vae_scale.data.streaming.order import EpochPlan, Topology
+from vae_scale.data.streaming.planner import EpochPlanner
 from vae_scale.data.streaming.reader import BadSample, ReadOptions, ShardReader
 from vae_scale.data.streaming.remote import TransferStats
 from vae_scale.data.streaming.shard_view import ShardView, verified_shards
-from vae_scale.errors import ConfigError, DataError
+from vae_scale.errors import DataError
 from vae_scale.utils.compat import seeded_shuffle, shut_down_loader_workers
-from vae_scale.utils.fsutil import sha256_file
 from vae_scale.utils.seeding import derive_seed
 
 WORKER_ERROR = f"{DataError.__module__}.{DataError.__qualname__}"  # as a worker's traceback ends
@@ -49,10 +42,12 @@ WORKER_ERROR = f"{DataError.__module__}.{DataError.__qualname__}"  # as a worker
 
 class ShardSplit:
     """One split of a dataset's shards as the `data` config section describes them, read by
-    the streaming loader. `location`: the dataset folder or URL holding index.json ('' when
-    data.urls names the shards); `split`: a split of index.json, or several joined by "+"
-    ("train+val") read as one. The rest is where this process stands in the job and whether
-    it trains (`shuffle`: shard order and sample shuffle)."""
+    the streaming loader: `catalog` (what shards and samples it has), `planner` (the epoch
+    plans and the checkpointed position: training) and the batches. `location`: the dataset
+    folder or URL holding index.json ('' when data.urls names the shards); `split`: a split of
+    index.json, or several joined by "+" ("train+val") read as one. The rest is where this
+    process stands in the job and whether it trains (`shuffle`: shard order and sample
+    shuffle)."""
 
     def __init__(
         self,
@@ -68,227 +63,46 @@ class ShardSplit:
         labels: bool = True,  # decode labels and JSON (training and evaluation need neither)
     ):
         data = data or DataConfig()
-        self.shard_dir, self.split, self.data = location, split, data
-        self.shuffle, self.seed, self.world_size, self.rank = shuffle, seed, world_size, rank
+        self.split, self.data = split, data
+        self.seed, self.world_size, self.rank = seed, world_size, rank
         self.worker_init = worker_init
         self.batch_size = data.batch_size
-        parts = split.split("+")
-        urls = data.urls
-        self.urls = "::".join(urls[p] for p in parts) if all(p in urls for p in parts) else None
-        self.policy = fetch_policy(data)
-        self.index = self._open_index()
-        if self.urls:
-            self.shards = catalog.pattern_entries(self.urls, self.index)
-        else:
-            self.shards = [
-                entry
-                for part in parts
-                for entry in catalog.indexed_entries(str(location), self.index, part)
-            ]
-        self._count_samples()
-        c, h, w = self._image_shape()  # as stored (decoded)
-        self.image_shape = (c, h, w)  # as the model sees it
-        if data.crop is not None:
-            if data.crop > min(h, w):
-                raise DataError(
-                    f"data.crop: {data.crop} is larger than the {h}x{w} images of {location}"
-                )
-            self.image_shape = (c, data.crop, data.crop)
+        policy = fetch_policy(data)
+        self.catalog = SplitCatalog(location, split, data, policy)
+        topology = Topology(world_size, max(1, data.num_workers), self.batch_size)
+        self.planner = EpochPlanner(self.catalog, topology, seed, shuffle)
+        h, w, c = self.catalog.stored_hwc
         keys = tuple(data.image_key.split(";"))
         spec = DecodeSpec((h, w, c), data.image_size is not None, keys, data.label_key, labels)
-        self.read_options = ReadOptions(spec, data.on_error, data.verify_shards, self.policy)
+        self.read_options = ReadOptions(spec, data.on_error, data.verify_shards, policy)
         self._cache: dict[str, list[Any]] | None = {} if data.cache_in_memory else None
         # local shards with a member table are sliced (shard_view.py); the record of verified
         # shards exists before loader workers fork, so they share it
         self.verified = verified_shards()
-        self.topology = Topology(world_size, max(1, data.num_workers), self.batch_size)
-        # Training: the plan record of the epoch being trained as of the last mid-epoch
-        # checkpoint (None between epochs); a resumed run continues from it.
-        self.position: dict[str, Any] | None = None
-        # Resuming: how the shards differ from the checkpoint's (None: the same), the rest of
-        # its interrupted epoch in the current shards' ids, and whether to start that epoch
-        # over when the change makes its position meaningless (--restart-epoch).
-        self.layout_change: LayoutChange | None = None
-        self._remapped: np.ndarray | None = None
-        self.restart_epoch = False
         _check_distributed_view(rank, world_size)
 
-    def _count_samples(self) -> None:
-        self.indexed = all(s.num_samples is not None for s in self.shards)
-        if self.indexed:
-            self.counts = [int(s.num_samples) for s in self.shards]
-            self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
-            self.num_samples = int(self.offsets[-1])
-        else:
-            self.num_samples = self.data.samples_per_epoch or 0
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) as the model sees it (data.random_crop's window)."""
+        return self.catalog.image_shape
+
+    @property
+    def num_samples(self) -> int:
+        return self.catalog.num_samples
 
     def damaged_local_shards(self) -> dict[str, str]:
-        """Local shards whose bytes are not those index.json names (sha256), or missing:
-        name -> what is wrong. Checked before training for the splits it only evaluates, so
-        a damaged one does not surface after a whole epoch (remote shards are checked as
-        they arrive)."""
-        damaged = {}
-        for entry in self.shards:
-            if not remote.is_local(entry.url) or not entry.sha256:
-                continue
-            path = Path(remote.local_path(entry.url))
-            if not path.is_file():
-                damaged[entry.name] = "missing"
-                continue
-            before = path.stat()
-            if sha256_file(path) != entry.sha256:
-                damaged[entry.name] = "sha256 differs from index.json"
-            elif path.stat() == before:  # hashed once: the first read does not hash it again
-                self.verified.add(before, entry.sha256)
-        return damaged
-
-    def leave_out(self, names: set[str]) -> None:
-        """Read the split without these shards (data.on_error=skip)."""
-        self.shards = [s for s in self.shards if s.name not in names]
-        self._count_samples()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"plan": self.position, "layout": layout_of(self.shards) if self.indexed else None}
-
-    def load_state_dict(self, values: dict[str, Any]) -> None:
-        """A checkpoint's position; when the shards changed since (data/streaming/layout.py),
-        the rest of its epoch is mapped onto the current ones now, so that a change it cannot
-        map is refused before anything starts."""
-        self.position = values.get("plan")
-        saved = values.get("layout")
-        if saved is None or not self.indexed:
-            return
-        change = LayoutChange(saved, layout_of(self.shards))
-        if not change.changed:
-            return
-        self.layout_change = change
-        if self.position is None:
-            return
-        record = self.position
-        try:
-            self._remapped = self._remap(change, record)
-        except ConfigError as err:
-            if not self.restart_epoch:
-                raise ConfigError(
-                    f"{err}. Resume with the shards it was trained on (data.shards_dir / "
-                    f"data.urls), or add --restart-epoch to train epoch {record['epoch']} from "
-                    f"its start on these shards (the {record['samples_consumed']} samples it "
-                    f"had trained are then trained again)"
-                ) from None
-            self.position = None
-
-    def _remap(self, change: LayoutChange, record: dict[str, Any]) -> np.ndarray:
-        """The current shards' ids of what `record`'s plan (over the old layout) had left."""
-        counts = [s[1] for s in change.old]
-        old = self._recorded_plan(
-            record, global_order(counts, self.seed, record["epoch"], self.shuffle), sum(counts)
-        )
-        done = record["rank_batches"]
-        return change.remaining(
-            old.remaining_after(done), old.consumed(done), self._order(record["epoch"])
-        )
-
-    def _recorded_plan(self, record: dict[str, Any], order: np.ndarray, total: int) -> EpochPlan:
-        """The plan a checkpoint's `record` describes, over the epoch's `order` of `total`."""
-        samples = order
-        if record.get("plan_samples") is not None:
-            mask = np.zeros(total, dtype=bool)
-            mask[unpack_ids(record["plan_samples"], total)] = True
-            samples = order[mask[order]]
-        return EpochPlan(
-            samples, Topology(*record["topology"]), record["steps"], self.seed,
-            record["epoch"], record["generation"], record.get("shuffle_block", self._block()),
-        )  # fmt: skip
-
-    def has(self, name: str) -> bool:
-        """Whether the dataset has split `name` too (in index.json, or in data.urls)."""
-        if self.urls:
-            return name in self.data.urls
-        return self.index is not None and name in self.index["splits"]
-
-    def _open_index(self) -> dict[str, Any] | None:
-        if self.data.index_url:
-            return catalog.read_index(self.data.index_url, self.policy)
-        if not self.urls:
-            return catalog.read_index(str(self.shard_dir), self.policy)
-        beside = catalog.index_location(self.urls)
-        return None if beside is None else catalog.read_index(beside, self.policy, False)
-
-    def _image_shape(self) -> tuple[int, int, int]:
-        size = self.data.image_size
-        if size is not None:
-            return (self.data.channels, size, size)
-        if self.index is None:
-            raise DataError(
-                f"{self.urls}: no index.json beside these shards, so the image size is unknown: "
-                f"set data.image_size (images are resized and centre-cropped to it)"
-            )
-        c, h, w = self.index["image_shape"]
-        return (c, h, w)
-
-    # ------------------------------------------------------------------ epoch plans
-
-    def check_enough_shards(self) -> None:
-        """Index-less training resamples whole shards per (rank, worker): it needs enough."""
-        if self.indexed:
-            return
-        if self.data.samples_per_epoch is None:
-            raise DataError(
-                f"{self.urls}: no index.json gives these shards' sample counts; set "
-                f"data.samples_per_epoch (the shards are then resampled, open_clip's "
-                f"convention) or shard the data with `vae-scale shard`"
-            )
-
-    def steps_in_epoch(self, epoch: int = 1, multiple: int = 1) -> int:
-        """Batches every rank runs in a full epoch (identical on all ranks)."""
-        return steps_for(self.num_samples, self.topology, self.data.drop_last, multiple)
-
-    def plan(
-        self, epoch: int, multiple: int = 1, record: dict[str, Any] | None = None
-    ) -> tuple[EpochPlan, int]:
-        """The epoch's plan and the rank batches of it already trained. `record`: a
-        checkpoint's plan record of this epoch (same topology: continue it; another: re-plan
-        the samples it had not trained yet)."""
-        order = self._order(epoch)
-        if record is None:
-            return self._new_plan(order, epoch, 0, multiple), 0
-        if self._remapped is not None:  # the shards changed: what was left, in their ids
-            remaining, self._remapped = self._remapped, None
-            return self._new_plan(remaining, epoch, record["generation"] + 1, multiple), 0
-        old = self._recorded_plan(record, order, self.num_samples)
-        if old.topo == self.topology:
-            return old, record["rank_batches"]
-        remaining = old.remaining_after(record["rank_batches"])
-        return self._new_plan(remaining, epoch, old.generation + 1, multiple), 0
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if not self.indexed:  # resampled: the plan only counts steps
-            return np.arange(self.num_samples, dtype=np.int64)
-        return global_order(self.counts, self.seed, epoch, self.shuffle)
-
-    def _block(self) -> int:
-        return self.data.shuffle_buffer if self.shuffle else 1
-
-    def _new_plan(self, samples: np.ndarray, epoch: int, generation: int, multiple: int):
-        steps = steps_for(len(samples), self.topology, self.data.drop_last, multiple)
-        return EpochPlan(samples, self.topology, steps, self.seed, epoch, generation, self._block())
-
-    def record(self, plan: EpochPlan, rank_batches: int) -> dict[str, Any]:
-        """The plan record a mid-epoch checkpoint keeps."""
-        out = plan_record(plan, rank_batches, self.num_samples, full=plan.generation == 0)
-        out["shuffle_block"] = plan.shuffle_block
-        return out
-
-    # ------------------------------------------------------------------ batches
+        """Local shards that are missing or whose sha256 differs from index.json, checked
+        before training for the splits it only evaluates (name -> what is wrong)."""
+        return self.catalog.damaged_local_shards(self.verified)
 
     def train_batches(
         self, epoch: int, start: int = 0, plan: EpochPlan | None = None
     ) -> Iterator[dict[str, Any]]:
         """The plan's batches of this rank from rank batch `start` on (exactly
-        plan.steps - start of them)."""
+        plan.batches - start of them)."""
         if plan is None:
-            plan, _ = self.plan(epoch)
-        self.check_enough_shards()
+            plan, _ = self.planner.plan(epoch)
+        self.catalog.check_enough_shards()
         stream = _TrainStream(self, plan, start)
         yield from self._loader(stream, derive_seed(self.seed, "loader", epoch))
 
@@ -327,14 +141,9 @@ class ShardSplit:
         """Decode every shard of the split into the RAM cache in this process, so that loader
         workers (forked each epoch; their own additions die with them) find it complete."""
         reader = ShardReader(self.read_options, self._cache)
-        for entry in self.shards:
+        for entry in self.catalog.shards:
             if entry.url not in self._cache:
                 reader.load(entry)
-
-    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Global sample ids -> (shard number, sample number within the shard)."""
-        shard = np.searchsorted(self.offsets, ids, side="right") - 1
-        return shard, ids - self.offsets[shard]
 
 
 def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
@@ -350,7 +159,7 @@ def read_ids(split: ShardSplit, ids: np.ndarray, stats: TransferStats) -> Iterat
     """The decoded samples (or BadSample) of global `ids`, in that order. Each shard is
     loaded once, with all the samples these ids need of it, when first reached."""
     reader = ShardReader(split.read_options, split._cache, stats)
-    shards, members = split.locate(ids)
+    shards, members = split.catalog.locate(ids)
     needed: dict[int, list[int]] = {}
     for s, m in zip(shards.tolist(), members.tolist()):
         needed.setdefault(s, []).append(m)
@@ -360,7 +169,7 @@ def read_ids(split: ShardSplit, ids: np.ndarray, stats: TransferStats) -> Iterat
     for s, m in zip(shards.tolist(), members.tolist()):
         source = loaded.get(s)
         if source is None:
-            entry = split.shards[s]
+            entry = split.catalog.shards[s]
             source = None if split._cache is not None else ShardView.open(
                 entry, options.spec, split.verified, options.verify
             )  # fmt: skip
@@ -387,12 +196,12 @@ class _TrainStream(IterableDataset):
         w = (loader_worker + self.start) % workers
         count = plan.worker_batches(w) - plan.worker_batches_before(w, self.start)
         stats = TransferStats()
-        if split.indexed:
+        if split.catalog.indexed:
             skip = plan.worker_batches_before(w, self.start) * split.batch_size
             samples = read_ids(split, plan.worker_stream(split.rank, w)[skip:], stats)
         else:
             samples = _resampled(split, plan, w, stats)
-        crop = Crop(split.data.crop, split.seed, plan.epoch)
+        crop = Crop(split.data.random_crop, split.seed, plan.epoch)
         yield from _batches(samples, split.batch_size, count, True, stats, crop)
 
 
@@ -408,7 +217,7 @@ def _resampled(
 
     def endless() -> Iterator[Any]:
         while True:
-            entry = rng.choice(split.shards)
+            entry = rng.choice(split.catalog.shards)
             yield from reader.load(entry).values()
 
     if split.data.shuffle_buffer > 1:
@@ -430,15 +239,15 @@ class _EvalStream(IterableDataset):
         parts = split.world_size * workers
         part = split.rank * workers + w
         stats = TransferStats()
-        if split.indexed:
+        if split.catalog.indexed:
             n = split.num_samples
             ids = np.arange(part * n // parts, (part + 1) * n // parts, dtype=np.int64)
             samples: Iterator[Any] = read_ids(split, ids, stats)
         else:
             reader = ShardReader(split.read_options, split._cache, stats)
-            mine = split.shards[split.rank :: split.world_size][w::workers]
+            mine = split.catalog.shards[split.rank :: split.world_size][w::workers]
             samples = (s for entry in mine for s in reader.load(entry).values())
-        crop = Crop(split.data.crop, split.seed, None)
+        crop = Crop(split.data.random_crop, split.seed, None)
         yield from _batches(samples, split.batch_size, None, False, stats, crop)
 
 
@@ -475,7 +284,7 @@ def _batches(
 
 
 class Crop:
-    """data.crop's window of each image: random per (seed, epoch, sample key) in training
+    """data.random_crop's window of each image: random per (seed, epoch, sample key) in training
     (`epoch` given), the centre in evaluation (`epoch` None); `size` None: the whole image."""
 
     def __init__(self, size: int | None, seed: int, epoch: int | None):

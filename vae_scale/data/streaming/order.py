@@ -5,11 +5,11 @@ Pure functions of numbers, computed identically in every process (no communicati
 - The epoch's *global order* is a function of (seed, epoch) alone: the split's shards in a
   seeded permutation, each shard's samples in their stored order. A sample is named by its
   global id (its position in the split's index: shard offsets plus member number).
-- A *plan* cuts the order (or what remains of it after an elastic resume) into `steps` global
-  batches of world_size x batch_size samples. Rank r reads the r-th contiguous slice of
-  steps x batch_size samples; within the rank, worker w reads a contiguous sub-slice holding
-  its batches (the DataLoader takes batches from workers round robin, so rank batch i comes
-  from worker i mod workers). Ranks therefore run exactly the same number of steps.
+- A *plan* cuts the order (or what remains of it after an elastic resume) into `batches`
+  global batches of world_size x batch_size samples. Rank r reads the r-th contiguous slice
+  of batches x batch_size samples; within the rank, worker w reads a contiguous sub-slice
+  holding its batches (the DataLoader takes batches from workers round robin, so rank batch i
+  comes from worker i mod workers). Ranks therefore run exactly the same number of batches.
 - `drop_last` (default) leaves out the short tail: at most one global batch minus one sample.
   Without it the tail is filled by wrapping to the order's start, and the repeats are counted.
 - Inside a worker's slice, blocks of `shuffle_block` consecutive samples are permuted (seeded
@@ -37,7 +37,7 @@ from vae_scale.utils.seeding import derive_seed
 class Topology:
     world_size: int
     workers: int  # DataLoader workers per rank, at least 1 (0 workers read like 1)
-    batch_size: int  # per rank and step
+    batch_size: int  # per rank and batch
 
     @property
     def global_batch(self) -> int:
@@ -55,7 +55,7 @@ def global_order(counts: list[int], seed: int, epoch: int, shuffle: bool) -> np.
     )
 
 
-def steps_for(num_samples: int, topo: Topology, drop_last: bool, multiple: int = 1) -> int:
+def batches_for(num_samples: int, topo: Topology, drop_last: bool, multiple: int = 1) -> int:
     """Batches per rank for `num_samples`: whole multiples of `multiple` (gradient
     accumulation), rounded down (drop_last) or up (the tail wrapped)."""
     unit = topo.global_batch * multiple
@@ -70,14 +70,14 @@ class EpochPlan:
 
     samples: np.ndarray
     topo: Topology
-    steps: int
+    batches: int  # per rank
     seed: int
     epoch: int
     generation: int = 0
     shuffle_block: int = 1
 
     def __post_init__(self) -> None:
-        used = self.steps * self.topo.global_batch
+        used = self.batches * self.topo.global_batch
         n = len(self.samples)
         self.dropped = max(0, n - used)
         self.padded = max(0, used - n)  # tail filled from the order's start (repeats)
@@ -89,12 +89,12 @@ class EpochPlan:
     def worker_batches(self, worker: int) -> int:
         """Batches worker `worker` yields on every rank."""
         w = self.topo.workers
-        return self.steps // w + (worker < self.steps % w)
+        return self.batches // w + (worker < self.batches % w)
 
     def worker_slice(self, rank: int, worker: int) -> np.ndarray:
         """The global ids worker `worker` of `rank` reads, in read (unshuffled) order."""
         b = self.topo.batch_size
-        first = rank * self.steps * b + sum(self.worker_batches(v) for v in range(worker)) * b
+        first = rank * self.batches * b + sum(self.worker_batches(v) for v in range(worker)) * b
         return self.sequence[first : first + self.worker_batches(worker) * b]
 
     def worker_stream(self, rank: int, worker: int) -> np.ndarray:
@@ -133,11 +133,11 @@ class EpochPlan:
     def describe(self) -> str:
         t = self.topo
         text = (
-            f"epoch {self.epoch}: {self.steps * t.global_batch - self.padded} of "
-            f"{len(self.samples)} samples in {self.steps} steps of {t.world_size} x "
+            f"epoch {self.epoch}: {self.batches * t.global_batch - self.padded} of "
+            f"{len(self.samples)} samples in {self.batches} batches of {t.world_size} x "
             f"{t.batch_size}; {self.dropped} left out (data.drop_last)"
         )
-        return text + (f", {self.padded} repeated to fill the last step" if self.padded else "")
+        return text + (f", {self.padded} repeated to fill the last batch" if self.padded else "")
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -163,7 +163,7 @@ def plan_record(plan: EpochPlan, rank_batches: int, total: int, full: bool) -> d
         "epoch": plan.epoch,
         "generation": plan.generation,
         "topology": [t.world_size, t.workers, t.batch_size],
-        "steps": plan.steps,
+        "batches": plan.batches,
         "rank_batches": rank_batches,
         "samples_consumed": rank_batches * t.global_batch,
         "plan_samples": None if full else pack_ids(plan.samples, total),

@@ -13,16 +13,50 @@ that of the real images.
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
+from pydantic import Field
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from vae_scale.config import Deformation
 from vae_scale.losses import ELBOTerms, neg_elbo
 from vae_scale.models import VAE
+from vae_scale.schema import NonNegativeFloat, Positive, Section
+
+
+class Deformation(Section):
+    """Ranges of a random per-image deformation (all zero: the identity).
+
+    Affine: rotation uniform in +-rotate_deg, zoom in 1 +- scale, shear factor in +-shear,
+    shift in +-shift_px pixels per axis. Elastic (Simard et al. 2003): a per-pixel displacement
+    drawn uniform in [-1, 1], smoothed by a Gaussian of elastic_sigma pixels and scaled by
+    elastic_alpha pixels (0 = off). Stroke thickness: each image blended toward its 3x3 grey
+    dilation (thicker strokes) or erosion (thinner) by a factor uniform in +-thickness.
+    """
+
+    rotate_deg: Annotated[float, Field(ge=0, le=180)] = 0.0
+    scale: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    shear: NonNegativeFloat = 0.0
+    shift_px: NonNegativeFloat = 0.0
+    elastic_alpha: NonNegativeFloat = 0.0
+    elastic_sigma: Annotated[float, Field(gt=0)] = 4.0
+    thickness: Annotated[float, Field(ge=0, le=1)] = 0.0
+
+
+class EncoderAugConfig(Deformation):
+    """Encoder augmentation (this file): an extra neg. ELBO term, weighted
+    by `weight` (0 = off), on `copies` randomly deformed copies of each batch, that trains
+    only the encoder; the deformation's ranges are the fields of `Deformation`."""
+
+    weight: NonNegativeFloat = 0.0
+    copies: Positive = 1
+    rotate_deg: Annotated[float, Field(ge=0, le=180)] = 10.0
+    scale: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    shear: NonNegativeFloat = 0.1
+    shift_px: NonNegativeFloat = 1.0
 
 
 def random_deform(

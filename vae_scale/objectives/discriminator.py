@@ -1,13 +1,14 @@
-"""The adversarial term of a KL autoencoder: a PatchGAN discriminator (pix2pix / taming's
-NLayerDiscriminator), its hinge or non-saturating losses, taming's adaptive weight and the
-LeCam regulariser (Tseng et al. 2021).
+"""The discriminator of a KL autoencoder (loss.discriminator): a PatchGAN network (pix2pix /
+taming's NLayerDiscriminator), the GAN losses of both sides (hinge or non-saturating),
+taming's adaptive weight and the LeCam regulariser (Tseng et al. 2021).
 
 Two choices differ from taming on purpose:
 - GroupNorm (or no norm) instead of BatchNorm: statistics that do not depend on the batch, so
   N processes, gradient accumulation and one process with the whole batch make the same
   update, and eval/train modes behave alike.
-- The adaptive weight compares the gradient norms of the *global* batch: the two gradients at
-  the decoder's last layer are averaged over processes first (taming uses each rank's own).
+- The adaptive weight compares the gradient norms of the *global* batch of an optimizer step:
+  the two gradients at the decoder's last layer are averaged over processes and accumulated
+  batches first (taming uses each rank's own, per batch).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from torch import Tensor, nn
 from vae_scale.schema import Betas, NonNegative, NonNegativeFloat, Positive, Section
 
 
-class AdversarialConfig(Section):
-    """loss.adversarial: weight 0 = no discriminator at all."""
+class DiscriminatorConfig(Section):
+    """loss.discriminator: weight 0 = no discriminator at all."""
 
     weight: NonNegativeFloat = 0.5  # taming's disc_weight
     start_step: NonNegative = 5000  # optimizer step the discriminator starts at (disc_start)
@@ -44,7 +45,7 @@ class AdversarialConfig(Section):
 class PatchDiscriminator(nn.Module):
     """Logits per overlapping patch, (B, 1, h, w), for images in [-1, 1]."""
 
-    def __init__(self, in_channels: int, cfg: AdversarialConfig):
+    def __init__(self, in_channels: int, cfg: DiscriminatorConfig):
         super().__init__()
         width, norm = cfg.channels, cfg.norm
 
@@ -71,64 +72,84 @@ class PatchDiscriminator(nn.Module):
         return self.net(images)
 
 
-def generator_loss(fake_logits: Tensor, kind: str) -> Tensor:
-    """The autoencoder's adversarial loss (scalar): hinge's -D(G(x)) or -log sigmoid(D(G(x)))."""
+def generator_loss(fake_logits: Tensor, kind: str, per_image: bool = False) -> Tensor:
+    """The autoencoder's GAN loss: hinge's -D(G(x)) or -log sigmoid(D(G(x))), a scalar (or
+    one value per image)."""
     fake_logits = fake_logits.float()
+    if per_image:
+        loss = -fake_logits if kind == "hinge" else F.softplus(-fake_logits)
+        return loss.flatten(1).mean(1)
     if kind == "hinge":
         return -fake_logits.mean()
     return F.softplus(-fake_logits).mean()
 
 
-def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: str) -> Tensor:
-    """The discriminator's loss (scalar), halved as in taming."""
+def discriminator_loss(
+    real_logits: Tensor, fake_logits: Tensor, kind: str, per_image: bool = False
+) -> Tensor:
+    """The discriminator's loss, halved as in taming: a scalar (or one value per image)."""
     real, fake = real_logits.float(), fake_logits.float()
+    if per_image:
+        if kind == "hinge":
+            sides = F.relu(1.0 - real).flatten(1).mean(1), F.relu(1.0 + fake).flatten(1).mean(1)
+        else:
+            sides = F.softplus(-real).flatten(1).mean(1), F.softplus(fake).flatten(1).mean(1)
+        return 0.5 * (sides[0] + sides[1])
     if kind == "hinge":
         return 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
     return 0.5 * (F.softplus(-real).mean() + F.softplus(fake).mean())
 
 
-def adaptive_weight(
-    rec_loss: Tensor,
-    gan_loss: Tensor,
-    last_layer: nn.Parameter,
-    max_weight: float,
-    average: Any = None,
-) -> Tensor:
-    """taming's ||grad rec|| / (||grad gan|| + 1e-4) at `last_layer`, clamped to
-    [0, max_weight], detached. `average` (the gradients' mean over processes) makes it the
-    global batch's ratio under DDP."""
+def last_layer_grads(rec_loss: Tensor, gan_loss: Tensor, last_layer: nn.Parameter) -> Tensor:
+    """The gradients of the reconstruction and the GAN loss at `last_layer`, stacked (2, ...)
+    in float32: what the adaptive weight compares."""
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
-    if average is not None:
-        rec_grad, gan_grad = average(torch.stack([rec_grad.float(), gan_grad.float()])).unbind()
-    weight = rec_grad.float().norm() / (gan_grad.float().norm() + 1e-4)
-    return weight.clamp(0.0, max_weight).detach()
+    return torch.stack([rec_grad.float(), gan_grad.float()])
+
+
+def adaptive_weight(grads: Tensor, max_weight: float) -> Tensor:
+    """taming's ||grad rec|| / (||grad gan|| + 1e-4), clamped to [0, max_weight], detached;
+    `grads` as `last_layer_grads` stacks them (over the global batch of the step)."""
+    rec_grad, gan_grad = grads.unbind()
+    return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
 
 
 class LeCam:
     """LeCam regulariser: exponential averages of the discriminator's mean logits on real and
     fake images, and the penalty pulling each side's logits towards the other's average.
-    The averages are the same on every process (batch means averaged over processes first)
-    and are checkpointed."""
+    The averages move once per optimizer step, by the means over its global batch (every
+    batch of the step and every process), so they are the same on every process, and the
+    same for N processes, gradient accumulation or one process with the whole batch; they
+    are checkpointed."""
 
     def __init__(self, decay: float, device: torch.device | str):
         self.decay = decay
         self.averages = torch.zeros(2, dtype=torch.float32, device=device)  # real, fake
         self.updates = 0
+        self.pending: list[Tensor] = []  # this step's batch means so far
 
-    def penalty(self, real_logits: Tensor, fake_logits: Tensor, average: Any = None) -> Tensor:
-        """The penalty against the averages so far, then the averages move (no gradient)."""
+    def penalty(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+        """The penalty against the averages so far (the batch's means are kept for `step`)."""
         avg_real, avg_fake = self.averages.unbind()
         real, fake = real_logits.float(), fake_logits.float()
         penalty = F.relu(real - avg_fake).pow(2).mean() + F.relu(avg_real - fake).pow(2).mean()
-        with torch.no_grad():
-            means = torch.stack([real.mean(), fake.mean()])
-            if average is not None:
-                means = average(means)
-            weight = 1.0 if self.updates == 0 else 1.0 - self.decay
-            self.averages.lerp_(means, weight)
-            self.updates += 1
+        self.pending.append(torch.stack([real.mean(), fake.mean()]).detach())
         return penalty
+
+    @torch.no_grad()
+    def step(self, average: Any = None) -> None:
+        """At the optimizer step: move the averages by the step's means (`average`: the mean
+        over processes, None on one)."""
+        if not self.pending:
+            return
+        means = self.pending[0] if len(self.pending) == 1 else torch.stack(self.pending).mean(0)
+        self.pending = []
+        if average is not None:
+            means = average(means)
+        weight = 1.0 if self.updates == 0 else 1.0 - self.decay
+        self.averages.lerp_(means, weight)
+        self.updates += 1
 
     def state_dict(self) -> dict[str, Any]:
         return {"averages": self.averages.tolist(), "updates": self.updates}

@@ -1,0 +1,134 @@
+"""What every objective is: the networks it trains and the frozen ones it uses, the single gate
+of when each network trains, its training loss, and the terms evaluation reports.
+
+The training loop knows objectives only through this class: it builds a `TrainedNetwork`
+(training/networks.py) for every `NetworkSpec` an objective declares, in the order declared,
+checkpoints `components()` beside them, and at each optimizer step updates the networks whose
+`start_step` has come. A new objective, term or trained network is code here, never in
+training/.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from vae_scale.losses import build_likelihood
+from vae_scale.models import VAE, build_model
+
+# The config holds the objectives' sections, so nothing here imports it: `cfg` is the run's
+# vae_scale.config.Config, `rules` a TrainConfig.
+
+
+@dataclass
+class Loss:
+    """What one batch's forward gives: `loss`, the scalar to backpropagate; `terms`, every term
+    to report by name, each a 1-D tensor of rows (images, posterior draws, deformed copies)
+    whose mean is the term's per-image value; `values`, scalars of the step (a schedule's
+    weight). Epoch sums, steps.jsonl, W&B and the progress line take every key, so a new term
+    appears everywhere once an objective returns it."""
+
+    loss: Tensor
+    terms: dict[str, Tensor]
+    values: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class NetworkSpec:
+    """A network an objective trains: the module (fresh weights), the optimizer and update
+    rules (train's section, or a copy with the network's own lr, betas, schedule) and the decay
+    of an EMA of its weights (0: none)."""
+
+    module: nn.Module
+    rules: Any  # a TrainConfig
+    ema_decay: float = 0.0
+
+
+class Trained(Protocol):
+    """What an objective sees of a network being trained (training/networks.py)."""
+
+    model: nn.Module  # prepared: DDP / compile wrappers around `unwrapped`
+    unwrapped: nn.Module
+
+
+class Objective:
+    """One objective (`loss.objective`); subclasses register in objectives/__init__.py.
+    `accelerator`: the run's (autocast, averages over processes)."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, cfg: Any, image_shape: tuple[int, int, int], accelerator: Any):
+        self.cfg, self.image_shape, self.accelerator = cfg, tuple(image_shape), accelerator
+        self.vae = self.build_vae()
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """Refuse settings this objective has no use for, raising schema.FieldError."""
+
+    def build_vae(self) -> VAE:
+        """The autoencoder (`model` section) with fresh weights; train.trainable: decoder
+        freezes its encoder."""
+        cfg = self.cfg
+        likelihood = build_likelihood(cfg.loss.likelihood, self.image_shape)
+        vae = build_model(cfg.model, self.image_shape, likelihood)
+        if cfg.train.trainable == "decoder":
+            for p in vae.encoder_parameters():
+                p.requires_grad_(False)
+        return vae
+
+    # ------------------------------------------------------------------ what it trains
+
+    def networks(self) -> dict[str, NetworkSpec]:
+        """The networks this objective trains, first the one whose weights a run exports
+        (a checkpoint keeps them in this order: model.safetensors, model_1.safetensors, ...)."""
+        return {"vae": NetworkSpec(self.vae, self.cfg.train, self.cfg.train.ema_decay)}
+
+    def frozen(self) -> dict[str, nn.Module]:
+        """Pretrained networks it uses and never trains (not checkpointed)."""
+        return {}
+
+    def components(self) -> dict[str, Any]:
+        """State of its own (state_dict / load_state_dict) that checkpoints keep."""
+        return {}
+
+    def start_step(self, name: str) -> int:
+        """The optimizer step from which network `name` trains (and its terms count); its lr
+        schedule counts from there. The one place that says when a network is active."""
+        return 0
+
+    # ------------------------------------------------------------------ training
+
+    def loss(self, nets: Mapping[str, Trained], x: Tensor, step: int) -> Loss:
+        """The loss of batch `x` (float pixels in [0, 1] on the device) at optimizer step
+        `step`, through the prepared networks."""
+        raise NotImplementedError
+
+    def before_update(self, nets: Mapping[str, Trained], step: int) -> dict[str, float]:
+        """At an optimizer step, after the last batch's backward and before any network
+        updates: finish the gradients (terms weighted over the global batch); returns scalars
+        for the step's log row."""
+        return {}
+
+    # ------------------------------------------------------------------ evaluation
+
+    def eval_term_names(self) -> list[str]:
+        """The names `eval_terms` returns (the same every batch)."""
+        return []
+
+    @torch.no_grad()
+    def eval_terms(self, vae: VAE, x: Tensor, x_params: Tensor) -> dict[str, Tensor]:
+        """Per-image values (B,) of this objective's terms beyond the ELBO's and the image
+        metrics, for val/test (`x_params`: the decoder's output at a posterior draw)."""
+        return {}
+
+    def load_trained(self, checkpoint: Any) -> None:
+        """Load the weights of the networks after the first (the VAE is the caller's) from a
+        checkpoint folder, as Accelerate names them (model_1.safetensors, ...)."""
+        from safetensors.torch import load_file
+
+        for i, spec in enumerate(list(self.networks().values())[1:], start=1):
+            spec.module.load_state_dict(load_file(checkpoint / f"model_{i}.safetensors"))

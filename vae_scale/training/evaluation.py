@@ -1,0 +1,190 @@
+"""What happens at the end of an epoch, and when: its metrics row (the epoch's training sums
+and, every eval.every_epochs and at the last epoch, val/test evaluation in float32 with the
+objective's own terms), pictures at eval.picture_epochs and the last epoch, rFID at the last
+epoch, and the latent statistics once the last epoch is trained."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from vae_scale.analysis.evaluate import EvalOptions, evaluate_split, first_images, summarize
+from vae_scale.analysis.latents import LATENT_STATS_FILE, latent_statistics, write_latent_stats
+from vae_scale.analysis.pictures import epoch_pictures
+from vae_scale.config import Config
+from vae_scale.objectives import Objective
+from vae_scale.perception.networks import PerceptionNets, perception_networks
+from vae_scale.run_files.logs import METRICS_FILE, append_row, read_rows
+from vae_scale.training import tracking
+from vae_scale.training.networks import TrainedNetwork
+from vae_scale.training.state import TrainState
+
+
+class EpochEvaluation:
+    """The end of every epoch of a run (`end_of_epoch`); it decides its own cadence."""
+
+    def __init__(
+        self, cfg: Config, accelerator: Accelerator, splits: dict[str, Any], objective: Objective
+    ):
+        self.cfg, self.accelerator, self.splits = cfg, accelerator, splits
+        self.objective = objective
+        self.nets = PerceptionNets()
+        self.picture_inputs: torch.Tensor | None = None
+
+    def open_networks(self) -> None:
+        """The perception networks evaluation uses (LPIPS shared with the loss's) and the
+        fixed test images of the pictures."""
+        cfg, acc = self.cfg, self.accelerator
+        self.nets = perception_networks(
+            cfg.eval.lpips, cfg.eval.rfid, self.splits["train"].image_shape,
+            cfg.run.weights_dir, acc.device, self.objective.frozen().get("lpips"),
+        )  # fmt: skip
+        for metric, why in self.nets.unavailable.items():
+            acc.print(f"note: {metric} is not evaluated: {why}")
+        if acc.is_main_process and "test" in self.splits:
+            self.picture_inputs = first_images(self.splits["test"], cfg.eval.recon_rows)
+
+    def evaluates(self, epoch: int) -> bool:
+        return epoch % self.cfg.eval.every_epochs == 0 or epoch == self.cfg.train.epochs
+
+    def pictures(self, epoch: int) -> bool:
+        return epoch in self.cfg.eval.picture_epochs or epoch == self.cfg.train.epochs
+
+    def end_of_epoch(
+        self,
+        state: TrainState,
+        vae: TrainedNetwork,
+        epoch: int,
+        totals: dict[str, torch.Tensor],
+        seconds: float,
+    ) -> dict[str, Any]:
+        """The epoch's metrics row (train sums, val/test evaluation of `vae`'s evaluated
+        weights), logged everywhere, and the pictures at picture epochs."""
+        cfg, acc = self.cfg, self.accelerator
+        counts = vae.policy.counts
+        n = totals["count"].item()
+        metrics: dict[str, Any] = {
+            "epoch": epoch,
+            "global_step": state.opt_step,
+            **{f"train/{k}": v.item() / n for k, v in totals.items() if k != "count"},
+            "train/num_samples": n,
+            "train/samples_seen": state.samples_seen,
+            "train/bad_steps": counts.bad_steps,
+            "train/skipped_updates": counts.skipped_updates,
+            "train/forced_updates": counts.forced_updates,
+            "train/skipped_samples": state.skipped_samples,
+            **transfer_metrics(state),
+            "time/epoch_s": seconds,
+            "throughput/train_img_per_s": n / max(seconds, 1e-9),
+        }
+        eval_model = vae.for_eval
+        if self.evaluates(epoch):
+            metrics.update(self.evaluate(eval_model, epoch))
+        for name in ("val", "test"):  # the run's transport totals count evaluation's reads too
+            state.data_retries += metrics.get(f"{name}/data_retries", 0)
+            state.data_refetched_bytes += metrics.get(f"{name}/data_refetched_bytes", 0)
+        metrics.update(transfer_metrics(state))
+        metrics.update(tracking.best_so_far(state, metrics))
+        if acc.is_main_process:
+            append_row(cfg.run_dir, METRICS_FILE, metrics)
+            acc.print(
+                f"epoch {epoch}: train/neg_elbo {metrics['train/neg_elbo']:.2f}  "
+                f"{summarize({k: v for k, v in metrics.items() if 'train' not in k})}"
+                f"  ({seconds:.1f}s)"
+            )
+            if self.pictures(epoch):
+                if state.opt_step >= cfg.loss.kl_warmup_steps:  # judged on the ELBO
+                    warn_if_collapsed(metrics, eval_model)
+                epoch_pictures(
+                    acc, eval_model, self.picture_inputs, epoch, cfg, state.opt_step,
+                    self.splits.get("test"),
+                )  # fmt: skip
+        acc.log(metrics, step=state.opt_step)
+        return metrics
+
+    def evaluate(self, model: torch.nn.Module, epoch: int) -> dict[str, Any]:
+        """val and test metrics of `model` (rFID, Inception at 299 px on every image twice, at
+        the last epoch only; posterior refinement, ~100 evaluations, on test at picture
+        epochs only)."""
+        cfg = self.cfg
+        nets = self.nets
+        if epoch != cfg.train.epochs:
+            nets = dataclasses.replace(nets, inception=None)
+        metrics: dict[str, Any] = {}
+        for name in ("val", "test"):
+            if name in self.splits:
+                refine = cfg.eval.refine_steps if name == "test" and self.pictures(epoch) else 0
+                options = EvalOptions(
+                    cfg.run.seed, cfg.data.binarize, refine_steps=refine, nets=nets,
+                    objective=self.objective,
+                )  # fmt: skip
+                metrics.update(evaluate_split(self.accelerator, model, self.splits[name], options))
+        return metrics
+
+    def settle(self, run_dir: Path, state: TrainState) -> None:
+        """A checkpoint taken before its epoch's evaluation: when `run_dir`'s metrics.jsonl
+        holds that evaluation's row (it finished before the process stopped), take what the
+        evaluation changed from it (the best value so far, the transport counters) and
+        consider it done."""
+        epoch = state.unevaluated["epoch"]
+        rows = read_rows(run_dir, METRICS_FILE)
+        row = next(
+            (r for r in rows if r.get("epoch") == epoch and r.get("global_step") == state.opt_step),
+            None,
+        )
+        if row is None:
+            return
+        tracking.best_so_far(state, row)
+        state.data_retries = row.get("data/retries", state.data_retries)
+        state.data_refetched_bytes = row.get("data/refetched_bytes", state.data_refetched_bytes)
+        state.unevaluated = {}
+
+    def measure_latents(self, state: TrainState, vae: TrainedNetwork) -> None:
+        """The finished run's latent statistics for diffusion (analysis/latents.py)."""
+        cfg, acc, model = self.cfg, self.accelerator, vae.for_eval
+        if not cfg.eval.latent_stats_samples or len(model.latent_shape) != 3:
+            return
+        stats = latent_statistics(
+            acc, model, self.splits["train"], cfg.run.seed, cfg.eval.latent_stats_samples
+        )
+        stats["checkpoint_step"] = state.opt_step
+        if acc.is_main_process:
+            write_latent_stats(cfg.run_dir, stats)
+            acc.print(
+                f"latents: scaling_factor {stats['scaling_factor']:.5f}, shift_factor "
+                f"{stats['shift_factor']:.5f} over {stats['samples']} training images "
+                f"({LATENT_STATS_FILE})"
+            )
+        keys = ("scaling_factor", "shift_factor")
+        acc.log({f"latents/{k}": stats[k] for k in keys}, step=state.opt_step)
+
+
+def transfer_metrics(state: TrainState) -> dict[str, int]:
+    return {"data/retries": state.data_retries, "data/refetched_bytes": state.data_refetched_bytes}
+
+
+def warn_if_collapsed(metrics: dict[str, Any], model: torch.nn.Module) -> None:
+    """Posterior collapse is silent in the loss: say so when under 10 % of the latent units
+    carry information about the input."""
+    dims = int(torch.tensor(model.latent_shape).prod())
+    for split in ("test", "val"):
+        active = metrics.get(f"{split}/active_units")
+        if active is not None:
+            break
+    else:
+        return
+    if active >= 0.1 * dims:
+        return
+    ratio = metrics.get(f"{split}/recon_mse_ratio", float("nan"))
+    print(
+        f"warning: {active} of {dims} latent units are active on {split} (reconstruction "
+        f"MSE {ratio:.2f} x the mean image's): the posterior is collapsing and the "
+        f"reconstructions barely follow their inputs. Usual remedies: a likelihood that fits "
+        f"the pixels (loss.likelihood=logistic or gaussian), a KL warm-up "
+        f"(loss.kl_warmup_steps), free bits (loss.free_bits), a smaller KL weight "
+        f"(loss.beta < 1, no longer an ELBO), or a lower train.lr"
+    )
