@@ -138,6 +138,35 @@ def test_lpips_weights_missing_offline_is_one_line_naming_the_file(tmp_path, mon
     assert "downloading it failed" in message
 
 
+def test_a_stalled_weights_download_ends_with_one_line(tmp_path, monkeypatch):
+    """A server that accepts the connection and never answers (a stalled proxy): the start
+    ends after the download timeout, not never."""
+    import dataclasses
+    import socket
+    import time
+
+    from vae_scale.perception import weights
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/vgg16-397923af.pth"
+    monkeypatch.setattr(weights, "DOWNLOAD_TIMEOUT_S", 1.0)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("VAE_SCALE_WEIGHTS", raising=False)
+    for proxy in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    spec = dataclasses.replace(weights.VGG16, url=url)
+    started = time.monotonic()
+    try:
+        with pytest.raises(ConfigError, match="downloading it failed .*timed out"):
+            weights.load_pretrained(spec, str(tmp_path / "empty"))
+    finally:
+        server.close()
+    assert time.monotonic() - started < 30
+    assert socket.getdefaulttimeout() is None  # the process's sockets as they were
+
+
 def test_psnr_and_ssim_against_direct_formulas():
     torch.manual_seed(0)
     x = torch.rand(3, 3, 20, 24)
@@ -389,10 +418,24 @@ def test_eval_export_loads_in_diffusers_and_decodes_identically(trained, tmp_pat
         assert torch.equal(theirs.decode(z).sample, ours.vae.decode(z))
         x = ours.sample(3)
         assert torch.equal(theirs.encode(x * 2 - 1).latent_dist.mean, ours.encode(x).mean)
+    # SDXL's pipelines would switch to a per-channel convention if these were set
+    assert theirs.config.latents_mean is None and theirs.config.latents_std is None
     record = json.loads((out / "vae_scale.json").read_text())
     assert record["export"]["fp16"]["images"] == "val" and record["export"]["fp16"]["safe"]
+    assert record["export"]["latent_stats"]["weights"] == "ema"  # the run's own, on its EMA
     card = (out / "README.md").read_text()
     assert "AutoencoderKL.from_pretrained" in card and "scaling_factor" in card
+    # the raw weights' export carries statistics measured on the raw weights
+    raw = tmp_path / "raw"
+    done = cli("export", str(trained), str(raw), "--weights", "raw")
+    assert done.returncode == 0, done.stderr[-3000:]
+    raw_stats = json.loads((raw / "vae_scale.json").read_text())["export"]["latent_stats"]
+    assert (
+        raw_stats["weights"] == "raw" and raw_stats["checkpoint_step"] == stats["checkpoint_step"]
+    )
+    assert raw_stats["scaling_factor"] != pytest.approx(stats["scaling_factor"], rel=1e-6)
+    theirs_raw = AutoencoderKL.from_pretrained(raw)
+    assert theirs_raw.config.scaling_factor == pytest.approx(raw_stats["scaling_factor"])
 
 
 @pytest.mark.slow

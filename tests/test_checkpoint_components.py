@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from conftest import tiny_frey_config
 from vae_scale.training import checkpoint
 from vae_scale.training.loop import train
-from vae_scale.training.optim import UpdateCounts
+from vae_scale.training.networks import UpdateCounts
 from vae_scale.utils.fsutil import sha256_file
 
 pytestmark = pytest.mark.slow

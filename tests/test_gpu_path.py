@@ -13,7 +13,7 @@ from vae_scale.data.streaming.inputs import DeviceBatches
 from vae_scale.metrics import MetricSums
 from vae_scale.training.setup import build_training, make_accelerator
 from vae_scale.training.state import TrainState
-from vae_scale.training.step import batch_sums, train_step
+from vae_scale.training.step import train_step
 from vae_scale.utils.compat import reset_accelerate_state
 
 HOST_READS = {"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy"}
@@ -67,7 +67,7 @@ def loop_steps(cfg, accelerator, training, state, stream, sums, total_steps: int
     )
     for _batch, x in on_device:
         out = train_step(accelerator, objective, nets, x, state, total_steps)
-        sums.add(**batch_sums(out, x.shape[0]))
+        sums.add_terms(out.terms, x.shape[0])
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -128,7 +128,7 @@ def test_device_policy_skips_what_the_host_policy_skips(monkeypatch):
 
 
 def test_divergence_on_the_device_path_is_caught_at_the_next_settle(monkeypatch):
-    from vae_scale.training.optim import TrainingDiverged
+    from vae_scale.training.networks import TrainingDiverged
 
     cfg, accelerator, training = tiny_setup(
         "train.fused_adamw=true", "train.max_bad_steps=3", "train.skip_threshold=0"

@@ -329,7 +329,7 @@ def test_gradient_spikes_are_skipped_counted_and_never_forever(monkeypatch):
     from accelerate import Accelerator
 
     from vae_scale.config import config_from_dict
-    from vae_scale.training.optim import UpdatePolicy
+    from vae_scale.training.networks import UpdatePolicy
     from vae_scale.training.state import TrainState
     from vae_scale.utils.compat import reset_accelerate_state
 

@@ -1,5 +1,5 @@
 """Models people can use: `vae-scale export` writes the Hub folder layout, and
-`vae_scale.from_pretrained` gives the trained checkpoint's outputs, bit for bit; the README's
+`vae_scale.from_pretrained` gives the trained checkpoint's outputs, bit for bit; the docs'
 Python snippet runs as written."""
 
 from __future__ import annotations
@@ -130,25 +130,25 @@ def test_from_pretrained_says_what_it_expected(trained, tmp_path):
         vae_scale.from_pretrained(tmp_path)
 
 
-def readme_block(heading: str, language: str) -> str:
-    """The first ```language block under `heading` in the README."""
-    text = (REPO / "README.md").read_text()
+def docs_block(heading: str, language: str, page: str = "docs/evaluation.md") -> str:
+    """The first ```language block under `heading` in a docs page."""
+    text = (REPO / page).read_text()
     section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
     return re.search(rf"```{language}\n(.*?)```", section, re.S).group(1)
 
 
 def test_readme_python_snippet_runs_as_written(trained, tmp_path, monkeypatch):
-    """The README's commands and snippet, in a folder whose runs/frey_conv is a trained run."""
+    """The docs' commands and snippet, in a folder whose runs/frey_conv is a trained run."""
     shutil.copytree(trained, tmp_path / "runs" / "frey_conv")
     monkeypatch.chdir(tmp_path)
     bin_dir = Path(sys.executable).parent
-    for line in readme_block("Use a trained model from Python", "bash").splitlines():
+    for line in docs_block("Use a trained model from Python", "bash").splitlines():
         if line.strip() and not line.startswith("#"):
             command = line.split("#")[0].strip()
             assert command.startswith("vae-scale ")
             subprocess.run([str(bin_dir / "vae-scale"), *command.split()[1:]], check=True)
     namespace: dict = {}
-    exec(readme_block("Use a trained model from Python", "python"), namespace)
+    exec(docs_block("Use a trained model from Python", "python"), namespace)
     faces, recons = namespace["faces"], namespace["recons"]
     assert faces.shape == recons.shape == (16, 1, 28, 20)
     assert 0 <= float(faces.min()) and float(faces.max()) <= 1

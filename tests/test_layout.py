@@ -1,4 +1,4 @@
-"""The architecture as the README's recipes describe it: no import circle between modules,
+"""The architecture as docs/architecture.md describes it: no import circle between modules,
 at most 8 top-level modules, model families and loss terms each declared in one place."""
 
 from __future__ import annotations

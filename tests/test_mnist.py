@@ -268,14 +268,14 @@ def test_dynamic_binarization_and_kl_warmup_in_a_run(tiny_mnist, tmp_path, monke
             seen.append((epoch[0], pixels.clone(), x.clone()))
         return x
 
-    original_batches = train_module.ShardSplit.train_batches
+    original_batches = ShardSplit.train_batches
 
     def counting(self, ep, start=0, plan=None):
         epoch[0] = ep
         yield from original_batches(self, ep, start, plan)
 
     monkeypatch.setattr(inputs_module, "binarize", recording)
-    monkeypatch.setattr(train_module.ShardSplit, "train_batches", counting)
+    monkeypatch.setattr(ShardSplit, "train_batches", counting)
     warmup, beta0 = 15, 0.2
     cfg = tiny_run_config(
         tiny_mnist[2],

@@ -20,7 +20,7 @@ from conftest import REPO
 pytestmark = pytest.mark.slow
 
 DATASET = '''
-"""A toy dataset: 8x8 grey squares of random brightness (the README's dataset recipe)."""
+"""A toy dataset: 8x8 grey squares of random brightness (the dataset recipe)."""
 
 from pathlib import Path
 
@@ -41,14 +41,13 @@ def prepare(source_dir: Path, seed: int, download_ok: bool = True) -> SourceData
 '''
 
 MODEL = '''
-"""A linear VAE (the README's model recipe)."""
+"""A linear VAE (the model recipe)."""
 
 from typing import Literal
 
 from einops import rearrange
 from torch import Tensor, nn
 
-from vae_scale.losses import Likelihood
 from vae_scale.models.base import VAE, register
 from vae_scale.schema import Positive, Section
 
@@ -60,10 +59,8 @@ class LinearVAEConfig(Section):
 
 @register(LinearVAEConfig)
 class LinearVAE(VAE):
-    def __init__(self, cfg: LinearVAEConfig, image_shape, likelihood: Likelihood):
-        super().__init__(image_shape, likelihood)
-        c, h, w = image_shape
-        self.out_channels = likelihood.param_channels(c)
+    def build(self, cfg: LinearVAEConfig, c: int, h: int, w: int) -> None:
+        self.out_channels = self.likelihood.param_channels(c)
         self._latent_dim = cfg.latent_dim
         self.to_stats = nn.Linear(c * h * w, 2 * cfg.latent_dim)
         self.from_z = nn.Linear(cfg.latent_dim, self.out_channels * h * w)
@@ -120,7 +117,8 @@ class ProbedElbo(ElboObjective):
 
     def networks(self) -> dict[str, NetworkSpec]:
         rules = self.cfg.train.model_copy(update={"lr": self.cfg.loss.probe.lr})
-        return {**super().networks(), "probe": NetworkSpec(self.probe, rules)}
+        start = self.start_step("probe")
+        return {**super().networks(), "probe": NetworkSpec(self.probe, rules, 0.0, start)}
 
     def start_step(self, name: str) -> int:
         return self.cfg.loss.probe.start_step if name == "probe" else 0
@@ -139,7 +137,7 @@ class ProbedElbo(ElboObjective):
 LOSS_TERM = '''
 
 def latent_energy(mu: Tensor) -> Tensor:
-    """Per row: the squared norm of the posterior mean (the README's loss-term recipe)."""
+    """Per row: the squared norm of the posterior mean (the loss-term recipe)."""
     return mu.float().flatten(1).pow(2).sum(1)
 '''
 
@@ -172,8 +170,8 @@ EDITS = {
         ),
         (
             "objectives/elbo.py",
-            "        terms, aug_cfg = elbo.named(), cfg.encoder_aug\n",
-            "        terms, aug_cfg = elbo.named(), cfg.encoder_aug\n"
+            "        terms, aug_cfg = dict(elbo.named), cfg.encoder_aug\n",
+            "        terms, aug_cfg = dict(elbo.named), cfg.encoder_aug\n"
             '        terms["latent_energy"] = latent_energy(out.mu)\n',
         ),
         (
@@ -229,7 +227,7 @@ def test_a_dataset_a_model_and_a_loss_term_each_take_the_files_their_recipe_name
     for edits in EDITS.values():
         for edit in edits:
             apply(package, *edit)
-    # each recipe's files, as README's "How to add ..." names them
+    # each recipe's files, as docs/architecture.md's "How to add ..." names them
     assert {k: sorted({e[0] for e in v}) for k, v in EDITS.items()} == {
         "dataset": ["data/sourcing/recipes.py", "data/sourcing/toy.py"],
         "model": ["models/__init__.py", "models/linear.py"],

@@ -189,8 +189,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from vae_scale.losses import likelihood_convention
     from vae_scale.models.base import check_single_latent
     from vae_scale.perception.networks import perception_networks
-    from vae_scale.training import tracking
-    from vae_scale.utils.fsutil import write_json_atomic
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     try:
@@ -236,38 +234,40 @@ def cmd_eval(args: argparse.Namespace) -> None:
             }
         )
         if accelerator.is_main_process:
-            for key, value in metrics.items():
-                if key.endswith("_unavailable"):
-                    continue
-                if value is None:
-                    print(f"{key:36s} unavailable: {metrics[key + '_unavailable']}")
-                elif not isinstance(value, list):
-                    print(
-                        f"{key:36s} {value:.4f}"
-                        if isinstance(value, float)
-                        else f"{key:36s} {value}"
-                    )
-            out = run.run_dir / f"eval_{args.split}.json"
-            written = True
-            try:  # the numbers are printed above whatever happens to the file
-                write_json_atomic(out, metrics, indent=1)
-                print(f"wrote {out}")
-            except OSError as err:
-                written = False  # (the W&B run lives in the same folder)
-                print(
-                    f"warning: could not write {out} ({err.strerror or err}); the numbers are "
-                    f"above. Copy the run folder somewhere writable to keep them with it",
-                    file=sys.stderr,
-                )
-            wandb_run = tracking.reopen_run(cfg, run.run_dir) if written else None
-            if wandb_run is not None:
-                wandb_run.summary.update(
-                    {k: v for k, v in metrics.items() if not isinstance(v, list)}
-                )
-                wandb_run.finish()
+            _report_evaluation(metrics, run, args.split)
         accelerator.wait_for_everyone()
     finally:
         accelerator.end_training()
+
+
+def _report_evaluation(metrics: dict[str, Any], run: Any, split: str) -> None:
+    """Print an evaluation's numbers, then keep them: RUN/eval_<split>.json and the run's W&B
+    summary (a read-only run folder keeps the printed numbers only, and says so)."""
+    from vae_scale.training import tracking
+    from vae_scale.utils.fsutil import write_json_atomic
+
+    for key, value in metrics.items():
+        if key.endswith("_unavailable") or isinstance(value, list):
+            continue
+        if value is None:
+            print(f"{key:36s} unavailable: {metrics[key + '_unavailable']}")
+        else:
+            print(f"{key:36s} {value:.4f}" if isinstance(value, float) else f"{key:36s} {value}")
+    out = run.run_dir / f"eval_{split}.json"
+    try:  # the numbers are printed above whatever happens to the file
+        write_json_atomic(out, metrics, indent=1)
+        print(f"wrote {out}")
+    except OSError as err:  # (the W&B run lives in the same folder)
+        print(
+            f"warning: could not write {out} ({err.strerror or err}); the numbers are "
+            f"above. Copy the run folder somewhere writable to keep them with it",
+            file=sys.stderr,
+        )
+        return
+    wandb_run = tracking.reopen_run(run.cfg, run.run_dir)
+    if wandb_run is not None:
+        wandb_run.summary.update({k: v for k, v in metrics.items() if not isinstance(v, list)})
+        wandb_run.finish()
 
 
 def cmd_pictures(args: argparse.Namespace) -> None:

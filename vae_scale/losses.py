@@ -7,7 +7,7 @@ logvar > 11.09, and sums over thousands of pixels lose precision in bf16.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -254,12 +254,13 @@ class ELBOTerms:
     recon: Tensor
     kl: Tensor
     kl_groups: dict[str, Tensor] | None = None  # per latent group, for hierarchical models
+    # Every reported term by name (per image): what training's epoch sums, step rows and W&B
+    # rows and evaluation's metrics take, key by key (`kl_<group>` per group).
+    named: dict[str, Tensor] = field(init=False)
 
-    def named(self) -> dict[str, Tensor]:
-        """Every reported term by name (per image): what training's epoch sums, step rows
-        and W&B rows and evaluation's metrics take, key by key (`kl_<group>` per group)."""
+    def __post_init__(self) -> None:
         values = {name: getattr(self, name) for name in ELBO_TERMS}
-        return {**values, **{f"kl_{g}": v for g, v in (self.kl_groups or {}).items()}}
+        self.named = {**values, **{f"kl_{g}": v for g, v in (self.kl_groups or {}).items()}}
 
 
 #: The reported fields of ELBOTerms, in order (a new term: a field above and its name here).
@@ -267,7 +268,7 @@ ELBO_TERMS = ("neg_elbo", "recon", "kl")
 
 
 def elbo_term_names(groups: list[str]) -> list[str]:
-    """The keys of `ELBOTerms.named()` for a model with latent `groups`."""
+    """The keys of `ELBOTerms.named` for a model with latent `groups`."""
     return [*ELBO_TERMS, *(f"kl_{g}" for g in groups)]
 
 

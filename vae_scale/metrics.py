@@ -46,6 +46,15 @@ class MetricSums:
         for name, value in sums.items():
             self.values[self.layout[name]] += value.reshape(-1).double()
 
+    def add_terms(self, terms: dict[str, torch.Tensor], num_images: int) -> None:
+        """A training batch's objective terms (rows: images, posterior draws, deformed copies):
+        each term's rows summed and scaled to the batch's images (the mean over an image's
+        draws or copies), and the number of images (`count`)."""
+        sums = {k: v.detach().sum() * (num_images / v.numel()) for k, v in terms.items()}
+        # a fill kernel: torch.tensor(n, device=cuda) would copy from the host and wait
+        count = torch.full((), float(num_images), device=terms["neg_elbo"].device)
+        self.add(**sums, count=count)
+
     def reduce(self, accelerator: Accelerator) -> dict[str, torch.Tensor]:
         """Every metric summed over all processes (collective: every rank must call it)."""
         total = accelerator.reduce(self.values.clone(), reduction="sum")

@@ -110,7 +110,7 @@ def main() -> None:
                 if net.name == "discriminator"
                 for k, v in net.unwrapped.state_dict().items()
             },
-            "lecam": objective.lecam.state_dict() if objective.lecam else None,
+            "lecam": objective.gan.lecam.state_dict() if objective.gan else None,
             "grads": grads,
         }
         with open(args.out, "w") as f:

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from vae_scale.analysis.runs import final_metrics
+from vae_scale.config import rename_old_keys
 from vae_scale.errors import ConfigError
-from vae_scale.run_files.logs import read_rows
+from vae_scale.run_files.logs import read_rows, read_run_record
 
 #: Facts of a run (config.json beside its settings) that can tell two runs apart.
 RUN_FACTS = (
@@ -38,7 +39,8 @@ def _run_summary(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], d
     if not (run_dir / "config.json").is_file():
         what = "does not exist" if not run_dir.exists() else "has no config.json"
         raise ConfigError(f"{run_dir} {what}: not a vae_scale run folder")
-    config = json.loads((run_dir / "config.json").read_text())
+    config = read_run_record(run_dir)
+    rename_old_keys(config)  # a run recorded before keys were renamed compares by today's
     sections = ("run", "data", "model", "loss", "train", "eval")
     flat = _flatten({k: config[k] for k in sections if k in config})
     flat.pop("run.dir", None)

@@ -212,7 +212,7 @@ def split_statistics(
             sq_err=(recon - x_flat).pow(2).mean(1).sum(),
             x=x_flat.sum(0),
             x_sq=x_flat.pow(2).sum(0),
-            **{k: v.sum() for k, v in terms.named().items()},
+            **{k: v.sum() for k, v in terms.named.items()},
             iwae=iw.to(device).sum(),
             count=torch.tensor(float(len(x)), device=device),
             mu=mu_flat.sum(0),

@@ -17,7 +17,7 @@ from vae_scale.losses import build_likelihood
 from vae_scale.models import VAE, build_model
 from vae_scale.run_files import checkpoints as checkpoint
 from vae_scale.run_files.checkpoints import EMA_FILE
-from vae_scale.run_files.logs import read_rows
+from vae_scale.run_files.logs import read_rows, read_run_record
 
 
 @dataclass
@@ -38,15 +38,7 @@ def load_run_config(run_dir: Path, name: str = "config.json") -> tuple[Config, d
     path = Path(run_dir) / name
     if not path.is_file():
         raise ConfigError(f"{path} not found: {run_dir} is not a vae_scale run folder")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(
-            f"{path} is damaged ({err}): the settings this run was trained with cannot be "
-            f"read. Restore it (a copy is in the W&B run's config)"
-        ) from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object of config sections")
+    raw = read_run_record(run_dir, name)
     sections = {name: raw[name] for name in (*SECTIONS, "model") if name in raw}
     return config_from_dict(sections), raw
 

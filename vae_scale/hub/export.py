@@ -20,6 +20,7 @@ from vae_scale.analysis.latents import FP16_MAX, activation_peak, read_latent_st
 from vae_scale.analysis.runs import TrainedRun, final_metrics, load_run
 from vae_scale.errors import ConfigError
 from vae_scale.hub.pretrained import CONFIG_FILE, RECORD_FILE, WEIGHTS_FILE
+from vae_scale.run_files.checkpoints import EMA_FILE
 from vae_scale.utils.netutil import is_online
 from vae_scale.utils.seeding import derive_seed
 
@@ -57,7 +58,7 @@ def export_run(
             # diffusers' own layout (config.json + diffusion_pytorch_model.safetensors) beside
             # ours; our run record moves to vae_scale.json
             record["export"]["fp16"] = fp16_check(run.model, *validation_images(run, samples))
-            stats = read_latent_stats(run.run_dir)
+            stats = exported_latent_stats(run)
             record["export"]["latent_stats"] = stats
             run.model.to_diffusers(stats).save_pretrained(staging, safe_serialization=True)
             written += [CONFIG_FILE, DIFFUSERS_WEIGHTS, RECORD_FILE]
@@ -75,6 +76,34 @@ def export_run(
         for name in written:
             os.replace(staging / name, out_dir / name)
     return out_dir
+
+
+def exported_latent_stats(run: TrainedRun) -> dict[str, Any] | None:
+    """The latent statistics of the weights exported: the run's own (latent_stats.json) when
+    they were measured on these weights (that checkpoint, EMA or raw as exported), else
+    measured now on the training split; None when its shards are out of reach."""
+    stats = read_latent_stats(run.run_dir)
+    weights = "ema" if run.weights_file.name.startswith("ema") else "raw"
+    has_ema = (run.checkpoint / EMA_FILE).is_file()
+    measured_on = stats and (
+        stats.get("checkpoint_step"),
+        stats.get("weights", "ema" if has_ema else "raw"),
+    )
+    if measured_on == (run.opt_step, weights):
+        return stats
+    from accelerate import Accelerator
+
+    from vae_scale.analysis.latents import latent_statistics
+    from vae_scale.data.streaming.loader import ShardSplit
+
+    cfg = run.cfg
+    try:
+        train = ShardSplit(cfg.shard_dir, "+".join(cfg.data.train_splits), cfg.data)
+    except (ConfigError, OSError, KeyError, ValueError):
+        return None
+    samples = cfg.eval.latent_stats_samples or 4096
+    stats = latent_statistics(Accelerator(cpu=True), run.model, train, cfg.run.seed, samples)
+    return {**stats, "checkpoint_step": run.opt_step, "weights": weights}
 
 
 def validation_images(run: TrainedRun, fallback: torch.Tensor) -> tuple[torch.Tensor, str]:

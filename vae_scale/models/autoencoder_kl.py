@@ -17,7 +17,6 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from vae_scale.errors import ConfigError
-from vae_scale.losses import Likelihood
 from vae_scale.models.base import VAE, register
 from vae_scale.schema import FieldError, Positive, Section
 
@@ -68,17 +67,13 @@ def diffusers_config(cfg: AutoencoderKLConfig, image_shape: tuple[int, int, int]
 class AutoencoderKLVAE(VAE):
     encoder_modules = ("encoder", "quant_conv")
 
-    def __init__(
-        self, cfg: AutoencoderKLConfig, image_shape: tuple[int, int, int], likelihood: Likelihood
-    ):
-        super().__init__(image_shape, likelihood)
+    def build(self, cfg: AutoencoderKLConfig, channels: int, height: int, width: int) -> None:
         from diffusers import AutoencoderKL  # a heavy import: only for this family
 
-        channels, height, width = image_shape
-        if likelihood.param_channels(channels) != channels:
+        if self.likelihood.param_channels(channels) != channels:
             raise ConfigError(
                 f"loss.likelihood: the autoencoder_kl decoder predicts the image itself; use "
-                f"'gaussian', got {likelihood.name!r}"
+                f"'gaussian', got {self.likelihood.name!r}"
             )
         factor = 2 ** (len(cfg.widths) - 1)
         if height % factor or width % factor:
@@ -86,7 +81,7 @@ class AutoencoderKLVAE(VAE):
                 f"model.widths: {len(cfg.widths)} stages downsample by {factor}, so height and "
                 f"width must be multiples of {factor}; a {height}x{width} image is not"
             )
-        self.diffusers_config = diffusers_config(cfg, image_shape)
+        self.diffusers_config = diffusers_config(cfg, self.image_shape)
         self.net = AutoencoderKL(**self.diffusers_config)
         self._latent_shape = (cfg.latent_channels, height // factor, width // factor)
 
@@ -114,15 +109,16 @@ class AutoencoderKLVAE(VAE):
         return self.net.decoder.conv_out.weight
 
     def to_diffusers(self, latent_stats: dict | None = None):
-        """A `diffusers.AutoencoderKL` holding these weights, with the latents' scale and
-        shift (and per-channel mean/std) measured on the training split when given."""
+        """A `diffusers.AutoencoderKL` holding these weights, with the latents' global scale
+        and shift measured on the training split when given. Per-channel latents_mean/std stay
+        unset: SDXL's pipelines switch to a per-channel convention when they are set (then
+        z * latents_std / scaling_factor + latents_mean, which our scaling_factor is not for);
+        SD reads scaling_factor, SD3 / Flux scaling_factor and shift_factor (docs)."""
         from diffusers import AutoencoderKL
 
         extra = {}
         if latent_stats:
             extra = {k: latent_stats[k] for k in ("scaling_factor", "shift_factor")}
-            extra["latents_mean"] = list(latent_stats["latents_mean"])
-            extra["latents_std"] = list(latent_stats["latents_std"])
         net = AutoencoderKL(**self.diffusers_config, **extra)
         net.load_state_dict(self.net.state_dict())
         return net.eval()

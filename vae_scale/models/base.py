@@ -40,7 +40,8 @@ class VAEOutput(NamedTuple):
 
 
 class VAE(nn.Module):
-    """Subclasses build `encode(x) -> (mu, logvar)` and `decode(z) -> x_params`.
+    """Subclasses create their layers in `build` and define `encode(x) -> (mu, logvar)` and
+    `decode(z) -> x_params`.
 
     `likelihood` belongs to the model so that learned likelihood parameters (e.g. a per-pixel
     scale) are trained, checkpointed and synchronised like every other weight.
@@ -50,10 +51,15 @@ class VAE(nn.Module):
     #: submodules that map an image to its posterior (frozen by `train.trainable: decoder`)
     encoder_modules: tuple[str, ...] = ("encoder", "to_posterior")
 
-    def __init__(self, image_shape: tuple[int, int, int], likelihood: Likelihood):
+    def __init__(self, cfg: Section, image_shape: tuple[int, int, int], likelihood: Likelihood):
         super().__init__()
         self.image_shape = tuple(image_shape)
         self.likelihood = likelihood
+        self.build(cfg, *self.image_shape)
+
+    def build(self, cfg: Section, channels: int, height: int, width: int) -> None:
+        """The family's layers for images of (channels, height, width), from its section."""
+        raise NotImplementedError
 
     @property
     def latent_shape(self) -> tuple[int, ...]:

@@ -12,7 +12,6 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vae_scale.errors import ConfigError
-from vae_scale.losses import Likelihood
 from vae_scale.models.base import VAE, register
 from vae_scale.schema import Activation, NonNegative, Positive, Section
 
@@ -38,11 +37,7 @@ class ConvVAEConfig(Section):
 
 @register(ConvVAEConfig)
 class ConvVAE(VAE):
-    def __init__(
-        self, cfg: ConvVAEConfig, image_shape: tuple[int, int, int], likelihood: Likelihood
-    ):
-        super().__init__(image_shape, likelihood)
-        channels, height, width = image_shape
+    def build(self, cfg: ConvVAEConfig, channels: int, height: int, width: int) -> None:
         k, s, p = cfg.kernel_size, cfg.stride, cfg.padding
         widths = [cfg.base_channels * 2**i for i in range(cfg.num_layers)]
 
@@ -69,7 +64,7 @@ class ConvVAE(VAE):
         self.from_latent = nn.Linear(cfg.latent_dim, flat)
 
         # Mirror: channel counts reversed, output padding picked to hit each encoder size.
-        out_channels = likelihood.param_channels(channels)
+        out_channels = self.likelihood.param_channels(channels)
         dec_widths = [*reversed(widths[:-1]), out_channels]
         decoder: list[nn.Module] = []
         c_in = widths[-1]

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Annotated, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from vae_scale.errors import ConfigError
-from vae_scale.losses import Likelihood, kl_normal, kl_normal_standard
+from vae_scale.losses import kl_normal, kl_normal_standard
 from vae_scale.models.base import VAE, VAEOutput, register
 from vae_scale.schema import FieldError, NonNegative, NonNegativeFloat, Positive, Section
 
@@ -205,73 +205,20 @@ class TopDownBlock(nn.Module):
 
 @register(HierarchicalVAEConfig)
 class HierarchicalVAE(VAE):
-    def __init__(
-        self, cfg: HierarchicalVAEConfig, image_shape: tuple[int, int, int], likelihood: Likelihood
-    ):
-        super().__init__(image_shape, likelihood)
-        channels, height, width = image_shape
+    def build(self, cfg: HierarchicalVAEConfig, channels: int, height: int, width: int) -> None:
         res = list(cfg.resolutions)
         if height != width or height != res[-1]:
             raise ConfigError(
                 f"model.resolutions: the last stage must be the image's resolution; images are "
                 f"{height}x{width}, the last stage is {res[-1]}x{res[-1]}"
             )
-        widths, zdim = list(cfg.widths), cfg.latent_channels
-        self.resolutions, self.zdim = res, zdim
-
-        def kernel(r: int) -> int:
-            return 3 if r > 2 else 1
-
-        def mid(w: int) -> int:
-            return max(1, int(w * cfg.bottleneck))
-
-        n_top_down = sum(max(g, 1) for g in cfg.latent_groups)
-        scale = math.sqrt(1.0 / n_top_down)
-
-        # ---- bottom-up, finest stage first (module lists are indexed by top-down stage)
-        self.stem = nn.Conv2d(channels, widths[-1], 3, padding=1)
-        self.enc_stages = nn.ModuleList()
-        for s, r in enumerate(res):
-            blocks = [
-                Block(widths[s], mid(widths[s]), widths[s], kernel(r), residual=True)
-                for _ in range(cfg.encoder_blocks[s])
-            ]
-            for block in blocks:
-                with torch.no_grad():
-                    block.last.weight.mul_(math.sqrt(1.0 / max(1, sum(cfg.encoder_blocks))))
-            self.enc_stages.append(nn.Sequential(*blocks))
-        # enc_down[s]: from stage s+1 (finer) to stage s
-        self.enc_down = nn.ModuleList(
-            [_width_change(widths[s + 1], widths[s]) for s in range(len(res) - 1)]
+        self.resolutions, self.zdim = res, cfg.latent_channels
+        # built (and so initialised) in this order: bottom-up, finest stage first, then top-down
+        self.stem, self.enc_stages, self.enc_down = _bottom_up_modules(cfg, channels)
+        self.h_top, self.dec_up, self.dec_stages, self.group_shapes, self._group_names = (
+            _top_down_modules(cfg)
         )
-
-        # ---- top-down
-        # 3-D, so channels_last leaves it alone (DDP warned about a 1x1 map's ambiguous strides)
-        self.h_top = nn.Parameter(torch.zeros(widths[0], res[0], res[0]))
-        self.dec_up = nn.ModuleList(
-            [_width_change(widths[s - 1], widths[s]) for s in range(1, len(res))]
-        )
-        self.dec_stages = nn.ModuleList()
-        self.group_shapes: list[tuple[int, int, int]] = []
-        self._group_names: list[str] = []
-        for s, r in enumerate(res):
-            blocks: list[nn.Module] = []
-            for _ in range(cfg.latent_groups[s]):
-                top = not self.group_shapes
-                blocks.append(
-                    TopDownBlock(
-                        widths[s], mid(widths[s]), zdim, kernel(r), top, scale, cfg.log_scale_bound
-                    )
-                )
-                self._group_names.append(f"group{len(self.group_shapes)}_{r}x{r}")
-                self.group_shapes.append((zdim, r, r))
-            if not blocks:  # a stage without latents still transforms the features
-                block = Block(widths[s], mid(widths[s]), widths[s], kernel(r), residual=True)
-                with torch.no_grad():
-                    block.last.weight.mul_(scale)
-                blocks.append(block)
-            self.dec_stages.append(nn.ModuleList(blocks))
-        self.out = nn.Conv2d(widths[-1], likelihood.param_channels(channels), 1)
+        self.out = nn.Conv2d(cfg.widths[-1], self.likelihood.param_channels(channels), 1)
         self.group_sizes = [c * h * w for c, h, w in self.group_shapes]
         for module in self.modules():
             if isinstance(module, Block):
@@ -379,18 +326,6 @@ class HierarchicalVAE(VAE):
         log_pq = sum(st.log_pq.flatten(1).sum(1) for st in stats)
         return (log_px + log_pq).view(n, batch)
 
-    def temperatures(self, temperature: float | Sequence[float]) -> list[float]:
-        """One temperature per group from a number or a per-group list."""
-        if isinstance(temperature, (int, float)):
-            return [float(temperature)] * len(self.group_shapes)
-        temps = [float(t) for t in temperature]
-        if len(temps) != len(self.group_shapes):
-            raise ConfigError(
-                f"temperature: expected one value or one per latent group "
-                f"({len(self.group_shapes)}), got {len(temps)}"
-            )
-        return temps
-
     @torch.no_grad()
     def sample(
         self,
@@ -404,10 +339,78 @@ class HierarchicalVAE(VAE):
         scale = torch.cat(
             [
                 torch.full((size,), t)
-                for size, t in zip(self.group_sizes, self.temperatures(temperature), strict=True)
+                for size, t in zip(self.group_sizes, per_group(temperature, self), strict=True)
             ]
         )
         return self.likelihood.mean(self.decode((eps * scale).to(device)))
+
+
+def per_group(temperature: float | Sequence[float], model: HierarchicalVAE) -> list[float]:
+    """One temperature per latent group of `model` from a number or a per-group list."""
+    groups = len(model.group_shapes)
+    if isinstance(temperature, (int, float)):
+        return [float(temperature)] * groups
+    temps = [float(t) for t in temperature]
+    if len(temps) != groups:
+        raise ConfigError(
+            f"temperature: expected one value or one per latent group ({groups}), got {len(temps)}"
+        )
+    return temps
+
+
+def _kernel(r: int) -> int:
+    return 3 if r > 2 else 1
+
+
+def _bottom_up_modules(cfg: HierarchicalVAEConfig, channels: int) -> tuple[nn.Module, ...]:
+    """The encoder: the stem, each stage's residual blocks (module lists are indexed by
+    top-down stage) and enc_down[s], from stage s+1 (finer) to stage s."""
+    res, widths = list(cfg.resolutions), list(cfg.widths)
+    stem = nn.Conv2d(channels, widths[-1], 3, padding=1)
+    stages = nn.ModuleList()
+    for s, r in enumerate(res):
+        mid = max(1, int(widths[s] * cfg.bottleneck))
+        blocks = [
+            Block(widths[s], mid, widths[s], _kernel(r), residual=True)
+            for _ in range(cfg.encoder_blocks[s])
+        ]
+        for block in blocks:
+            with torch.no_grad():
+                block.last.weight.mul_(math.sqrt(1.0 / max(1, sum(cfg.encoder_blocks))))
+        stages.append(nn.Sequential(*blocks))
+    down = nn.ModuleList([_width_change(widths[s + 1], widths[s]) for s in range(len(res) - 1)])
+    return stem, stages, down
+
+
+def _top_down_modules(cfg: HierarchicalVAEConfig) -> tuple[Any, ...]:
+    """The decoder: the learned top input, dec_up[s-1] from stage s-1 to s, each stage's
+    top-down blocks (a stage without latents gets a residual block), and every latent
+    group's shape and name."""
+    res, widths, zdim = list(cfg.resolutions), list(cfg.widths), cfg.latent_channels
+    scale = math.sqrt(1.0 / sum(max(g, 1) for g in cfg.latent_groups))
+    # 3-D, so channels_last leaves it alone (DDP warned about a 1x1 map's ambiguous strides)
+    h_top = nn.Parameter(torch.zeros(widths[0], res[0], res[0]))
+    up = nn.ModuleList([_width_change(widths[s - 1], widths[s]) for s in range(1, len(res))])
+    stages = nn.ModuleList()
+    shapes: list[tuple[int, int, int]] = []
+    names: list[str] = []
+    for s, r in enumerate(res):
+        mid = max(1, int(widths[s] * cfg.bottleneck))
+        blocks: list[nn.Module] = []
+        for _ in range(cfg.latent_groups[s]):
+            top = not shapes
+            blocks.append(
+                TopDownBlock(widths[s], mid, zdim, _kernel(r), top, scale, cfg.log_scale_bound)
+            )
+            names.append(f"group{len(shapes)}_{r}x{r}")
+            shapes.append((zdim, r, r))
+        if not blocks:  # a stage without latents still transforms the features
+            block = Block(widths[s], mid, widths[s], _kernel(r), residual=True)
+            with torch.no_grad():
+                block.last.weight.mul_(scale)
+            blocks.append(block)
+        stages.append(nn.ModuleList(blocks))
+    return h_top, up, stages, shapes, names
 
 
 def _width_change(c_in: int, c_out: int) -> nn.Module:

@@ -9,7 +9,6 @@ from einops import rearrange
 from pydantic import Field
 from torch import Tensor, nn
 
-from vae_scale.losses import Likelihood
 from vae_scale.models.base import VAE, register
 from vae_scale.models.conv import ACTIVATIONS
 from vae_scale.schema import Activation, Positive, Section
@@ -34,16 +33,12 @@ class MLPVAEConfig(Section):
 
 @register(MLPVAEConfig)
 class MLPVAE(VAE):
-    def __init__(
-        self, cfg: MLPVAEConfig, image_shape: tuple[int, int, int], likelihood: Likelihood
-    ):
-        super().__init__(image_shape, likelihood)
-        channels, height, width = image_shape
+    def build(self, cfg: MLPVAEConfig, channels: int, height: int, width: int) -> None:
         act = ACTIVATIONS[cfg.activation]
         in_features = channels * height * width
         last = cfg.hidden[-1] if cfg.hidden else in_features
         self._latent_dim = cfg.latent_dim
-        self.out_channels = likelihood.param_channels(channels)
+        self.out_channels = self.likelihood.param_channels(channels)
 
         self.encoder = mlp([in_features, *cfg.hidden], act)
         self.to_mu = nn.Linear(last, cfg.latent_dim)

@@ -24,7 +24,6 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from vae_scale.errors import ConfigError
-from vae_scale.losses import Likelihood
 from vae_scale.models.base import VAE, register
 from vae_scale.schema import FieldError, NonNegative, Positive, Section
 
@@ -94,11 +93,7 @@ def upsample(c_in: int, c_out: int, mode: str) -> nn.Module:
 
 @register(ResNetVAEConfig)
 class ResNetVAE(VAE):
-    def __init__(
-        self, cfg: ResNetVAEConfig, image_shape: tuple[int, int, int], likelihood: Likelihood
-    ):
-        super().__init__(image_shape, likelihood)
-        channels, height, width = image_shape
+    def build(self, cfg: ResNetVAEConfig, channels: int, height: int, width: int) -> None:
         widths, groups, blocks = list(cfg.widths), cfg.groups, cfg.blocks_per_stage
         factor = 2 ** (len(widths) - 1)
         if height % factor or width % factor:
@@ -136,7 +131,7 @@ class ResNetVAE(VAE):
         decoder += [
             norm(widths[0], groups),
             nn.SiLU(),
-            nn.Conv2d(widths[0], likelihood.param_channels(channels), 3, padding=1),
+            nn.Conv2d(widths[0], self.likelihood.param_channels(channels), 3, padding=1),
         ]
         self.decoder = nn.Sequential(*decoder)
 

@@ -10,9 +10,9 @@ training/.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -24,8 +24,7 @@ from vae_scale.models import VAE, build_model
 # vae_scale.config.Config, `rules` a TrainConfig.
 
 
-@dataclass
-class Loss:
+class Loss(NamedTuple):
     """What one batch's forward gives: `loss`, the scalar to backpropagate; `terms`, every term
     to report by name, each a 1-D tensor of rows (images, posterior draws, deformed copies)
     whose mean is the term's per-image value; `values`, scalars of the step (a schedule's
@@ -34,18 +33,20 @@ class Loss:
 
     loss: Tensor
     terms: dict[str, Tensor]
-    values: dict[str, float] = field(default_factory=dict)
+    values: dict[str, float] | None = None
 
 
 @dataclass
 class NetworkSpec:
     """A network an objective trains: the module (fresh weights), the optimizer and update
-    rules (train's section, or a copy with the network's own lr, betas, schedule) and the decay
-    of an EMA of its weights (0: none)."""
+    rules (train's section, or a copy with the network's own lr, betas, schedule), the decay
+    of an EMA of its weights (0: none) and the optimizer step it starts training at (its lr
+    schedule counts from there): `Objective.start_step`, declared once."""
 
     module: nn.Module
     rules: Any  # a TrainConfig
     ema_decay: float = 0.0
+    start_step: int = 0
 
 
 class Trained(Protocol):
@@ -85,7 +86,8 @@ class Objective:
     def networks(self) -> dict[str, NetworkSpec]:
         """The networks this objective trains, first the one whose weights a run exports
         (a checkpoint keeps them in this order: model.safetensors, model_1.safetensors, ...)."""
-        return {"vae": NetworkSpec(self.vae, self.cfg.train, self.cfg.train.ema_decay)}
+        train = self.cfg.train
+        return {"vae": NetworkSpec(self.vae, train, train.ema_decay, self.start_step("vae"))}
 
     def frozen(self) -> dict[str, nn.Module]:
         """Pretrained networks it uses and never trains (not checkpointed)."""
@@ -107,11 +109,10 @@ class Objective:
         `step`, through the prepared networks."""
         raise NotImplementedError
 
-    def before_update(self, nets: Mapping[str, Trained], step: int) -> dict[str, float]:
-        """At an optimizer step, after the last batch's backward and before any network
-        updates: finish the gradients (terms weighted over the global batch); returns scalars
-        for the step's log row."""
-        return {}
+    #: Optional: `before_update(nets, step) -> dict` runs at an optimizer step, after the last
+    #: batch's backward and before any network updates, to finish the gradients (terms weighted
+    #: over the step's global batch); it returns scalars for the step's log row.
+    before_update: Callable[[Mapping[str, Trained], int], dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ evaluation
 

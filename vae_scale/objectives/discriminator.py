@@ -13,14 +13,19 @@ Two choices differ from taming on purpose:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
+from torch.func import functional_call
 
+from vae_scale.errors import ConfigError
+from vae_scale.objectives.base import NetworkSpec
 from vae_scale.schema import Betas, NonNegative, NonNegativeFloat, Positive, Section
+from vae_scale.utils.compat import full_precision_forward
 
 
 class DiscriminatorConfig(Section):
@@ -157,3 +162,136 @@ class LeCam:
     def load_state_dict(self, values: dict[str, Any]) -> None:
         self.averages.copy_(torch.tensor(values["averages"], dtype=torch.float32))
         self.updates = int(values["updates"])
+
+
+#: the terms the discriminator adds, reported as 0 before it starts (every step reports the
+#: same keys, so epoch sums and dashboards line up across the start)
+DISCRIMINATOR_TERMS = ("gan", "discriminator_loss", "logits_real", "logits_fake")
+
+
+class GanTerm:
+    """The discriminator's part of an objective: its network (trained from its start_step
+    with its own optimizer), the GAN loss of the autoencoder weighted by the adaptive weight
+    of each optimizer step's global batch, the discriminator's own loss and LeCam.
+
+    One batch per optimizer step: the GAN loss is weighted at once. Several (accumulation):
+    its gradient and the last-layer gradients are accumulated apart (one more backward
+    through the autoencoder per batch) and weighted in `before_update`, once the whole step's
+    batches are in, so that accumulation makes the update of one whole batch."""
+
+    def __init__(self, cfg: DiscriminatorConfig, image_shape: tuple[int, ...], accelerator: Any):
+        side = min(image_shape[1:])
+        if side // 2**cfg.layers < 3:  # then two stride-1 4x4 convs leave no patch
+            raise ConfigError(
+                f"loss.discriminator.layers: {cfg.layers} halvings leave no patch of a "
+                f"{side}-pixel image; use at most {max(1, (side // 3).bit_length() - 1)}"
+            )
+        self.cfg, self.accelerator = cfg, accelerator
+        self.network = PatchDiscriminator(image_shape[0], cfg)
+        self.lecam = LeCam(cfg.lecam_decay, accelerator.device)
+        self.pending: dict[str, Any] | None = None  # the step's weight or GAN gradients
+
+    def spec(self, train: Any) -> NetworkSpec:
+        """What the objective declares: the network, AdamW with loss.discriminator's lr,
+        betas and schedule (train's clipping and skip rules), from its start_step."""
+        d = self.cfg
+        rules = train.model_copy(
+            update={
+                "lr": d.lr,
+                "betas": d.betas,
+                "weight_decay": 0.0,
+                "lr_schedule": d.lr_schedule,
+                "warmup_steps": 0,
+                "ema_decay": 0.0,
+            }
+        )
+        return NetworkSpec(self.network, rules, 0.0, d.start_step)
+
+    def terms(
+        self, nets: Mapping[str, Any], target: Tensor, recon: Tensor, rec_loss: Tensor
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """This batch's share of the loss: the weighted GAN loss and the discriminator's loss,
+        and its terms. `target`, `recon`: images and reconstructions in [-1, 1]; `rec_loss` the
+        reconstruction loss the adaptive weight balances against."""
+        d, acc, batch = self.cfg, self.accelerator, target.shape[0]
+        frozen = {name: p.detach() for name, p in self.network.named_parameters()}
+        with acc.autocast():  # the autoencoder's view: no gradient into the discriminator
+            fake_for_vae = functional_call(self.network, frozen, (recon,))
+        gan = generator_loss(fake_for_vae, d.loss)
+        with acc.autocast():  # the discriminator's view, through its DDP wrapper
+            logits = nets["discriminator"].model(torch.cat([target, recon.detach()]))
+        real, fake = logits.float().chunk(2)
+        disc = discriminator_loss(real, fake, d.loss)
+        if d.lecam_weight:
+            disc = disc + d.lecam_weight * self.lecam.penalty(real, fake)
+        weighted = self._weighted(nets["vae"].unwrapped, rec_loss, gan)
+        terms = {
+            "gan": gan.detach().expand(batch),
+            "discriminator_loss": disc.detach().expand(batch),
+            "logits_real": real.detach().flatten(1).mean(1),
+            "logits_fake": fake.detach().flatten(1).mean(1),
+        }
+        return weighted, disc, terms
+
+    def _weighted(self, vae: nn.Module, rec_loss: Tensor, gan: Tensor) -> Tensor:
+        d, accum = self.cfg, self.accelerator.gradient_accumulation_steps
+        grads = None
+        if d.adaptive_weight:
+            grads = last_layer_grads(rec_loss, gan, vae.last_decoder_layer())
+        if accum == 1:
+            weight = torch.ones((), device=gan.device)
+            if grads is not None:
+                weight = adaptive_weight(self._mean(grads), d.max_adaptive_weight)
+            self.pending = {"weight": weight}
+            return d.weight * weight * gan
+        params = [p for p in vae.parameters() if p.requires_grad]
+        gan_grads = torch.autograd.grad(gan / accum, params, retain_graph=True, allow_unused=True)
+        if self.pending is None:
+            self.pending = {"gan_grads": [torch.zeros_like(p) for p in params], "last": None}
+        for total, g in zip(self.pending["gan_grads"], gan_grads):
+            if g is not None:
+                total.add_(g)
+        if grads is not None:
+            last = self.pending["last"]
+            self.pending["last"] = grads / accum if last is None else last + grads / accum
+        return torch.zeros((), device=gan.device)
+
+    def before_update(self, nets: Mapping[str, Any]) -> dict[str, Any]:
+        """At the optimizer step: LeCam's averages move by the step's means; with
+        accumulation, the step's GAN gradient, averaged over processes and weighted by the
+        global batch's adaptive weight, is added to the autoencoder's gradients. Returns the
+        adaptive weight (0 before the start)."""
+        pending, self.pending = self.pending, None
+        self.lecam.step(self._mean if self.accelerator.num_processes > 1 else None)
+        if pending is None:  # not started yet
+            return {"adaptive_weight": 0.0}
+        if "gan_grads" in pending:
+            weight = torch.ones((), device=pending["gan_grads"][0].device)
+            if pending["last"] is not None:
+                weight = adaptive_weight(self._mean(pending["last"]), self.cfg.max_adaptive_weight)
+            params = [p for p in nets["vae"].unwrapped.parameters() if p.requires_grad]
+            flat = self._mean(torch.cat([g.flatten() for g in pending["gan_grads"]]))
+            scale = self.cfg.weight * weight
+            for p, g in zip(params, flat.split([p.numel() for p in params])):
+                update = scale * g.view_as(p)
+                p.grad = update if p.grad is None else p.grad.add_(update)
+            pending["weight"] = weight
+        return {"adaptive_weight": pending["weight"]}
+
+    def _mean(self, t: Tensor) -> Tensor:
+        """`t`'s mean over processes (itself on one process)."""
+        acc = self.accelerator
+        return t if acc.num_processes == 1 else acc.reduce(t, "mean")
+
+    @torch.no_grad()
+    def eval_terms(self, target: Tensor, recon: Tensor) -> dict[str, Tensor]:
+        """Per image: the GAN terms of images and reconstructions in [-1, 1], in float32."""
+        logits = full_precision_forward(self.network, torch.cat([target, recon]))
+        real, fake = logits.float().chunk(2)
+        kind = self.cfg.loss
+        return {
+            "gan": generator_loss(fake, kind, per_image=True),
+            "discriminator_loss": discriminator_loss(real, fake, kind, per_image=True),
+            "logits_real": real.flatten(1).mean(1),
+            "logits_fake": fake.flatten(1).mean(1),
+        }

@@ -45,7 +45,7 @@ class ElboObjective(Objective):
             cfg.free_bits,
             out.kl_groups,
         )
-        terms, aug_cfg = elbo.named(), cfg.encoder_aug
+        terms, aug_cfg = dict(elbo.named), cfg.encoder_aug
         if not aug_cfg.weight:
             return Loss(elbo.loss, terms, {"kl_weight": beta})
         # outside DDP's and compile's forward: the extra pass reaches the weights by autograd

@@ -12,6 +12,7 @@ Loading never unpickles objects: safetensors, or `torch.load(weights_only=True)`
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from safetensors.torch import load_file
 from vae_scale.errors import ConfigError
 
 WEIGHTS_ENV = "VAE_SCALE_WEIGHTS"
+# the longest wait for the next byte of a download (torch.hub has no timeout of its own: a
+# stalled server or proxy would hang a run's start for ever)
+DOWNLOAD_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -91,13 +95,17 @@ def load_pretrained(spec: PretrainedFile, weights_dir: str | None) -> dict[str, 
         if packaged is not None:
             return load_state(packaged)
     if spec.url:
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # urllib's sockets, under torch.hub
         try:
             return torch.hub.load_state_dict_from_url(spec.url, progress=False, map_location="cpu")
-        except Exception as err:  # offline, proxy, DNS: the same message to a user
+        except Exception as err:  # offline, proxy, DNS, a stall: the same message to a user
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ConfigError(
                 f"{missing_message(spec, weights_dir)}; downloading it failed ({reason})"
             ) from None
+        finally:
+            socket.setdefaulttimeout(previous)
     raise ConfigError(missing_message(spec, weights_dir))
 
 

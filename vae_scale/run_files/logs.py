@@ -63,3 +63,22 @@ def truncate_logs(run_dir: Path, opt_step: int, names: tuple[str, ...] | None = 
                 os.replace(tmp, path)
             finally:
                 tmp.unlink(missing_ok=True)
+
+
+RUN_RECORD = "config.json"  # the resolved config and the facts of the run
+
+
+def read_run_record(run_dir: Path, name: str = RUN_RECORD) -> dict[str, Any]:
+    """A run's config.json (or an export's record `name`), a JSON object; a damaged one is
+    an error naming it (a copy of the config is in the W&B run)."""
+    path = Path(run_dir) / name
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(
+            f"{path} is damaged ({err}): the settings this run was trained with cannot be "
+            f"read. Restore it (a copy is in the W&B run's config)"
+        ) from None
+    if not isinstance(record, dict):
+        raise ConfigError(f"{path}: expected a JSON object of config sections")
+    return record

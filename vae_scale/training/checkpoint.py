@@ -137,6 +137,7 @@ class Checkpointer:
         self.accelerator, self.run_dir = accelerator, run_dir
         self.keep, self.every = train.keep_checkpoints, train.checkpoint_every_steps
         self.root = run_dir / "checkpoints"
+        self._plan_next(0)
         self.components: dict[str, Stateful] = {}  # handed over once they exist
         self.latest: Path | None = None  # the newest complete checkpoint of this run
 
@@ -162,11 +163,6 @@ class Checkpointer:
             raise ConfigError(choice[1])
         self.latest = None if choice[0] is None else Path(choice[0])
         return self.latest
-
-    def due(self, step: int) -> bool:
-        """Whether optimizer step `step` gets a mid-epoch checkpoint (every
-        train.checkpoint_every_steps; epoch ends always get one)."""
-        return bool(self.every) and step % self.every == 0
 
     def _clean_partial(self) -> None:
         """Remove what trainers killed mid-write or mid-prune left (this process holds the run
@@ -232,6 +228,7 @@ class Checkpointer:
             else:
                 component.load_state_dict(values)
         step = checkpoint_step(path)
+        self._plan_next(step)
         rank = self.accelerator.process_index
         if self.accelerator.is_main_process:
             truncate_logs(self.run_dir, step)
@@ -241,33 +238,8 @@ class Checkpointer:
                 if int(old.stem.removeprefix("rank")) >= self.accelerator.num_processes:
                     truncate_logs(self.run_dir, step, (f"{SAMPLE_KEYS_DIR}/{old.name}",))
         truncate_logs(self.run_dir, step, (sample_keys_file(rank),))
-        self._check_rng_restored(path, rank)
+        check_rng_restored(path, rank)
         return missing
-
-    @staticmethod
-    def _check_rng_restored(path: Path, rank: int) -> None:
-        """Accelerate's load_state swallows any error restoring the random number generators
-        (an info log): compare them with the saved states, and say so when they differ."""
-        file = path / f"random_states_{rank}.pkl"
-        # each process of the checkpointed run wrote its file (rank 0 always): a missing one
-        # of a higher rank is an elastic resume onto more processes, re-planned on purpose
-        written = {int(p.stem.rsplit("_", 1)[1]) for p in path.glob("random_states_*.pkl")}
-        if not file.is_file():
-            problem = None if rank and max(written, default=-1) < rank else "is missing"
-        else:
-            try:  # checked as plain data when the checkpoint was chosen (check_plain_data)
-                saved = load_plain(file)
-                same = torch.equal(torch.get_rng_state(), saved["torch_manual_seed"])
-                same = same and random.getstate() == saved["random_state"]
-                problem = None if same else "was not restored"
-            except Exception as err:  # unreadable: the same warning, with why
-                problem = f"could not be read ({type(err).__name__}: {err})"
-        if problem:
-            warnings.warn(
-                f"{file} {problem}: process {rank}'s random number generators start afresh, "
-                f"so this resume is not bit-exact (the run goes on)",
-                stacklevel=3,
-            )
 
     def save(self, step: int) -> Path:
         """Collective: a checkpoint of the current weights and components at optimizer step
@@ -277,7 +249,40 @@ class Checkpointer:
         self.latest = save_checkpoint(
             self.accelerator, self.root, step, states if main else {}, self.keep
         )
+        self._plan_next(step)
         return self.latest
+
+    def _plan_next(self, step: int) -> None:
+        """`next_step`: the optimizer step of the next mid-epoch checkpoint after `step`, a
+        multiple of train.checkpoint_every_steps (epoch ends always get one). The loop
+        compares; the checkpointer decides."""
+        every = self.every
+        self.next_step = (step // every + 1) * every if every else float("inf")
+
+
+def check_rng_restored(path: Path, rank: int) -> None:
+    """Accelerate's load_state swallows any error restoring the random number generators
+    (an info log): compare them with the saved states, and say so when they differ."""
+    file = path / f"random_states_{rank}.pkl"
+    # each process of the checkpointed run wrote its file (rank 0 always): a missing one
+    # of a higher rank is an elastic resume onto more processes, re-planned on purpose
+    written = {int(p.stem.rsplit("_", 1)[1]) for p in path.glob("random_states_*.pkl")}
+    if not file.is_file():
+        problem = None if rank and max(written, default=-1) < rank else "is missing"
+    else:
+        try:  # checked as plain data when the checkpoint was chosen (check_plain_data)
+            saved = load_plain(file)
+            same = torch.equal(torch.get_rng_state(), saved["torch_manual_seed"])
+            same = same and random.getstate() == saved["random_state"]
+            problem = None if same else "was not restored"
+        except Exception as err:  # unreadable: the same warning, with why
+            problem = f"could not be read ({type(err).__name__}: {err})"
+    if problem:
+        warnings.warn(
+            f"{file} {problem}: process {rank}'s random number generators start afresh, "
+            f"so this resume is not bit-exact (the run goes on)",
+            stacklevel=4,
+        )
 
 
 #: components renamed since checkpoints were written: name -> its former name

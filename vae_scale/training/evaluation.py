@@ -40,9 +40,13 @@ class EpochEvaluation:
         fixed test images of the pictures."""
         cfg, acc = self.cfg, self.accelerator
         self.nets = perception_networks(
-            cfg.eval.lpips, cfg.eval.rfid, self.splits["train"].image_shape,
-            cfg.run.weights_dir, acc.device, self.objective.frozen().get("lpips"),
-        )  # fmt: skip
+            cfg.eval.lpips,
+            cfg.eval.rfid,
+            self.splits["train"].image_shape,
+            cfg.run.weights_dir,
+            acc.device,
+            self.objective.frozen().get("lpips"),
+        )
         for metric, why in self.nets.unavailable.items():
             acc.print(f"note: {metric} is not evaluated: {why}")
         if acc.is_main_process and "test" in self.splits:
@@ -100,9 +104,14 @@ class EpochEvaluation:
                 if state.opt_step >= cfg.loss.kl_warmup_steps:  # judged on the ELBO
                     warn_if_collapsed(metrics, eval_model)
                 epoch_pictures(
-                    acc, eval_model, self.picture_inputs, epoch, cfg, state.opt_step,
+                    acc,
+                    eval_model,
+                    self.picture_inputs,
+                    epoch,
+                    cfg,
+                    state.opt_step,
                     self.splits.get("test"),
-                )  # fmt: skip
+                )
         acc.log(metrics, step=state.opt_step)
         return metrics
 
@@ -119,9 +128,12 @@ class EpochEvaluation:
             if name in self.splits:
                 refine = cfg.eval.refine_steps if name == "test" and self.pictures(epoch) else 0
                 options = EvalOptions(
-                    cfg.run.seed, cfg.data.binarize, refine_steps=refine, nets=nets,
+                    cfg.run.seed,
+                    cfg.data.binarize,
+                    refine_steps=refine,
+                    nets=nets,
                     objective=self.objective,
-                )  # fmt: skip
+                )
                 metrics.update(evaluate_split(self.accelerator, model, self.splits[name], options))
         return metrics
 
@@ -152,6 +164,7 @@ class EpochEvaluation:
             acc, model, self.splits["train"], cfg.run.seed, cfg.eval.latent_stats_samples
         )
         stats["checkpoint_step"] = state.opt_step
+        stats["weights"] = "ema" if vae.ema is not None else "raw"  # what they were measured on
         if acc.is_main_process:
             write_latent_stats(cfg.run_dir, stats)
             acc.print(

@@ -23,11 +23,11 @@ from vae_scale.metrics import MetricSums
 from vae_scale.run_files.logs import STEPS_FILE, append_row, sample_keys_file
 from vae_scale.training import tracking
 from vae_scale.training.evaluation import transfer_metrics
-from vae_scale.training.optim import TrainingDiverged
+from vae_scale.training.networks import TrainingDiverged
 from vae_scale.training.run_folder import RunLock
 from vae_scale.training.setup import Run, StartRequest, make_accelerator, start_run
 from vae_scale.training.signals import StopFlag, TrainingInterrupted, record_exit_status
-from vae_scale.training.step import StepOutput, batch_sums, step_means, train_step
+from vae_scale.training.step import StepOutput, step_means, train_step
 from vae_scale.training.watchdog import Watchdog, is_collective_failure
 from vae_scale.utils.compat import reset_accelerate_state
 from vae_scale.utils.progress import Progress
@@ -55,10 +55,9 @@ def train(
     try:
         with StopFlag() as stop:
             if Watchdog.wanted():
-                watchdog = Watchdog(
-                    accelerator.process_index, accelerator.num_processes,
-                    cfg.train.heartbeat_timeout_s, stop.request, record_exit_status,
-                ).start()  # fmt: skip
+                ranks = (accelerator.process_index, accelerator.num_processes)
+                timeout = cfg.train.heartbeat_timeout_s
+                watchdog = Watchdog(*ranks, timeout, stop.request, record_exit_status).start()
             return train_epochs(start_run(cfg, accelerator, stop, lock, request))
     except RuntimeError as err:
         if accelerator.num_processes > 1 and is_collective_failure(err):
@@ -152,18 +151,14 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, torch.Tensor], floa
         sums.load_state_dict(state.epoch_sums)
     t0 = time.perf_counter()
     batches = run.splits["train"].train_batches(epoch, start, plan)
-    progress = Progress(
-        total=plan.batches, desc=f"epoch {epoch}/{cfg.train.epochs}", mode=cfg.train.progress,
-        initial=start, every=cfg.train.log_every_steps * cfg.train.grad_accum_batches,
-        unit="batch", disable=not accelerator.is_main_process, final_line=False,
-    )  # fmt: skip
+    progress = epoch_progress(run, epoch, plan.batches, start)
     # exactly plan.batches - start of them; on a GPU the next is copied while a step runs
     device, channels_last = accelerator.device, cfg.train.channels_last
     on_device = DeviceBatches(batches, device, channels_last, cfg.data.binarize)
     with closing(progress):
         for i, (batch, x) in enumerate(on_device, start=start):
             out = train_batch(run, epoch, batch, x)
-            sums.add(**batch_sums(out, x.shape[0]))
+            sums.add_terms(out.terms, x.shape[0])
             progress.update(1, samples=x.shape[0] * accelerator.num_processes)
             if out.synced:
                 after_step(run, epoch, out, progress)
@@ -175,6 +170,22 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, torch.Tensor], floa
     settle_transfers(run)
     run.vae.policy.check_divergence(run.checkpointer.latest)
     return sums.reduce(accelerator), seconds
+
+
+def epoch_progress(run: Run, epoch: int, batches: int, start: int) -> Progress:
+    """The epoch's progress in batches: a line every train.log_every_steps optimizer steps
+    (lines mode), none at the end (the epoch's own line follows)."""
+    train = run.cfg.train
+    return Progress(
+        total=batches,
+        desc=f"epoch {epoch}/{train.epochs}",
+        mode=train.progress,
+        initial=start,
+        every=train.log_every_steps * train.grad_accum_batches,
+        unit="batch",
+        disable=not run.accelerator.is_main_process,
+        final_line=False,
+    )
 
 
 def train_batch(run: Run, epoch: int, batch: dict[str, Any], x: torch.Tensor) -> StepOutput:
@@ -235,7 +246,7 @@ def mid_epoch_checkpoint(
     """After a stop signal: checkpoint and stop; else when the checkpointer says it is due."""
     state = run.state
     stopping = stop_requested(run, every=run.cfg.train.log_every_steps)
-    if not (stopping or run.checkpointer.due(state.opt_step)):
+    if not (stopping or state.opt_step >= run.checkpointer.next_step):
         return
     for net in run.nets.values():
         net.policy.settle()

@@ -12,6 +12,7 @@ from typing import Any
 
 from vae_scale.config import Config, rename_old_keys
 from vae_scale.errors import ConfigError
+from vae_scale.run_files.logs import read_run_record
 
 LOCK_FILE = ".lock"
 
@@ -102,14 +103,7 @@ def check_same_run(cfg: Config, run_dir: Path) -> None:
     path = run_dir / "config.json"
     if not path.is_file():
         return
-    try:
-        recorded = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(
-            f"{path} is damaged ({err}): the settings this run was trained with cannot be "
-            f"checked. Restore it (a copy is in the W&B run's config), or resume with "
-            f"--resume CHECKPOINT after moving it aside"
-        ) from None
+    recorded = read_run_record(run_dir)
     rename_old_keys(recorded)  # a record of an older vae_scale: its keys' current names
     now = _flat(cfg.to_dict())
     # A key the record lacks was added to vae_scale after the run was written: the run did

@@ -223,11 +223,10 @@ class Run:
     first_epoch: int  # the first epoch this process trains (its plan is printed)
     # this rank's transport retries and refetched bytes since they were last added to `state`
     transfers: TransferStats = field(default_factory=TransferStats)
+    vae: TrainedNetwork = field(init=False)  # the network a run exports and evaluates
 
-    @property
-    def vae(self) -> TrainedNetwork:
-        """The network a run exports and evaluates (the objective's first)."""
-        return next(iter(self.nets.values()))
+    def __post_init__(self) -> None:
+        self.vae = next(iter(self.nets.values()))  # the objective's first
 
 
 def start_run(
@@ -292,9 +291,18 @@ def start_run(
         raise
     total_steps = batches * cfg.train.epochs // cfg.train.grad_accum_batches
     return Run(
-        cfg, accelerator, splits, objective, nets, checkpointer, evaluation, state,
-        total_steps, stop, state.epoch,
-    )  # fmt: skip
+        cfg,
+        accelerator,
+        splits,
+        objective,
+        nets,
+        checkpointer,
+        evaluation,
+        state,
+        total_steps,
+        stop,
+        state.epoch,
+    )
 
 
 def build_training(

@@ -43,24 +43,16 @@ def train_step(
         loss = objective.loss(nets, x, step)
         accelerator.backward(loss.loss)  # one backward: the networks' losses reach disjoint weights
         synced = accelerator.sync_gradients
-        out = StepOutput(loss.terms, dict(loss.values), synced)
+        out = StepOutput(loss.terms, dict(loss.values or {}), synced)
         if synced:
-            out.values.update(objective.before_update(nets, step))
+            if objective.before_update is not None:
+                out.values.update(objective.before_update(nets, step))
             for name, net in nets.items():
-                start = objective.start_step(name)
+                start = net.start_step
                 if step >= start:
                     out.updates[name] = net.update(accelerator, step - start, total_steps - start)
             state.opt_step += 1
     return out
-
-
-def batch_sums(out: StepOutput, num_images: int) -> dict[str, torch.Tensor]:
-    """The batch's contribution to the epoch sums: each term's rows summed and scaled to the
-    batch's images (the mean over an image's draws or copies), and the number of images."""
-    sums = {k: v.detach().sum() * (num_images / v.numel()) for k, v in out.terms.items()}
-    # a fill kernel: torch.tensor(n, device=cuda) would copy from the host and wait
-    count = torch.full((), float(num_images), device=out.terms["neg_elbo"].device)
-    return {**sums, "count": count}
 
 
 def step_means(out: StepOutput) -> dict[str, torch.Tensor]:

@@ -275,12 +275,20 @@ def _batches(
             last_good = sample
         group.append(sample)
         if len(group) == batch_size:
-            yield {**collate(group, bad, last_good, crop), "transfers": stats.take()}
+            yield _with_transfers(collate(group, bad, last_good, crop), stats)
             made, group, bad = made + 1, [], 0
     if group and count is None:
-        yield {**collate(group, bad, last_good, crop), "transfers": stats.take()}
+        yield _with_transfers(collate(group, bad, last_good, crop), stats)
     if count is not None and made < count:
         raise DataError(f"the loader made {made} of {count} batches: shards ended early")
+
+
+def _with_transfers(batch: dict[str, Any], stats: TransferStats) -> dict[str, Any]:
+    """The batch with what the transports redid since the previous one, `stats` reset (what
+    TransferStats.take does, inline on this per-batch path)."""
+    batch["transfers"] = {"retries": stats.retries, "refetched_bytes": stats.refetched_bytes}
+    stats.retries = stats.refetched_bytes = 0
+    return batch
 
 
 class Crop:
