@@ -121,3 +121,26 @@ def test_a_real_terminal_still_shows_a_live_bar(frey_shards, tmp_path):
     text = seen.decode(errors="replace")
     bars = re.findall(r"\repoch 1/1: +\d+%\|[^|]*\| *(\d+)/88 \[", text)  # tqdm's redrawn bar
     assert len(bars) >= 2 and int(bars[-1]) > int(bars[0]), text[-2000:]
+
+
+@pytest.mark.slow
+def test_progress_lines_come_every_log_every_steps_optimizer_steps(
+    frey_shards, tmp_path, capsys, monkeypatch
+):
+    """With 2 batches per optimizer step, a line every 3 steps is one every 6 batches, and it
+    says which optimizer step the run is at."""
+    from conftest import tiny_frey_config
+    from vae_scale.training.loop import train
+    from vae_scale.utils import progress
+
+    monkeypatch.setattr(progress, "EVERY_S", 0.0)
+    cfg = tiny_frey_config(
+        frey_shards, tmp_path, "train.epochs=1", "data.batch_size=50", "train.progress=lines",
+        "train.grad_accum_batches=2", "train.log_every_steps=3", "eval.picture_epochs=[]",
+    )  # fmt: skip
+    train(cfg)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch 1/1:")]
+    batches = [int(line.split()[3].split("/")[0]) for line in lines]
+    assert batches == [6, 12, 18, 24, 30]  # 35 batches -> 34 (whole steps); none at the end
+    steps = [int(line.split("step ")[1].split(",")[0]) for line in lines]
+    assert steps == [3, 6, 9, 12, 15]

@@ -196,3 +196,21 @@ def test_pictures_at_every_picture_epoch_collapse_warning_only_after_warmup(
     out = capsys.readouterr().out
     assert out.count("the posterior is collapsing") == 1
     assert out.index("the posterior is collapsing") > out.index("epoch 2:")
+
+
+@pytest.mark.slow
+def test_a_bf16_runs_epoch_metrics_are_float32_like_vae_scale_eval(frey_shards, tmp_path):
+    """Training in bf16, its per-epoch val/test numbers are computed in float32: they equal
+    what `vae-scale eval` (float32) reports for the same checkpoint."""
+    from vae_scale.cli import main
+
+    cfg = tiny_frey_config(
+        frey_shards, tmp_path, "train.mixed_precision=bf16", "train.epochs=1",
+        "eval.picture_epochs=[]", "model.base_channels=4",
+    )  # fmt: skip
+    run = train(cfg)
+    epoch = metrics(run)[-1]
+    assert main(["eval", str(run), "--iw-samples", "0", "--batch-size", "100"]) == 0
+    evaluated = json.loads((run / "eval_test.json").read_text())
+    for key in ("test/neg_elbo", "test/recon", "test/kl", "test/psnr"):
+        assert epoch[key] == pytest.approx(evaluated[key], rel=1e-6), key

@@ -159,11 +159,11 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, torch.Tensor], floa
         for i, (batch, x) in enumerate(on_device, start=start):
             out = train_batch(run, epoch, batch, x)
             sums.add_terms(out.terms, x.shape[0])
-            progress.update(1, samples=x.shape[0] * accelerator.num_processes)
-            if out.synced:
+            if out.synced:  # its log row first: the progress line shows the step's values
                 after_step(run, epoch, out, progress)
-                if i + 1 < plan.batches:
-                    mid_epoch_checkpoint(run, epoch, i + 1, sums, plan)
+            progress.update(1, samples=x.shape[0] * accelerator.num_processes)
+            if out.synced and i + 1 < plan.batches:
+                mid_epoch_checkpoint(run, epoch, i + 1, sums, plan)
     seconds = time.perf_counter() - t0
     for net in run.nets.values():
         net.policy.settle()

@@ -55,7 +55,7 @@ class Progress:
         mode: str | None = None,
         initial: int = 0,
         every: int = 1,
-        every_s: float = EVERY_S,
+        every_s: float | None = None,  # None: EVERY_S
         unit: str = "step",
         disable: bool = False,
         stream: TextIO | None = None,
@@ -65,7 +65,7 @@ class Progress:
         self.stream = sys.stderr if stream is None else stream
         self.mode = "off" if disable else resolve_mode(mode, self.stream)
         self.n = self.last_n = self.initial = initial
-        self.every, self.every_s = max(1, every), every_s
+        self.every, self.every_s = max(1, every), EVERY_S if every_s is None else every_s
         self.final_line = final_line
         self.values: dict[str, Any] = {}
         self.samples = 0
