@@ -32,7 +32,7 @@ def run_trainer(shards, run_dir, processes, workers, stop_after_rows=None):
         "run.name=elastic",
         f"data.batch_size={BATCH}",
         f"data.num_workers={workers}",
-        "train.epochs=2",
+        "train.epochs=1",  # the interrupted epoch is what is checked; no second one needed
         "train.log_every_steps=1",
         "train.log_sample_keys=true",
         "eval.picture_epochs=[]",
@@ -94,5 +94,5 @@ def test_stopped_run_resumes_on_another_topology_without_repeating_a_sample(
     left_out = TOTAL - len(keys)
     assert 0 <= left_out <= after[0] * BATCH - 1  # only the last plan leaves any out
     rows = [json.loads(r) for r in (tmp_path / "elastic" / "metrics.jsonl").open()]
-    assert [r["epoch"] for r in rows] == [1, 2]
+    assert [r["epoch"] for r in rows] == [1]
     assert rows[epoch - 1]["train/num_samples"] == len(keys)

@@ -36,7 +36,7 @@ class LinearGaussianVAE(VAE):
     The encoder is a deliberately imperfect linear Gaussian q(z|x)."""
 
     def __init__(self, w, b, sigma):
-        super().__init__((1, 2, 2), FixedGaussian((1, 2, 2), sigma))
+        super().__init__(None, (1, 2, 2), FixedGaussian((1, 2, 2), sigma))
         self.w, self.b = w, b
         post_cov = torch.linalg.inv(torch.eye(2) + w.T @ w / sigma**2)
         self.enc = post_cov @ w.T / sigma**2 * 0.85  # 15% off the true posterior mean
@@ -244,7 +244,7 @@ def test_active_units_count_dead_dimensions(frey_shards, tmp_path):
 
     class HalfDead(VAE):
         def __init__(self):
-            super().__init__((1, 28, 20), Bernoulli((1, 28, 20)))
+            super().__init__(None, (1, 28, 20), Bernoulli((1, 28, 20)))
             self.out = nn.Parameter(torch.zeros(1, 28, 20))
 
         @property

@@ -2,7 +2,12 @@
 does to a run folder, through the real CLI."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -12,6 +17,7 @@ from conftest import REPO, TINY_FREY, tiny_overrides
 from vae_scale.cli import main
 from vae_scale.run_files.checkpoints import PREFIX, complete_checkpoints
 from vae_scale.training import checkpoint
+from vae_scale.training.signals import REQUEUE_EXIT_CODE
 
 pytestmark = pytest.mark.slow  # real runs
 
@@ -118,3 +124,124 @@ def test_a_reader_retries_when_the_trainer_prunes_its_checkpoint(
     code, err = cli(["sample", str(run)], capsys)
     assert code == 0, err
     assert pruned and list(run.glob("sample_*.png"))
+
+
+@pytest.fixture(scope="module")
+def one_shard_frey(frey_source, tmp_path_factory) -> Path:
+    """Frey with the whole training split in one shard: one visit spans the epoch."""
+    from vae_scale.data.sourcing import frey
+    from vae_scale.data.sourcing.shards import write_dataset
+
+    out = tmp_path_factory.mktemp("one_shard")
+    write_dataset(frey.prepare(frey_source, 0, download_ok=False), out / "frey", shard_size=4000)
+    return out
+
+
+def popen(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "vae_scale", *args], env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("change, workers", [("rewritten", 0), ("truncated", 0), ("truncated", 2)])
+def test_a_shard_changed_in_place_under_a_running_job_stops_it_naming_the_shard(
+    one_shard_frey, tmp_path, change, workers
+):
+    shards = tmp_path / "shards"
+    shutil.copytree(one_shard_frey, shards)
+    shard = shards / "frey" / "train-000000.tar"
+    args = train_args(
+        shards, tmp_path, "data.cache_in_memory=false", f"data.num_workers={workers}",
+        "data.batch_size=5", "train.log_every_steps=1", "train.checkpoint_every_steps=5",
+        "train.keep_checkpoints=100",
+    )  # fmt: skip
+    proc = popen(args)
+    steps = tmp_path / "tiny" / "steps.jsonl"
+    deadline = time.time() + 120
+    while not (steps.is_file() and len(steps.read_text().splitlines()) >= 12):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.02)
+    with open(shard, "r+b") as f:  # in place, same inode: what `cp new.tar shard.tar` does
+        if change == "truncated":
+            f.truncate(os.fstat(f.fileno()).st_size // 3)
+        else:
+            f.seek(4096)
+            f.write(b"\xff" * (os.fstat(f.fileno()).st_size - 8192))  # all-white images
+        changed_at = len(steps.read_text().splitlines())
+    code, err = proc.wait(timeout=120), proc.stderr.read()
+    assert code == 2, err[-3000:]  # not -7 (SIGBUS), not a hang
+    assert "Traceback" not in err and "shared memory" not in err
+    assert f"{shard} changed on disk while it was being read" in err
+    # batches read before the change (up to the workers' prefetch, 4 each) are the verified
+    # bytes and may still train and be checkpointed; none read after it trains
+    in_flight = 4 * workers + 1
+    latest = checkpoint.latest_checkpoint(tmp_path / "tiny" / "checkpoints", verify_hashes=True)
+    assert latest is not None and checkpoint.checkpoint_step(latest) <= changed_at + in_flight
+    assert len(steps.read_text().splitlines()) <= changed_at + in_flight
+
+
+def test_a_lying_member_table_trains_on_the_true_images(one_shard_frey, tmp_path, capsys):
+    """All offsets of the shard's member table pointed at its first image: the table is
+    checked against the shard when it is hashed, and the run trains exactly what an honest
+    index trains, saying which shard's table lied."""
+    import numpy as np
+
+    from vae_scale.data.members import MemberTable
+
+    for name in ("honest", "lying"):
+        shards = tmp_path / name / "shards"
+        shutil.copytree(one_shard_frey, shards)
+        if name == "lying":
+            index = json.loads((shards / "frey" / "index.json").read_text())
+            shard = index["splits"]["train"]["shards"][0]
+            table = MemberTable.decode(shard["members"])
+            offsets = np.repeat(table.offsets[:1], len(table.keys), axis=0)
+            shard["members"] = MemberTable(table.fields, table.keys, offsets, table.sizes).encode()
+            (shards / "frey" / "index.json").write_text(json.dumps(index))
+        args = train_args(
+            shards, tmp_path / name, "data.cache_in_memory=false", "train.log_every_steps=1"
+        )
+        if name == "honest":
+            assert cli(args, capsys)[0] == 0
+            continue
+        with pytest.warns(UserWarning, match="train-000000.tar: the member table in index.json"):
+            assert cli(args, capsys)[0] == 0
+    honest, lying = (
+        (tmp_path / n / "tiny" / "steps.jsonl").read_text() for n in ("honest", "lying")
+    )
+    assert honest == lying
+
+
+def test_a_killed_loader_worker_ends_the_run_retryably_with_a_checkpoint(frey_shards, tmp_path):
+    """What the OOM killer does to a loader worker: the run ends in bounded time naming the
+    worker, the likely cause and its memory, checkpointed, exit 3; the same command resumes."""
+    run = tmp_path / "tiny"
+    args = train_args(
+        frey_shards, tmp_path, "data.cache_in_memory=false", "data.num_workers=2",
+        "data.batch_size=5", "train.log_every_steps=1", "train.epochs=2",
+    )  # fmt: skip
+    proc = popen(args)
+    steps = run / "steps.jsonl"
+    deadline = time.time() + 120
+    while not (steps.is_file() and len(steps.read_text().splitlines()) >= 5):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.02)
+    workers = [
+        int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    ]
+    os.kill(workers[0], signal.SIGKILL)
+    started = time.time()
+    code, err = proc.wait(timeout=120), proc.stderr.read()
+    assert time.time() - started < 60
+    assert code == REQUEUE_EXIT_CODE, err[-3000:]
+    assert "Traceback" not in err
+    assert f"loader worker 0 (pid {workers[0]}) of process 0 was killed by SIGKILL" in err
+    assert "out-of-memory killer" in err and " MB at last look" in err
+    step = int(err.split("checkpointed at step ")[1].split()[0])
+    latest = checkpoint.latest_checkpoint(run / "checkpoints", verify_hashes=True)
+    assert checkpoint.checkpoint_step(latest) == step > 0
+    resumed = popen(args)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
+    assert [json.loads(r)["epoch"] for r in (run / "metrics.jsonl").open()] == [1, 2]

@@ -117,3 +117,69 @@ def test_a_shard_changed_after_it_was_verified_is_hashed_again_and_named(rgb_sha
     shard.write_bytes(bytes(data))
     with pytest.raises(DataError, match=f"{shard.name}.*sha256"):
         list(split.train_batches(2))
+
+
+def lying_index(folder) -> None:
+    """Every offset of every shard's member table pointed at its first member, as the held-out
+    audit did (the shard's bytes and sha256 untouched)."""
+    path = folder / "index.json"
+    index = json.loads(path.read_text())
+    for split in index["splits"].values():
+        for shard in split["shards"]:
+            table = MemberTable.decode(shard["members"])
+            offsets = np.repeat(table.offsets[:1], len(table.keys), axis=0)
+            shard["members"] = dataclasses.replace(table, offsets=offsets).encode()
+    path.write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_member_table_that_lies_is_not_believed(rgb_shards, tmp_path, workers):
+    import shutil
+
+    folder = tmp_path / "rgb"
+    shutil.copytree(rgb_shards, folder)
+    lying_index(folder)
+    data = DataConfig(batch_size=6, num_workers=workers)
+    lied = ShardSplit(folder, "train", data)
+    lied.verified = shard_view.VerifiedShards()  # nothing verified yet in this process
+    if workers:  # the warning comes from the worker processes' stderr
+        got = batches(lied, train=False)
+    else:
+        with pytest.warns(UserWarning, match=r"train-000000\.tar: the member table in index"):
+            got = batches(lied, train=False)
+    truth = batches(without_tables(ShardSplit(rgb_shards, "train", data)), train=False)
+    assert [b["key"] for b in got] == [b["key"] for b in truth]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(got, truth))
+    assert len({bytes(x.numpy()) for b in got for x in b["image"]}) == 60  # not one image
+
+
+@pytest.mark.parametrize("change", ["rewritten", "truncated"])
+def test_a_shard_changed_in_place_while_read_is_never_trained_on(rgb_shards, tmp_path, change):
+    """The file is changed (same inode, as `cp new.tar shard.tar` or `rsync --inplace` do)
+    between two batches of one visit: the next batch that read it is refused naming the shard
+    (never a SIGBUS), or with data.on_error=skip its samples are replaced and counted."""
+    import shutil
+
+    for on_error in ("raise", "skip"):
+        folder = tmp_path / on_error / "rgb"
+        shutil.copytree(rgb_shards, folder)
+        (shard,) = [folder / "train-000000.tar"]
+        split = ShardSplit(folder, "train", DataConfig(batch_size=2, on_error=on_error))
+        split.verified = shard_view.VerifiedShards()
+        stream = split.eval_batches()
+        first = next(stream)  # shard 0 open, verified, 2 of its 8 samples read
+        with open(shard, "r+b") as f:  # in place: same inode
+            if change == "truncated":
+                f.truncate(3000)
+            else:
+                f.seek(1024)
+                f.write(b"\xff" * 2048)
+        if on_error == "raise":
+            with pytest.raises(DataError, match=r"train-000000\.tar changed on disk"):
+                next(stream)
+            continue
+        rest = list(stream)
+        got = [first, *rest]
+        keys = [k for b in got for k in b["key"]]
+        assert keys[:2] == ["0000", "0001"] and "0002" not in keys and "0008" in keys
+        assert sum(b["skipped"] for b in got) == 6  # the shard's other samples, counted

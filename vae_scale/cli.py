@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vae_scale.errors import ConfigError, DataError
-from vae_scale.training.signals import TrainingInterrupted
+from vae_scale.training.signals import TrainingInterrupted, kill_stray_loader_workers
 from vae_scale.training.signals import record_exit_status as _record_exit_status
 from vae_scale.utils.progress import MODES as PROGRESS_MODES
 from vae_scale.utils.progress import set_default_mode as set_progress_mode
@@ -525,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as err:
         print(f"interrupted: {err}", file=sys.stderr)
         return _record_exit_status(err.exit_code)
+    finally:  # whatever ended the command, no loader worker outlives it (or hangs its exit)
+        kill_stray_loader_workers()
     return _record_exit_status(0)
 
 

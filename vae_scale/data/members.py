@@ -70,11 +70,16 @@ def member_table(path: str | Path) -> MemberTable:
     the walk does not read to its end."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        members, error, _ = file_members(fd, os.fstat(fd).st_size)
+        return member_table_of(fd, str(path))
     finally:
         os.close(fd)
+
+
+def member_table_of(fd: int, name: str = "shard") -> MemberTable:
+    """`member_table` of a shard already open as `fd`."""
+    members, error, _ = file_members(fd, os.fstat(fd).st_size)
     if error is not None:
-        raise ValueError(f"{path}: {error}")
+        raise ValueError(f"{name}: {error}")
     keys: list[str] = []
     rows: list[dict[str, tuple[int, int]]] = []
     fields: dict[str, None] = {}

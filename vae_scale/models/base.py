@@ -58,8 +58,8 @@ class VAE(nn.Module):
         self.build(cfg, *self.image_shape)
 
     def build(self, cfg: Section, channels: int, height: int, width: int) -> None:
-        """The family's layers for images of (channels, height, width), from its section."""
-        raise NotImplementedError
+        """The family's layers for images of (channels, height, width), from its section
+        (a family defines it; a network built by other means may leave it empty)."""
 
     @property
     def latent_shape(self) -> tuple[int, ...]:

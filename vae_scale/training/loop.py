@@ -19,6 +19,7 @@ import torch
 from vae_scale.config import Config
 from vae_scale.data.streaming.inputs import DeviceBatches
 from vae_scale.data.streaming.order import EpochPlan
+from vae_scale.data.streaming.workers import WorkerLost
 from vae_scale.metrics import MetricSums
 from vae_scale.run_files.logs import STEPS_FILE, append_row, sample_keys_file
 from vae_scale.training import tracking
@@ -155,19 +156,24 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, torch.Tensor], floa
     # exactly plan.batches - start of them; on a GPU the next is copied while a step runs
     device, channels_last = accelerator.device, cfg.train.channels_last
     on_device = DeviceBatches(batches, device, channels_last, cfg.data.binarize)
-    with closing(progress):
-        for i, (batch, x) in enumerate(on_device, start=start):
-            out = train_batch(run, epoch, batch, x)
-            sums.add_terms(out.terms, x.shape[0])
-            if out.synced:  # its log row first: the progress line shows the step's values
-                after_step(run, epoch, out, progress)
-            progress.update(1, samples=x.shape[0] * accelerator.num_processes)
-            if out.synced and i + 1 < plan.batches:
-                mid_epoch_checkpoint(run, epoch, i + 1, sums, plan)
+    done, synced = start, True  # batches of the epoch trained; whether they end a step
+    with closing(progress), closing(batches):  # its loader workers end with the epoch
+        try:
+            for i, (batch, x) in enumerate(on_device, start=start):
+                out = train_batch(run, epoch, batch, x)
+                sums.add_terms(out.terms, x.shape[0])
+                if out.synced:  # its log row first: the progress line shows its values
+                    after_step(run, epoch, out, progress)
+                progress.update(1, samples=x.shape[0] * accelerator.num_processes)
+                done, synced = i + 1, out.synced
+                if synced and done < plan.batches:
+                    mid_epoch_checkpoint(run, epoch, done, sums, plan)
+        except WorkerLost as err:  # the OOM killer, most often: retryable, exit 3
+            raise worker_lost(run, err, epoch, done if synced else None, sums, plan) from None
     seconds = time.perf_counter() - t0
     for net in run.nets.values():
         net.policy.settle()
-    settle_transfers(run)
+    run.settle_transfers()
     run.vae.policy.check_divergence(run.checkpointer.latest)
     return sums.reduce(accelerator), seconds
 
@@ -224,7 +230,7 @@ def log_step(run: Run, epoch: int, out: StepOutput, progress: Progress) -> None:
     reduced = run.accelerator.reduce(torch.stack(list(means.values())), "mean").tolist()
     step_terms = dict(zip(means, reduced, strict=True))
     progress.set_values(step=state.opt_step, neg_elbo=step_terms["neg_elbo"])
-    settle_transfers(run)
+    run.settle_transfers()
     row = {
         "global_step": state.opt_step,
         "epoch": epoch,
@@ -241,38 +247,43 @@ def log_step(run: Run, epoch: int, out: StepOutput, progress: Progress) -> None:
 
 
 def mid_epoch_checkpoint(
-    run: Run, epoch: int, batch: int, sums: MetricSums, plan: EpochPlan
+    run: Run, epoch: int, batch: int, sums: MetricSums, plan: EpochPlan, stop: bool = False
 ) -> None:
-    """After a stop signal: checkpoint and stop; else when the checkpointer says it is due."""
+    """After a stop signal: checkpoint and stop; else when the checkpointer says it is due.
+    `batch`: the rank batches of the epoch trained (whole optimizer steps); `stop`: checkpoint
+    now (this process alone: a lost loader worker)."""
     state = run.state
-    stopping = stop_requested(run, every=run.cfg.train.log_every_steps)
+    stopping = stop or stop_requested(run, every=run.cfg.train.log_every_steps)
     if not (stopping or state.opt_step >= run.checkpointer.next_step):
         return
     for net in run.nets.values():
         net.policy.settle()
-    settle_transfers(run)
+    run.settle_transfers()
     state.epoch, state.batch_in_epoch = epoch, batch
     planner = run.splits["train"].planner
     planner.position = planner.record(plan, batch)
     state.epoch_sums = sums.state_dict(run.accelerator)
     run.checkpointer.save(state.opt_step)
-    if stopping:
+    if stopping and not stop:
         raise TrainingInterrupted(
             f"{run.stop.reason}: checkpointed at step {state.opt_step} (epoch {epoch}, "
             f"batch {batch}); run the same command to resume"
         )
 
 
-def settle_transfers(run: Run) -> None:
-    """Add every rank's transport retries and refetched bytes since the last call to the
-    state's totals. Collective: called at the same steps on every rank."""
-    pending = run.transfers.take()
-    counts = torch.tensor([pending["retries"], pending["refetched_bytes"]], dtype=torch.float64)
-    if run.accelerator.num_processes > 1:
-        counts = run.accelerator.reduce(counts.to(run.accelerator.device), "sum").cpu()
-    retries, refetched = (int(c) for c in counts.tolist())
-    run.state.data_retries += retries
-    run.state.data_refetched_bytes += refetched
+def worker_lost(
+    run: Run, err: WorkerLost, epoch: int, done: int | None, sums: MetricSums, plan: EpochPlan
+) -> TrainingInterrupted:
+    """A loader worker died: one process checkpoints where its last optimizer step left it
+    (`done` rank batches, None inside a step's accumulation: not safely) and stops with exit
+    3 (retryable: Slurm requeue, torchrun restarts). With several processes a checkpoint needs
+    them all; this one stops, the others stop by their collective timeout or watchdog (exit 3),
+    and the latest checkpoint stands."""
+    kept = f"the latest checkpoint {run.checkpointer.latest or '(none yet)'} stands"
+    if run.accelerator.num_processes == 1 and done is not None and done > 0:
+        mid_epoch_checkpoint(run, epoch, done, sums, plan, stop=True)
+        kept = f"checkpointed at step {run.state.opt_step} (epoch {epoch}, batch {done})"
+    return TrainingInterrupted(f"{err}; {kept}: run the same command to resume")
 
 
 def stop_requested(run: Run, every: int = 1) -> bool:

@@ -228,6 +228,18 @@ class Run:
     def __post_init__(self) -> None:
         self.vae = next(iter(self.nets.values()))  # the objective's first
 
+    def settle_transfers(self) -> None:
+        """Add every rank's transport retries and refetched bytes since the last call to the
+        state's totals. Collective: called at the same steps on every rank."""
+        pending = self.transfers.take()
+        counts = torch.tensor([pending["retries"], pending["refetched_bytes"]], dtype=torch.float64)
+        if self.accelerator.num_processes > 1:
+            device = self.accelerator.device
+            counts = self.accelerator.reduce(counts.to(device), "sum").cpu()
+        retries, refetched = (int(c) for c in counts.tolist())
+        self.state.data_retries += retries
+        self.state.data_refetched_bytes += refetched
+
 
 def start_run(
     cfg: Config, accelerator: Accelerator, stop: StopFlag, lock: RunLock, request: StartRequest

@@ -77,3 +77,13 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     """DataLoader `worker_init_fn`: the main process alone decides when to stop."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def kill_stray_loader_workers() -> None:
+    """At exit: SIGKILL the daemonic children (loader workers) still alive. They ignore
+    SIGTERM, which multiprocessing's own exit handler sends before joining them forever."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()

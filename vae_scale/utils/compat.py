@@ -60,6 +60,23 @@ def skip_step_if(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> Iterat
         del inner.found_inf, inner.grad_scale
 
 
+def worker_deaths_found_by_the_loader() -> None:
+    """DataLoader's SIGCHLD handler raises "worker ... is killed" in the main thread at
+    whatever line it runs, in the middle of an optimizer step as readily as between batches,
+    so nothing can tell whether the weights are in a state to checkpoint. Without it (this
+    marks it as installed), the iterator finds a dead worker itself while it waits for a
+    batch (every few seconds), at a batch boundary. torch has no public switch."""
+    from torch.utils.data._utils import signal_handling
+
+    signal_handling._SIGCHLD_handler_set = True
+
+
+def loader_workers(iterator: Any) -> list[Any]:
+    """A DataLoader iterator's worker processes (multiprocessing.Process), in worker order
+    ([] without workers). The iterator keeps them privately."""
+    return list(getattr(iterator, "_workers", ()))
+
+
 def shut_down_loader_workers(iterator: Any) -> None:
     """Stop a DataLoader iterator's worker processes now. An error raised through the loop
     can keep the iterator alive (its frame in the traceback) until interpreter exit, where
@@ -69,6 +86,12 @@ def shut_down_loader_workers(iterator: Any) -> None:
     shutdown = getattr(iterator, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
+    # Its fallback, terminate(), is a SIGTERM, which our workers ignore; a worker it could not
+    # join (a queue lock held by a killed peer) would then hang the exit that joins it.
+    for worker in loader_workers(iterator):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(5)
 
 
 def full_precision_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:

@@ -26,6 +26,7 @@ from webdataset.utils import pytorch_worker_info
 
 from vae_scale.data.config import DataConfig
 from vae_scale.data.streaming import remote
+from vae_scale.data.streaming.batches import Crop, batches_of
 from vae_scale.data.streaming.catalog import SplitCatalog
 from vae_scale.data.streaming.decode import DecodeSpec
 from vae_scale.data.streaming.order import EpochPlan, Topology
@@ -33,8 +34,14 @@ from vae_scale.data.streaming.planner import EpochPlanner
 from vae_scale.data.streaming.reader import BadSample, ReadOptions, ShardReader
 from vae_scale.data.streaming.remote import TransferStats
 from vae_scale.data.streaming.shard_view import ShardView, verified_shards
+from vae_scale.data.streaming.workers import WorkerLost, WorkerMemory
 from vae_scale.errors import DataError
-from vae_scale.utils.compat import seeded_shuffle, shut_down_loader_workers
+from vae_scale.utils.compat import (
+    loader_workers,
+    seeded_shuffle,
+    shut_down_loader_workers,
+    worker_deaths_found_by_the_loader,
+)
 from vae_scale.utils.seeding import derive_seed
 
 WORKER_ERROR = f"{DataError.__module__}.{DataError.__qualname__}"  # as a worker's traceback ends
@@ -117,6 +124,8 @@ class ShardSplit:
         if self._cache is not None and workers > 0:
             self.fill_cache()
         extra = {"prefetch_factor": 4} if workers > 0 else {}
+        if workers > 0:
+            worker_deaths_found_by_the_loader()  # a dead one: WorkerLost between batches
         # Its own generator: a DataLoader iterator otherwise draws its base seed from the
         # global torch RNG, shifting the reparameterization noise after a mid-epoch resume.
         loader = DataLoader(
@@ -130,10 +139,20 @@ class ShardSplit:
             **extra,
         )
         iterator = iter(loader)
+        memory = WorkerMemory(loader_workers(iterator))
         try:
-            yield from iterator
+            for batch in iterator:
+                memory.look()
+                yield batch
         except DataError as err:  # from a worker: "Caught DataError in ... Traceback ..."
             raise DataError(str(err).rsplit(f"{WORKER_ERROR}: ", 1)[-1].strip()) from None
+        except (RuntimeError, OSError, EOFError) as err:
+            # A dead worker surfaces as DataLoader's "worker (pid N) is killed by signal",
+            # or as a broken pipe while its last batch was handed over
+            lost = memory.lost()
+            if lost is None:
+                raise
+            raise WorkerLost(memory, lost, self.rank) from err
         finally:
             shut_down_loader_workers(iterator)
 
@@ -170,16 +189,23 @@ def read_ids(split: ShardSplit, ids: np.ndarray, stats: TransferStats) -> Iterat
         source = loaded.get(s)
         if source is None:
             entry = split.catalog.shards[s]
-            source = None if split._cache is not None else ShardView.open(
-                entry, options.spec, split.verified, options.verify
-            )  # fmt: skip
+            source = None
+            if split._cache is None:
+                source = ShardView.open(entry, options.spec, split.verified, options.verify)
             if source is None:  # read the checked way, which reports what is wrong
                 source = reader.load(entry, sorted(set(needed[s])))
+            else:
+                source.on_error = options.on_error
             loaded[s] = source
-        yield (source, m) if type(source) is ShardView else source[m]
+        if type(source) is not ShardView:
+            yield source[m]
+        elif options.on_error == "skip" and not source.unchanged():  # (one fstat a sample)
+            yield BadSample(str(source.changed_error()))
+        else:
+            yield source, m
         left[s] -= 1
         if not left[s]:
-            del loaded[s]  # the worker has moved past this shard
+            del loaded[s]  # the worker has moved past this shard (a view closes its file)
 
 
 class _TrainStream(IterableDataset):
@@ -202,7 +228,7 @@ class _TrainStream(IterableDataset):
         else:
             samples = _resampled(split, plan, w, stats)
         crop = Crop(split.data.random_crop, split.seed, plan.epoch)
-        yield from _batches(samples, split.batch_size, count, True, stats, crop)
+        yield from batches_of(samples, split.batch_size, count, True, stats, crop)
 
 
 def _resampled(
@@ -248,126 +274,7 @@ class _EvalStream(IterableDataset):
             mine = split.catalog.shards[split.rank :: split.world_size][w::workers]
             samples = (s for entry in mine for s in reader.load(entry).values())
         crop = Crop(split.data.random_crop, split.seed, None)
-        yield from _batches(samples, split.batch_size, None, False, stats, crop)
-
-
-def _batches(
-    samples: Iterator[Any],
-    batch_size: int,
-    count: int | None,
-    fill_bad: bool,
-    stats: TransferStats,
-    crop: Crop | None = None,
-) -> Iterator[dict[str, Any]]:
-    """Group samples into batches: `count` full ones (training; a bad sample's place is taken
-    by a good one of its batch, and counted), or all of them with a partial last batch
-    (evaluation; bad samples are left out and counted). Each batch carries what the
-    transports redid since the previous one (`transfers`: retries, refetched_bytes)."""
-    made, group, bad, last_good = 0, [], 0, None
-    for sample in samples:
-        if count is not None and made >= count:
-            return
-        if isinstance(sample, BadSample):
-            bad += 1
-            if not fill_bad:
-                continue
-        else:
-            last_good = sample
-        group.append(sample)
-        if len(group) == batch_size:
-            yield _with_transfers(collate(group, bad, last_good, crop), stats)
-            made, group, bad = made + 1, [], 0
-    if group and count is None:
-        yield _with_transfers(collate(group, bad, last_good, crop), stats)
-    if count is not None and made < count:
-        raise DataError(f"the loader made {made} of {count} batches: shards ended early")
-
-
-def _with_transfers(batch: dict[str, Any], stats: TransferStats) -> dict[str, Any]:
-    """The batch with what the transports redid since the previous one, `stats` reset (what
-    TransferStats.take does, inline on this per-batch path)."""
-    batch["transfers"] = {"retries": stats.retries, "refetched_bytes": stats.refetched_bytes}
-    stats.retries = stats.refetched_bytes = 0
-    return batch
-
-
-class Crop:
-    """data.random_crop's window of each image: random per (seed, epoch, sample key) in training
-    (`epoch` given), the centre in evaluation (`epoch` None); `size` None: the whole image."""
-
-    def __init__(self, size: int | None, seed: int, epoch: int | None):
-        self.size, self.seed, self.epoch = size, seed, epoch
-
-    def __call__(self, image: np.ndarray, key: str) -> np.ndarray:
-        """`image`: (C, H, W)."""
-        if self.size is None:
-            return image
-        h, w = image.shape[-2:]
-        if self.epoch is None:
-            top, left = (h - self.size) // 2, (w - self.size) // 2
-        else:
-            rng = random.Random(derive_seed(self.seed, "crop", self.epoch, key))
-            top, left = rng.randint(0, h - self.size), rng.randint(0, w - self.size)
-        return image[:, top : top + self.size, left : left + self.size]
-
-
-def collate(
-    samples: list[Any], skipped: int = 0, fallback: Any = None, crop: Crop | None = None
-) -> dict[str, Any]:
-    """A batch of decoded samples (dicts, BadSample) or shard-view references (view, m)."""
-    if all(type(s) is tuple for s in samples):
-        return _collate_views(samples, skipped, crop)
-    samples = [s[0].sample(s[1]) if type(s) is tuple else s for s in samples]
-    if type(fallback) is tuple:
-        fallback = fallback[0].sample(fallback[1])
-    good = [s for s in samples if not isinstance(s, BadSample)]
-    if len(good) < len(samples):
-        stand_in = good[0] if good else fallback
-        if stand_in is None:
-            raise DataError(f"no readable sample to stand in for: {samples[0].reason}")
-        samples = [stand_in if isinstance(s, BadSample) else s for s in samples]
-    batch: dict[str, Any] = {
-        "image": torch.from_numpy(
-            np.stack([crop(s["image"], s["key"]) if crop else s["image"] for s in samples])
-        ),
-        "key": [s["key"] for s in samples],
-        "skipped": skipped,
-    }
-    return add_labels(batch, samples)
-
-
-def add_labels(batch: dict[str, Any], samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """The batch's `cls` (when every sample has one) and `json` (when any has one)."""
-    if all("cls" in s for s in samples):
-        batch["cls"] = torch.tensor([s["cls"] for s in samples])
-    if any("json" in s for s in samples):
-        batch["json"] = [s.get("json") for s in samples]
-    return batch
-
-
-def _collate_views(
-    refs: list[tuple[ShardView, int]], skipped: int, crop: Crop | None
-) -> dict[str, Any]:
-    """Samples of verified shards: every image copied into one (B, H, W, C) array, then the
-    batch transposed to (B, C, H, W) at once (not image by image)."""
-    spec = refs[0][0].spec
-    h, w, c = spec.image_hwc
-    n = h * w * c
-    images = np.empty((len(refs), n), np.uint8)
-    for row, (view, m) in zip(images, refs):
-        start = view.starts[m]
-        row[:] = view.buffer[start : start + n]
-    keys = [view.keys[m] for view, m in refs]
-    chw = torch.from_numpy(images).view(len(refs), h, w, c).permute(0, 3, 1, 2)
-    if crop is not None and crop.size is not None:
-        image = torch.stack([crop(x, k) for x, k in zip(chw, keys)])
-    else:  # standard strides: for C = 1 `contiguous()` would keep channel-last ones, and
-        # convolutions choose their kernel (and rounding) by the layout they see
-        image = torch.empty((len(refs), c, h, w), dtype=torch.uint8).copy_(chw)
-    batch: dict[str, Any] = {"image": image, "key": keys, "skipped": skipped}
-    if spec.labels:
-        return add_labels(batch, [view.labels_of(m) for view, m in refs])
-    return batch
+        yield from batches_of(samples, split.batch_size, None, False, stats, crop)
 
 
 def _check_distributed_view(rank: int, world_size: int) -> None:

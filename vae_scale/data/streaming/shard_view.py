@@ -1,13 +1,16 @@
-"""A local shard read by slicing: verified once, then each image is a slice of the mapped file.
+"""A local shard read by position: verified once, then each image is one positioned read.
 
 When index.json gives a shard's member table (data/members.py) and its sha256, the shard is
-mapped into memory, hashed once per content (`VerifiedShards`: the process and the loader
-workers it forks share the result, so later epochs do not hash it again), and its images are
-sliced out where the table says: no header walk, no regrouping of members, no per-image
-transpose (batches are collated as one array and transposed once). Labels and JSON are
-decoded only for splits that ask for them. Anything this path does not handle (remote shards,
-no table or hash, images that are not the index's npy, a hash that differs) returns None, and
-the shard is read the checked way (reader.py), which also reports what is wrong.
+hashed and its table checked against its own tar headers once per content (`VerifiedShards`:
+the process and the loader workers it forks share the result, so later epochs do not hash it
+again), and its images are read where the table says: no header walk, no regrouping of
+members, no per-image transpose (batches are collated as one array and transposed once). A
+shard rewritten or truncated in place after it was verified is noticed at the latest when a
+batch that read it is collated (`ShardView.unchanged`), before anything trains on it. Labels
+and JSON are decoded only for splits that ask for them. Anything this path does not handle
+(remote shards, no table or hash, images that are not the index's npy, a hash that differs, a
+member table that is not the shard's) returns None, and the shard is read the checked way
+(reader.py), which also reports what is wrong.
 """
 
 from __future__ import annotations
@@ -17,14 +20,16 @@ import io
 import json
 import mmap
 import os
+import warnings
 from typing import Any
 
 import numpy as np
 
-from vae_scale.data.members import MemberTable
+from vae_scale.data.members import MemberTable, member_table_of
 from vae_scale.data.streaming import remote
 from vae_scale.data.streaming.catalog import ShardEntry
 from vae_scale.data.streaming.decode import DecodeSpec, label_of
+from vae_scale.errors import DataError
 
 
 class VerifiedShards:
@@ -85,15 +90,31 @@ def verified_shards() -> VerifiedShards:
 
 
 class ShardView:
-    """The samples of one verified local shard: `image_into(flat_row, m)` copies sample m's
-    pixels (H*W*C bytes, HWC), `keys[m]` its key, `labels_of(m)` its cls / json."""
+    """The samples of one verified local shard, read with positioned reads of its open file
+    (which cannot fault, unlike a mapping of a file truncated under it): `read_image(m, row)`
+    copies sample m's pixels (H*W*C bytes, HWC) into `row`, `keys[m]` is its key,
+    `labels_of(m)` its cls / json. `unchanged()` says whether the file still has the size and
+    times it had when it was verified: checked after each batch's copies, so that a shard
+    rewritten or truncated in place is never trained on (data.on_error decides what then)."""
 
-    def __init__(self, entry: ShardEntry, table: MemberTable, spec: DecodeSpec, view, starts):
-        self.entry, self.table, self.spec = entry, table, spec
-        self.buffer = view  # the mapped shard, as a uint8 array
+    def __init__(
+        self, entry: ShardEntry, table: MemberTable, spec: DecodeSpec, fd: int, starts: list
+    ):
+        self.entry, self.table, self.spec, self.fd = entry, table, spec, fd
         self.starts = starts  # per sample, the first byte of its pixels
         self.keys = table.keys
         self.nbytes = int(np.prod(spec.image_hwc))
+        self.identity = _identity(os.fstat(fd))
+        self.on_error = "raise"  # the split's data.on_error, set by the reader
+        self.short_read = False
+
+    def __del__(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     @classmethod
     def open(
@@ -110,31 +131,67 @@ class ShardView:
         first_image = next((k for k in spec.image_keys if k in table.fields), None)
         if first_image != "npy" or len(table.keys) != entry.num_samples or not table.keys:
             return None
-        offsets, sizes = table.column("npy")
         try:
-            with open(remote.local_path(entry.url), "rb") as f:
-                st = os.fstat(f.fileno())
-                if st.st_size == 0:
-                    return None
-                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            fd = os.open(remote.local_path(entry.url), os.O_RDONLY)
         except OSError:
             return None
-        if not verified.has(st, entry.sha256):
-            if hashlib.sha256(mapped).hexdigest() != entry.sha256:
+        view = None
+        try:
+            view = cls._checked(entry, table, spec, fd, verified)
+            return view
+        finally:
+            if view is None:
+                os.close(fd)
+
+    @classmethod
+    def _checked(
+        cls,
+        entry: ShardEntry,
+        table: MemberTable,
+        spec: DecodeSpec,
+        fd: int,
+        verified: VerifiedShards,
+    ) -> ShardView | None:
+        """The view of an open shard whose bytes hash to index.json's sha256 and whose member
+        table is the shard's own (both checked once per content); None otherwise."""
+        st = os.fstat(fd)
+        if st.st_size == 0:
+            return None
+        proof = f"{entry.sha256}:{_table_digest(entry.members)}"
+        if not verified.has(st, proof):
+            if not _hash_matches(fd, entry.sha256) or not _table_matches(fd, entry, table):
                 return None
-            verified.add(st, entry.sha256)
-        data = np.frombuffer(mapped, np.uint8)
-        header = _npy_header(bytes(mapped[offsets[0] : offsets[0] + 256]), spec)
-        if header is None or offsets.max() + sizes.max() > len(data):
+            if _identity(os.fstat(fd)) != _identity(st):  # written while it was hashed
+                return None
+            verified.add(st, proof)
+        offsets, sizes = table.column("npy")
+        header = _npy_header(os.pread(fd, 256, int(offsets[0])), spec)
+        if header is None or offsets.max() + sizes.max() > st.st_size:
             return None
         n = int(np.prod(spec.image_hwc))
         if not (sizes == len(header) + n).all():  # every image the index's shape and dtype
             return None
-        # every member starts with the same npy header (one gather, once per shard)
-        heads = data[offsets[:, None] + np.arange(len(header))]
-        if not (heads == np.frombuffer(header, np.uint8)).all():
-            return None
-        return cls(entry, table, spec, data, (offsets + len(header)).tolist())
+        return cls(entry, table, spec, fd, (offsets + len(header)).tolist())
+
+    def read_image(self, m: int, row: np.ndarray) -> None:
+        """Sample m's pixels into `row` (a flat uint8 array of H*W*C); a short read (the file
+        cut under us) leaves the view marked changed."""
+        if os.preadv(self.fd, [memoryview(row)], self.starts[m]) != self.nbytes:
+            self.short_read = True
+
+    def unchanged(self) -> bool:
+        """Whether every read so far came from the verified bytes: the file still has the
+        size and times it had when verified (a rewrite in place changes them)."""
+        return not self.short_read and _identity(os.fstat(self.fd)) == self.identity
+
+    def changed_error(self) -> DataError:
+        return DataError(
+            f"shard {self.entry.url} changed on disk while it was being read (its size or "
+            f"modification time is no longer that of the verified file): the batch that read "
+            f"it was discarded, nothing was trained on the new bytes. Restore the shard (or "
+            f"re-shard with `vae-scale shard ... --force` between runs); with "
+            f"data.on_error=skip its remaining samples are skipped and counted"
+        )
 
     def labels_of(self, m: int) -> dict[str, Any]:
         """Sample m's `json` (decoded) and `cls` (data.label_key), as decode.py gives them."""
@@ -143,7 +200,7 @@ class ShardView:
             if field in self.table.fields:
                 offsets, sizes = self.table.column(field)
                 if sizes[m] >= 0:
-                    member[field] = self.buffer[offsets[m] : offsets[m] + sizes[m]].tobytes()
+                    member[field] = os.pread(self.fd, int(sizes[m]), int(offsets[m]))
         out: dict[str, Any] = {}
         if "json" in member:
             out["json"] = json.loads(member["json"])
@@ -155,11 +212,64 @@ class ShardView:
     def sample(self, m: int) -> dict[str, Any]:
         """Sample m as decode.py's decode_sample gives it (image CHW), for the batches that
         mix this path with the checked one."""
-        start = self.starts[m]
         h, w, c = self.spec.image_hwc
-        image = self.buffer[start : start + self.nbytes].reshape(h, w, c).transpose(2, 0, 1)
-        out = {"key": self.keys[m], "image": np.ascontiguousarray(image)}
+        row = np.empty(self.nbytes, np.uint8)
+        self.read_image(m, row)
+        if not self.unchanged():
+            raise self.changed_error()
+        out = {
+            "key": self.keys[m],
+            "image": np.ascontiguousarray(row.reshape(h, w, c).transpose(2, 0, 1)),
+        }
         return {**out, **self.labels_of(m)} if self.spec.labels else out
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _hash_matches(fd: int, sha256: str) -> bool:
+    """The file's sha256, read in chunks (a read of a file truncated meanwhile ends short;
+    it never faults)."""
+    digest = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest() == sha256
+
+
+def _table_digest(members: dict[str, Any]) -> str:
+    return hashlib.blake2b(json.dumps(members, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
+def _table_matches(fd: int, entry: ShardEntry, table: MemberTable) -> bool:
+    """Whether index.json's member table is the shard's own: every sample key in order, and
+    each of its members (offset, size) a tar member of that key and suffix, by one walk of
+    the shard's headers. A table that lies (all offsets at one member: one image trained
+    over and over) is said, naming the shard, and the shard is read the checked way."""
+    try:
+        actual = member_table_of(fd)
+    except ValueError:
+        return False
+    same = actual.keys == table.keys and set(table.fields) <= set(actual.fields)
+    for field in table.fields if same else ():
+        offsets, sizes = table.column(field)
+        true_offsets, true_sizes = actual.column(field)
+        present = sizes >= 0
+        same = bool((sizes == true_sizes).all()) and bool(
+            (offsets[present] == true_offsets[present]).all()
+        )
+        if not same:
+            break
+    if not same:
+        warnings.warn(
+            f"{entry.url}: the member table in index.json does not match the shard's own "
+            f"members (keys, offsets or sizes); reading it the checked way. Re-shard with "
+            f"`vae-scale shard ... --force` to write a true index",
+            stacklevel=2,
+        )
+    return same
 
 
 def _npy_header(head: bytes, spec: DecodeSpec) -> bytes | None:
