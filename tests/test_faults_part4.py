@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -245,3 +247,127 @@ def test_a_killed_loader_worker_ends_the_run_retryably_with_a_checkpoint(frey_sh
     resumed = popen(args)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
     assert [json.loads(r)["epoch"] for r in (run / "metrics.jsonl").open()] == [1, 2]
+
+
+def test_a_kill_after_the_last_metrics_row_is_made_good_by_the_same_command(
+    frey_shards, tmp_path, monkeypatch
+):
+    """SIGKILL between the last epoch's metrics row and its pictures, with W&B's offline
+    file not yet written (the state such a kill leaves, made exactly): the same command
+    does not just say "nothing to do" but replays W&B's missing rows and makes the pictures."""
+    from test_faults import wandb_curve
+
+    from vae_scale.run_files.wandb_records import HEADER, run_files
+
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_SWEEP_ID", "WANDB_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    args = train_args(
+        frey_shards, tmp_path, "wandb.mode=offline", "train.epochs=2", "eval.picture_epochs=[1]"
+    )
+    args = [a for a in args if a != "wandb.mode=disabled"]
+    run = tmp_path / "tiny"
+    proc = popen(args)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    pictures = sorted(run.glob("*_epoch002.png"))
+    assert pictures
+    for path in pictures:
+        path.unlink()
+    (newest,) = run_files(run)
+    newest.write_bytes(newest.read_bytes()[:HEADER])  # W&B had written nothing yet
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    again = subprocess.run(
+        [sys.executable, "-m", "vae_scale", *args], env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "epoch 2 lacks its pictures (stopped before them): making them now" in again.stdout
+    assert "rows replayed" in again.stdout or "nothing to do" in again.stdout
+    assert all(p.is_file() for p in pictures)
+    local = {}
+    for name in ("steps.jsonl", "metrics.jsonl"):
+        for row in (json.loads(r) for r in (run / name).open()):
+            local.setdefault(row["global_step"], {}).update(row)
+    curve = wandb_curve(run)
+    assert sorted(curve) == sorted(local)
+    # the pictures of epoch 1 were there: nothing more to make; a third run opens nothing
+    folders = sorted(run.glob("wandb/offline-run-*"))
+    proc = popen(args)
+    assert proc.wait(timeout=300) == 0 and sorted(run.glob("wandb/offline-run-*")) == folders
+
+
+@contextmanager
+def read_only_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A real tmpfs, filled by the caller, then remounted read-only."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)]).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
+
+
+def test_unwritable_places_are_one_line_errors(frey_shards, frey_source, tmp_path, capsys):
+    with read_only_tmpfs(tmp_path) as disk:
+        data_root = frey_source.parent
+        code, err = cli(
+            ["shard", "frey", "--out", str(disk), "--data-root", str(data_root)], capsys
+        )
+        assert code == 0, err
+        index = (disk / "frey" / "index.json").read_text()
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        code, err = cli(
+            ["shard", "frey", "--out", str(disk), "--data-root", str(data_root), "--force"], capsys
+        )
+        assert code == 2 and "cannot write" in err and "Read-only file system" in err, err
+        assert "Traceback" not in err and (disk / "frey" / "index.json").read_text() == index
+        code, err = cli(train_args(frey_shards, disk / "runs"), capsys)
+        assert code == 2 and "Read-only file system" in err and str(disk) in err, err
+    a_file = tmp_path / "not_a_folder"
+    a_file.write_text("x")
+    code, err = cli(train_args(frey_shards, a_file), capsys)
+    assert code == 2 and "Not a directory" in err and "Traceback" not in err, err
+
+
+def test_a_warm_start_is_recorded_with_its_flags(frey_shards, tmp_path, capsys):
+    assert cli(train_args(frey_shards, tmp_path), capsys)[0] == 0
+    source = checkpoint.latest_checkpoint(tmp_path / "tiny" / "checkpoints")
+    args = [*train_args(frey_shards, tmp_path, "run.name=warm", "train.epochs=2")]
+    code, err = cli([*args, "--resume", str(source), "--from-another-run"], capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / "warm" / "config.json").read_text())
+    assert record["warm_start"] == {
+        "checkpoint": str(source.resolve()),
+        "step": checkpoint.checkpoint_step(source),
+    }
+    assert record["command"].endswith(f"--resume {source} --from-another-run")
+    # a later start of the warm run keeps the record; data.on_error may change on resume
+    code, err = cli([*args[:-1], "train.epochs=3", "data.on_error=skip"], capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / "warm" / "config.json").read_text())
+    assert record["warm_start"]["checkpoint"] == str(source.resolve())
+
+
+def test_a_copied_run_folder_logs_to_a_wandb_run_of_its_own(
+    frey_shards, tmp_path, capsys, monkeypatch
+):
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_SWEEP_ID", "WANDB_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    offline = [a for a in train_args(frey_shards, tmp_path) if a != "wandb.mode=disabled"]
+    assert cli([*offline, "wandb.mode=offline"], capsys)[0] == 0
+    original = (tmp_path / "tiny" / "wandb_run_id.txt").read_text().strip()
+    shutil.copytree(tmp_path / "tiny", tmp_path / "copy", symlinks=True)  # cp -a
+    args = [*offline, "wandb.mode=offline", "run.name=copy", "train.epochs=2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    copied = (tmp_path / "copy" / "wandb_run_id.txt").read_text().strip()
+    assert copied != original and f"is a copy of the run folder {tmp_path / 'tiny'}" in out
+    assert (tmp_path / "tiny" / "wandb_run_id.txt").read_text().strip() == original
+    # a renamed folder is the same run: it keeps its id
+    (tmp_path / "tiny").rename(tmp_path / "renamed")
+    args = [*offline, "wandb.mode=offline", "run.name=renamed", "train.epochs=2"]
+    assert main(args) == 0 and "is a copy" not in capsys.readouterr().out
+    assert (tmp_path / "renamed" / "wandb_run_id.txt").read_text().strip() == original

@@ -144,7 +144,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     trial = sweep_run_name(cfg, args.overrides)
     if trial:
         cfg = load_config(args.config, [*args.overrides, trial])
-    command = shlex.join(["vae-scale", "train", args.config, *args.overrides])
+    flags = [*(["--resume", args.resume] if args.resume != "auto" else [])]
+    flags += ["--from-another-run"] * args.from_another_run + [
+        "--restart-epoch"
+    ] * args.restart_epoch
+    command = shlex.join(["vae-scale", "train", args.config, *args.overrides, *flags])
     try:
         run_dir = train(
             cfg,
@@ -518,6 +522,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return _record_exit_status(2)
     except OSError as err:
+        if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR):
+            # a read-only file system, a folder we may not write, a file where a folder goes
+            where = err.filename or "a file"
+            print(f"error: cannot write {where}: {err.strerror}", file=sys.stderr)
+            return _record_exit_status(2)
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         print(f"error: disk full: {err.strerror}", file=sys.stderr)  # names what is intact

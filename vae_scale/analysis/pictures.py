@@ -115,6 +115,16 @@ def latent_pictures(model: Any, split: Any, run_dir: Path, epoch: int) -> dict[s
     return images
 
 
+def picture_files(
+    run_dir: Path, epoch: int, latent_shape: tuple[int, ...], has_test: bool
+) -> list[Path]:
+    """The files `epoch_pictures` writes for `epoch` (what a run killed before them lacks)."""
+    names = ["samples"] + (["recon"] if has_test else [])
+    if tuple(latent_shape) == (2,):
+        names += ["manifold"] + (["latent"] if has_test else [])
+    return [Path(run_dir) / f"{name}_epoch{epoch:03d}.png" for name in names]
+
+
 def epoch_pictures(
     accelerator: Any,
     model: Any,

@@ -14,7 +14,7 @@ from accelerate import Accelerator
 
 from vae_scale.analysis.evaluate import EvalOptions, evaluate_split, first_images, summarize
 from vae_scale.analysis.latents import LATENT_STATS_FILE, latent_statistics, write_latent_stats
-from vae_scale.analysis.pictures import epoch_pictures
+from vae_scale.analysis.pictures import epoch_pictures, picture_files
 from vae_scale.config import Config
 from vae_scale.objectives import Objective
 from vae_scale.perception.networks import PerceptionNets, perception_networks
@@ -136,6 +136,41 @@ class EpochEvaluation:
                 )
                 metrics.update(evaluate_split(self.accelerator, model, self.splits[name], options))
         return metrics
+
+    def missing(self, state: TrainState, vae: TrainedNetwork) -> list[str]:
+        """What the epoch the latest (epoch-end) checkpoint ended lacks of its end, when a
+        kill came after its metrics row: its pictures, and after the last epoch the latent
+        statistics. They are made from the checkpoint's weights, the epoch's own."""
+        epoch, cfg = state.epoch - 1, self.cfg
+        if state.batch_in_epoch or state.unevaluated or epoch < 1:
+            return []
+        lacking = []
+        if self.pictures(epoch):
+            has_test = "test" in self.splits
+            files = picture_files(cfg.run_dir, epoch, vae.for_eval.latent_shape, has_test)
+            if not all(f.is_file() for f in files):
+                lacking.append("pictures")
+        spatial = len(vae.for_eval.latent_shape) == 3 and cfg.eval.latent_stats_samples
+        if (
+            epoch == cfg.train.epochs
+            and spatial
+            and not (cfg.run_dir / LATENT_STATS_FILE).is_file()
+        ):
+            lacking.append("latent statistics")
+        return lacking
+
+    def catch_up(self, state: TrainState, vae: TrainedNetwork, lacking: list[str]) -> None:
+        """Make what `missing` found (a collective: every rank calls it)."""
+        epoch, acc = state.epoch - 1, self.accelerator
+        what = " and ".join(lacking)
+        acc.print(f"epoch {epoch} lacks its {what} (stopped before them): making them now")
+        if "pictures" in lacking and acc.is_main_process:
+            epoch_pictures(
+                acc, vae.for_eval, self.picture_inputs, epoch, self.cfg, state.opt_step,
+                self.splits.get("test"),
+            )  # fmt: skip
+        if "latent statistics" in lacking:
+            self.measure_latents(state, vae)
 
     def settle(self, run_dir: Path, state: TrainState) -> None:
         """A checkpoint taken before its epoch's evaluation: when `run_dir`'s metrics.jsonl

@@ -38,6 +38,7 @@ MAY_CHANGE = {
     "data.retry_delay_s",
     "data.read_timeout_s",
     "data.max_shard_mb_in_memory",
+    "data.on_error",  # the way past a bad sample found later (earlier epochs skipped none)
     "run.dir",
     "run.name",  # the run folder's name: a renamed folder is the same run
     "run.weights_dir",

@@ -23,7 +23,13 @@ from vae_scale.errors import ConfigError, DataError
 from vae_scale.losses import likelihood_convention
 from vae_scale.models.base import check_single_latent
 from vae_scale.objectives import Objective, build_objective
-from vae_scale.run_files.logs import METRICS_FILE, STEPS_FILE, sample_keys_file, truncate_logs
+from vae_scale.run_files.logs import (
+    METRICS_FILE,
+    STEPS_FILE,
+    read_run_record,
+    sample_keys_file,
+    truncate_logs,
+)
 from vae_scale.training import tracking
 from vae_scale.training.checkpoint import Checkpointer
 from vae_scale.training.evaluation import EpochEvaluation
@@ -142,9 +148,11 @@ def record_run(
     batches: int,
     command: str | None = None,
     write: bool = True,
+    warm_start: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The run's config.json (main process; {} elsewhere): the resolved config and the facts
-    of this run (what trained it, where, on how many processes and machines)."""
+    of this run (what trained it, where, on how many processes and machines, the checkpoint
+    of another run it started from: kept by every later start)."""
     if not accelerator.is_main_process:
         return {}
     global_batch = cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum_batches
@@ -165,8 +173,13 @@ def record_run(
         # what the nats of */neg_elbo and */recon measure (bce_grey, bce_binarized, ...)
         "likelihood_convention": likelihood_convention(cfg.loss.likelihood, cfg.data.binarize),
     }
+    path = Path(cfg.run_dir) / "config.json"
+    if warm_start is None and path.is_file():
+        warm_start = read_run_record(cfg.run_dir).get("warm_start")
+    if warm_start is not None:
+        run_config["warm_start"] = warm_start
     if write:
-        write_json_atomic(Path(cfg.run_dir) / "config.json", run_config, indent=1, default=str)
+        write_json_atomic(path, run_config, indent=1, default=str)
     accelerator.print(
         f"{cfg.run.name}: {run_config['num_parameters']:,} parameters, "
         f"{accelerator.num_processes} process(es) on {accelerator.device}, global batch "
@@ -281,13 +294,22 @@ def start_run(
         evaluation = EpochEvaluation(cfg, accelerator, splits, objective)
         if state.unevaluated:  # the metrics of the run the checkpoint was written by
             evaluation.settle(resume_from.parent.parent, state)
-        # a run with nothing left to train keeps its record as it is, and opens no W&B run
+        # a run with nothing left to train keeps its record as it is, and opens W&B only for
+        # what a kill after its last metrics row left out (W&B rows, pictures, latent stats)
         finished = state.epoch > cfg.train.epochs and not state.unevaluated
-        vae = next(iter(nets.values())).unwrapped
+        first = next(iter(nets.values()))
+        lacking = evaluation.missing(state, first) if resume_from is not None else []
+        warm_start = None
+        if resume_from is not None and resume_from.resolve().parent.parent != run_dir.resolve():
+            warm_start = {"checkpoint": str(resume_from.resolve()), "step": state.opt_step}
         run_config = record_run(
-            cfg, accelerator, vae, train_data, batches, request.command, write=not finished
-        )
-        mode = "disabled" if finished else request.wandb_mode
+            cfg, accelerator, first.unwrapped, train_data, batches, request.command,
+            write=not finished, warm_start=warm_start,
+        )  # fmt: skip
+        quiet = finished and not lacking
+        if quiet and tracking.rows_missing(cfg, run_dir, request.wandb_mode, state.opt_step):
+            quiet = False
+        mode = "disabled" if quiet else request.wandb_mode
         start_tracking(cfg, accelerator, run_config, mode)
         if resume_from is not None and main and mode != "disabled":
             replayed, held = tracking.replay_missing_rows(accelerator, run_dir, state.opt_step)
@@ -297,6 +319,8 @@ def start_run(
                     f"process): {replayed} rows replayed from the run folder's logs"
                 )
         evaluation.open_networks()
+        if lacking:
+            evaluation.catch_up(state, first, lacking)
     except BaseException:
         if created and not (run_dir / "checkpoints").exists():
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -16,6 +16,7 @@ from vae_scale.utils.netutil import is_online
 
 WANDB_HOST = "https://api.wandb.ai"
 RUN_ID_FILE = "wandb_run_id.txt"
+RUN_FOLDER_FILE = "wandb_run_folder.txt"  # where the id was made (a copy is told apart)
 
 
 def has_wandb_key() -> bool:
@@ -55,13 +56,36 @@ def sweep_run_id() -> str | None:
 
 def run_id(run_dir: Path) -> str:
     """The W&B run id of this run folder, created once, so resumed runs continue the same run
-    (under a sweep agent: the agent's id, which the sweep knows the run by)."""
-    path = run_dir / RUN_ID_FILE
+    (under a sweep agent: the agent's id, which the sweep knows the run by). Beside it the
+    folder it was made in: a renamed or moved folder keeps the id, but a copy (`cp -a`, the
+    original still there with the same id) gets an id of its own, said once, so that two
+    folders never write into one W&B run."""
+    path, where = run_dir / RUN_ID_FILE, run_dir / RUN_FOLDER_FILE
+    folder = str(Path(run_dir).resolve())
     if path.is_file():
-        return path.read_text().strip()
-    new_id = sweep_run_id() or uuid.uuid4().hex[:12]
+        known = path.read_text().strip()
+        made_in = where.read_text().strip() if where.is_file() else folder
+        if made_in == folder or not _holds_run(Path(made_in), known):
+            where.write_text(folder + "\n")  # here, moved or renamed: the same run
+            return known
+        new_id = uuid.uuid4().hex[:12]
+        print(
+            f"warning: {run_dir} is a copy of the run folder {made_in} (W&B run {known}): "
+            f"it logs to a W&B run of its own, {new_id}, so the two never mix their histories"
+        )
+    else:
+        new_id = sweep_run_id() or uuid.uuid4().hex[:12]
     path.write_text(new_id + "\n")
+    where.write_text(folder + "\n")
     return new_id
+
+
+def _holds_run(folder: Path, known: str) -> bool:
+    """Whether `folder` still holds a run whose W&B id is `known` (the original of a copy)."""
+    try:
+        return (folder / RUN_ID_FILE).read_text().strip() == known
+    except OSError:
+        return False
 
 
 def _git(*args: str) -> str | None:
@@ -161,6 +185,19 @@ def reopen_run(cfg: Any, run_dir: Path) -> Any:
     kwargs = init_kwargs(cfg, run_dir, mode, [])["wandb"]
     kwargs.pop("tags")
     return wandb.init(project=cfg.wandb.project, **kwargs)
+
+
+def rows_missing(cfg: Any, run_dir: Path, mode: str, opt_step: int) -> bool:
+    """Whether W&B may lack logged rows up to `opt_step` (a kill after the last metrics row):
+    offline, its own records say; online only the server knows (the resumed run asks it)."""
+    if mode == "disabled" or not read_rows(run_dir, STEPS_FILE) and not read_rows(run_dir):
+        return False
+    if mode == "online":
+        return True
+    logged = [
+        r["global_step"] for name in (STEPS_FILE, METRICS_FILE) for r in read_rows(run_dir, name)
+    ]
+    return last_offline_step(run_dir, run_id(run_dir)) < min(max(logged), opt_step)
 
 
 def replay_missing_rows(accelerator: Any, run_dir: Path, opt_step: int) -> tuple[int, int]:
