@@ -147,17 +147,28 @@ def popen(args: list[str]) -> subprocess.Popen:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("change, workers", [("rewritten", 0), ("truncated", 0), ("truncated", 2)])
+@pytest.mark.parametrize(
+    "change, workers, held",
+    [
+        ("rewritten", 0, "by position"),
+        ("truncated", 2, "by position"),
+        ("truncated", 0, "in memory"),
+    ],
+)
 def test_a_shard_changed_in_place_under_a_running_job_stops_it_naming_the_shard(
-    one_shard_frey, tmp_path, change, workers
+    one_shard_frey, tmp_path, change, workers, held
 ):
+    """Read by position (shards over data.max_shard_mb_in_memory), the first batch read
+    after the change is refused; held in memory (smaller shards: read whole and verified when
+    opened), the epoch trains on the verified bytes and the next visit is refused."""
     shards = tmp_path / "shards"
     shutil.copytree(one_shard_frey, shards)
     shard = shards / "frey" / "train-000000.tar"
+    limit = {"by position": 0.1, "in memory": 512}[held]
     args = train_args(
         shards, tmp_path, "data.cache_in_memory=false", f"data.num_workers={workers}",
         "data.batch_size=5", "train.log_every_steps=1", "train.checkpoint_every_steps=5",
-        "train.keep_checkpoints=100",
+        "train.keep_checkpoints=100", "train.epochs=2", f"data.max_shard_mb_in_memory={limit}",
     )  # fmt: skip
     proc = popen(args)
     steps = tmp_path / "tiny" / "steps.jsonl"
@@ -172,16 +183,22 @@ def test_a_shard_changed_in_place_under_a_running_job_stops_it_naming_the_shard(
             f.seek(4096)
             f.write(b"\xff" * (os.fstat(f.fileno()).st_size - 8192))  # all-white images
         changed_at = len(steps.read_text().splitlines())
-    code, err = proc.wait(timeout=120), proc.stderr.read()
+    code, err = proc.wait(timeout=300), proc.stderr.read()
     assert code == 2, err[-3000:]  # not -7 (SIGBUS), not a hang
     assert "Traceback" not in err and "shared memory" not in err
+    rows = [json.loads(r) for r in steps.read_text().splitlines()]
+    latest = checkpoint.latest_checkpoint(tmp_path / "tiny" / "checkpoints", verify_hashes=True)
+    if held == "in memory":  # epoch 1 trained on the verified bytes, epoch 2 refused them
+        assert f"{shard} has sha256" in err and "was changed" in err, err[-2000:]
+        assert {r["epoch"] for r in rows} == {1} and len(rows) == 1765 // 5
+        assert checkpoint.read_train_state(latest)["epoch"] == 2  # the end of epoch 1
+        return
     assert f"{shard} changed on disk while it was being read" in err
     # batches read before the change (up to the workers' prefetch, 4 each) are the verified
     # bytes and may still train and be checkpointed; none read after it trains
     in_flight = 4 * workers + 1
-    latest = checkpoint.latest_checkpoint(tmp_path / "tiny" / "checkpoints", verify_hashes=True)
     assert latest is not None and checkpoint.checkpoint_step(latest) <= changed_at + in_flight
-    assert len(steps.read_text().splitlines()) <= changed_at + in_flight
+    assert len(rows) <= changed_at + in_flight
 
 
 def test_a_lying_member_table_trains_on_the_true_images(one_shard_frey, tmp_path, capsys):

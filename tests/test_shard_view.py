@@ -154,17 +154,28 @@ def test_a_member_table_that_lies_is_not_believed(rgb_shards, tmp_path, workers)
 
 
 @pytest.mark.parametrize("change", ["rewritten", "truncated"])
-def test_a_shard_changed_in_place_while_read_is_never_trained_on(rgb_shards, tmp_path, change):
+@pytest.mark.parametrize("held", ["in memory", "by position"])
+def test_a_shard_changed_in_place_while_read_is_never_trained_on(
+    rgb_shards, tmp_path, change, held
+):
     """The file is changed (same inode, as `cp new.tar shard.tar` or `rsync --inplace` do)
-    between two batches of one visit: the next batch that read it is refused naming the shard
-    (never a SIGBUS), or with data.on_error=skip its samples are replaced and counted."""
+    between two batches of one visit. Held in memory (the default up to
+    data.max_shard_mb_in_memory), the visit goes on with the verified bytes and the next visit
+    is refused naming the shard; read by position, the next batch that read it is refused
+    naming the shard (never a SIGBUS), or with data.on_error=skip its samples are replaced and
+    counted."""
     import shutil
 
+    limit = {"in memory": 512.0, "by position": 0.001}[held]
+    truth = {}
+    for b in ShardSplit(rgb_shards, "train", DataConfig(batch_size=60)).eval_batches():
+        truth.update(zip(b["key"], b["image"]))
     for on_error in ("raise", "skip"):
         folder = tmp_path / on_error / "rgb"
         shutil.copytree(rgb_shards, folder)
         (shard,) = [folder / "train-000000.tar"]
-        split = ShardSplit(folder, "train", DataConfig(batch_size=2, on_error=on_error))
+        data = DataConfig(batch_size=2, on_error=on_error, max_shard_mb_in_memory=limit)
+        split = ShardSplit(folder, "train", data)
         split.verified = shard_view.VerifiedShards()
         stream = split.eval_batches()
         first = next(stream)  # shard 0 open, verified, 2 of its 8 samples read
@@ -174,6 +185,14 @@ def test_a_shard_changed_in_place_while_read_is_never_trained_on(rgb_shards, tmp
             else:
                 f.seek(1024)
                 f.write(b"\xff" * 2048)
+        if held == "in memory":
+            rest = list(stream)  # the visit goes on with the bytes that were verified
+            for b in [first, *rest]:
+                assert all(torch.equal(x, truth[k]) for k, x in zip(b["key"], b["image"]))
+            if on_error == "raise":
+                with pytest.raises(DataError, match=r"train-000000\.tar"):
+                    list(split.eval_batches())  # the next visit: hashed again, refused
+            continue
         if on_error == "raise":
             with pytest.raises(DataError, match=r"train-000000\.tar changed on disk"):
                 next(stream)

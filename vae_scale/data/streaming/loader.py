@@ -191,7 +191,8 @@ def read_ids(split: ShardSplit, ids: np.ndarray, stats: TransferStats) -> Iterat
             entry = split.catalog.shards[s]
             source = None
             if split._cache is None:
-                source = ShardView.open(entry, options.spec, split.verified, options.verify)
+                limit = options.policy.max_in_memory_bytes
+                source = ShardView.open(entry, options.spec, split.verified, options.verify, limit)
             if source is None:  # read the checked way, which reports what is wrong
                 source = reader.load(entry, sorted(set(needed[s])))
             else:

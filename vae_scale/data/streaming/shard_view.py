@@ -90,23 +90,36 @@ def verified_shards() -> VerifiedShards:
 
 
 class ShardView:
-    """The samples of one verified local shard, read with positioned reads of its open file
-    (which cannot fault, unlike a mapping of a file truncated under it): `read_image(m, row)`
-    copies sample m's pixels (H*W*C bytes, HWC) into `row`, `keys[m]` is its key,
-    `labels_of(m)` its cls / json. `unchanged()` says whether the file still has the size and
-    times it had when it was verified: checked after each batch's copies, so that a shard
-    rewritten or truncated in place is never trained on (data.on_error decides what then)."""
+    """The samples of one verified local shard: `read_image(m, row)` copies sample m's pixels
+    (H*W*C bytes, HWC) into `row`, `keys[m]` is its key, `labels_of(m)` its cls / json.
+
+    A shard up to data.max_shard_mb_in_memory is read whole into memory when it is opened
+    (the bytes that were verified: the file's size and times are the same before and after the
+    read), and sliced from there: what happens to the file afterwards cannot reach training.
+    A larger one is read by position (`pread`, which cannot fault, unlike a mapping of a file
+    truncated under it), and `unchanged()`, checked after each batch's reads, says whether the
+    file still has the size and times it had when verified; a shard rewritten or truncated in
+    place is then never trained on (data.on_error decides what happens instead)."""
 
     def __init__(
-        self, entry: ShardEntry, table: MemberTable, spec: DecodeSpec, fd: int, starts: list
+        self,
+        entry: ShardEntry,
+        table: MemberTable,
+        spec: DecodeSpec,
+        fd: int,
+        starts: list,
+        data: np.ndarray | None = None,
     ):
         self.entry, self.table, self.spec, self.fd = entry, table, spec, fd
         self.starts = starts  # per sample, the first byte of its pixels
         self.keys = table.keys
         self.nbytes = int(np.prod(spec.image_hwc))
         self.identity = _identity(os.fstat(fd))
+        self.data = data  # the whole shard in memory (None: read by position)
         self.on_error = "raise"  # the split's data.on_error, set by the reader
         self.short_read = False
+        if data is not None:  # nothing more to read from the file
+            self.close()
 
     def __del__(self) -> None:
         self.close()
@@ -118,7 +131,12 @@ class ShardView:
 
     @classmethod
     def open(
-        cls, entry: ShardEntry, spec: DecodeSpec, verified: VerifiedShards, verify: bool
+        cls,
+        entry: ShardEntry,
+        spec: DecodeSpec,
+        verified: VerifiedShards,
+        verify: bool,
+        max_in_memory: int = 512 * 2**20,
     ) -> ShardView | None:
         if not (entry.members and entry.sha256 and verify and remote.is_local(entry.url)):
             return None
@@ -137,7 +155,7 @@ class ShardView:
             return None
         view = None
         try:
-            view = cls._checked(entry, table, spec, fd, verified)
+            view = cls._checked(entry, table, spec, fd, verified, max_in_memory)
             return view
         finally:
             if view is None:
@@ -151,37 +169,46 @@ class ShardView:
         spec: DecodeSpec,
         fd: int,
         verified: VerifiedShards,
+        max_in_memory: int,
     ) -> ShardView | None:
         """The view of an open shard whose bytes hash to index.json's sha256 and whose member
         table is the shard's own (both checked once per content); None otherwise."""
         st = os.fstat(fd)
         if st.st_size == 0:
             return None
+        data = _read_whole(fd, st.st_size) if st.st_size <= max_in_memory else None
         proof = f"{entry.sha256}:{_table_digest(entry.members)}"
         if not verified.has(st, proof):
-            if not _hash_matches(fd, entry.sha256) or not _table_matches(fd, entry, table):
-                return None
-            if _identity(os.fstat(fd)) != _identity(st):  # written while it was hashed
+            if not _hash_matches(fd, entry.sha256, data) or not _table_matches(fd, entry, table):
                 return None
             verified.add(st, proof)
+        if _identity(os.fstat(fd)) != _identity(st):  # written while it was read or hashed
+            return None
         offsets, sizes = table.column("npy")
-        header = _npy_header(os.pread(fd, 256, int(offsets[0])), spec)
+        head = data[offsets[0] : offsets[0] + 256].tobytes() if data is not None else None
+        header = _npy_header(head or os.pread(fd, 256, int(offsets[0])), spec)
         if header is None or offsets.max() + sizes.max() > st.st_size:
             return None
         n = int(np.prod(spec.image_hwc))
         if not (sizes == len(header) + n).all():  # every image the index's shape and dtype
             return None
-        return cls(entry, table, spec, fd, (offsets + len(header)).tolist())
+        return cls(entry, table, spec, fd, (offsets + len(header)).tolist(), data)
 
     def read_image(self, m: int, row: np.ndarray) -> None:
         """Sample m's pixels into `row` (a flat uint8 array of H*W*C); a short read (the file
         cut under us) leaves the view marked changed."""
-        if os.preadv(self.fd, [memoryview(row)], self.starts[m]) != self.nbytes:
+        start = self.starts[m]
+        if self.data is not None:
+            row[:] = self.data[start : start + self.nbytes]
+        elif os.preadv(self.fd, [memoryview(row)], start) != self.nbytes:
             self.short_read = True
 
     def unchanged(self) -> bool:
-        """Whether every read so far came from the verified bytes: the file still has the
-        size and times it had when verified (a rewrite in place changes them)."""
+        """Whether every read so far came from the verified bytes: the view holds them in
+        memory, or the file still has the size and times it had when verified (a rewrite in
+        place changes them)."""
+        if self.data is not None:
+            return True
         return not self.short_read and _identity(os.fstat(self.fd)) == self.identity
 
     def changed_error(self) -> DataError:
@@ -200,7 +227,7 @@ class ShardView:
             if field in self.table.fields:
                 offsets, sizes = self.table.column(field)
                 if sizes[m] >= 0:
-                    member[field] = os.pread(self.fd, int(sizes[m]), int(offsets[m]))
+                    member[field] = self._bytes(int(offsets[m]), int(sizes[m]))
         out: dict[str, Any] = {}
         if "json" in member:
             out["json"] = json.loads(member["json"])
@@ -223,14 +250,34 @@ class ShardView:
         }
         return {**out, **self.labels_of(m)} if self.spec.labels else out
 
+    def _bytes(self, offset: int, size: int) -> bytes:
+        if self.data is not None:
+            return self.data[offset : offset + size].tobytes()
+        return os.pread(self.fd, size, offset)
+
+
+def _read_whole(fd: int, size: int) -> np.ndarray:
+    """The file's `size` bytes, read into memory (a file cut meanwhile reads short: the
+    identity check after the read refuses it)."""
+    data = np.empty(size, np.uint8)
+    view, done = memoryview(data), 0
+    while done < size:
+        got = os.preadv(fd, [view[done:]], done)
+        if got == 0:
+            break
+        done += got
+    return data
+
 
 def _identity(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _hash_matches(fd: int, sha256: str) -> bool:
-    """The file's sha256, read in chunks (a read of a file truncated meanwhile ends short;
-    it never faults)."""
+def _hash_matches(fd: int, sha256: str, data: np.ndarray | None = None) -> bool:
+    """Whether the shard's bytes (`data`, when read already, else the file in chunks: a read
+    of a file truncated meanwhile ends short, it never faults) hash to `sha256`."""
+    if data is not None:
+        return hashlib.sha256(data).hexdigest() == sha256
     digest = hashlib.sha256()
     offset = 0
     while chunk := os.pread(fd, 1 << 20, offset):
