@@ -54,7 +54,8 @@ def blob_shards(tmp_path_factory) -> Path:
     from vae_scale.data.sourcing.shards import write_dataset
 
     out = tmp_path_factory.mktemp("shards")
-    splits = {"train": list(blobs(256, 0)), "val": list(blobs(32, 1)), "test": list(blobs(32, 2))}
+    # small val and test splits: rFID runs Inception at 299 px on each image twice
+    splits = {"train": list(blobs(256, 0)), "val": list(blobs(12, 1)), "test": list(blobs(12, 2))}
     write_dataset(SourceData("blobs", (3, 16, 16), splits, {"synthetic": True}), out / "blobs", 64)
     return out
 
@@ -192,6 +193,48 @@ def test_psnr_and_ssim_against_direct_formulas():
             )
     assert ssim(x[:1, :1], y[:1, :1]).item() == pytest.approx(np.mean(values), abs=1e-5)
     assert ssim(x, y).mean() < 0.99
+
+
+HAVE_FID_WEIGHTS = (SHARED_WEIGHTS / "pt_inception-2015-12-05.safetensors").is_file()
+
+
+@pytest.mark.slow  # pytorch-fid's own sqrtm of 2048 x 2048 takes ~17 s on 2 cores
+@pytest.mark.skipif(not HAVE_FID_WEIGHTS, reason="../shared/weights has no FID Inception")
+def test_rfid_equals_pytorch_fids_own_computation(tmp_path, monkeypatch):
+    """Our rFID (features summed in float64 over batches, offline weights from the shared
+    safetensors) against pytorch-fid's own: its InceptionV3 loading its .pth from torch's
+    cache, its activations, np.cov and calculate_frechet_distance, on the same images."""
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    from pytorch_fid.inception import InceptionV3
+    from safetensors.torch import load_file
+
+    from vae_scale.analysis.evaluate import perception_metrics, perception_sums
+    from vae_scale.perception.networks import perception_networks
+
+    images = torch.from_numpy(np.stack([b["npy"] for b in blobs(12, 5, size=32)]))
+    real = images.permute(0, 3, 1, 2).float() / 255
+    fake = real + 0.1 * torch.randn(real.shape, generator=torch.Generator().manual_seed(0))
+    fake = torch.nn.functional.avg_pool2d(fake, 3, 1, 1).clamp(0, 1)
+    nets = perception_networks("off", "on", (3, 32, 32), str(SHARED_WEIGHTS), "cpu")
+    sums: dict[str, torch.Tensor] = {}
+    for batch in range(0, 12, 8):
+        part = perception_sums(nets, real[batch : batch + 8], fake[batch : batch + 8])
+        sums = {k: sums.get(k, 0) + v for k, v in part.items()}
+    sums["count"] = torch.tensor(12.0)
+    ours = perception_metrics(sums, "test", nets)["test/rfid"]
+    # pytorch-fid unchanged, its weights file written from the shared one (its README's way)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    state = load_file(SHARED_WEIGHTS / "pt_inception-2015-12-05.safetensors")
+    torch.save(state, checkpoints / "pt_inception-2015-12-05-6726825d.pth")
+    model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+    with torch.no_grad():
+        acts = [model(x)[0].squeeze(3).squeeze(2).numpy() for x in (real, fake)]
+    stats = [(a.mean(0), np.cov(a, rowvar=False)) for a in acts]
+    theirs = calculate_frechet_distance(*stats[0], *stats[1])
+    assert ours == pytest.approx(theirs, abs=1e-3)
+    assert ours > 1  # the noisy blurred copies are measurably apart
 
 
 def test_frechet_distance_from_sums_matches_the_direct_formula():
@@ -398,11 +441,13 @@ def test_eval_export_loads_in_diffusers_and_decodes_identically(trained, tmp_pat
     assert done.returncode == 0, done.stderr[-3000:]
     for name in ("test/psnr", "test/ssim", "test/bpd", "test/rfid"):
         assert name in done.stdout
-    assert "test/rfid                            unavailable: " in done.stdout
     result = json.loads((trained / "eval_test.json").read_text())
-    # without the fid extra it names the package, with it the weights file
-    why = result["test/rfid_unavailable"]
-    assert result["test/rfid"] is None and ("pytorch-fid" in why or "pt_inception" in why)
+    if HAVE_FID_WEIGHTS:  # offline, from the shared weights
+        assert result["test/rfid"] > 0
+        metrics = [json.loads(r) for r in (trained / "metrics.jsonl").read_text().splitlines()]
+        assert metrics[-1]["test/rfid"] == pytest.approx(result["test/rfid"], rel=1e-6)
+    else:  # the weights file is named
+        assert result["test/rfid"] is None and "pt_inception" in result["test/rfid_unavailable"]
     if HAVE_WEIGHTS:
         assert 0 < result["test/lpips"] < 1
     out = tmp_path / "export"

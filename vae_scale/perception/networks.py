@@ -51,7 +51,8 @@ def perception_networks(
             nets.unavailable["lpips"] = missing_message(VGG16, weights_dir)
     if rfid_mode != "off":
         try:
-            nets.inception = InceptionFeatures.pretrained(weights_dir).to(device)
+            inception = InceptionFeatures.pretrained(weights_dir, download=rfid_mode == "on")
+            nets.inception = inception.to(device)
         except Unavailable as why:
             if rfid_mode == "on":
                 raise ConfigError(f"eval.rfid: on: {why}") from None

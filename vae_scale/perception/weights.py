@@ -47,7 +47,9 @@ LPIPS_VGG_HEADS = PretrainedFile(
 # pytorch-fid's InceptionV3 (the TF FID graph's weights): the protocol rFID is reported under
 FID_INCEPTION = PretrainedFile(
     "InceptionV3 FID weights (pytorch-fid)",
-    ("pt_inception-2015-12-05-6726825d.pth",),
+    ("pt_inception-2015-12-05.safetensors", "pt_inception-2015-12-05-6726825d.pth"),
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+    "pt_inception-2015-12-05-6726825d.pth",
 )
 
 

@@ -39,7 +39,18 @@ class EpochEvaluation:
         """The perception networks evaluation uses (LPIPS shared with the loss's) and the
         fixed test images of the pictures."""
         cfg, acc = self.cfg, self.accelerator
-        self.nets = perception_networks(
+        # built after a checkpoint restored the random generators: their initial weights
+        # (loaded over at once) must not draw from them, or a resumed run's noise shifts
+        with torch.random.fork_rng(devices=[]):
+            self.nets = self._networks()
+        for metric, why in self.nets.unavailable.items():
+            acc.print(f"note: {metric} is not evaluated: {why}")
+        if acc.is_main_process and "test" in self.splits:
+            self.picture_inputs = first_images(self.splits["test"], cfg.eval.recon_rows)
+
+    def _networks(self) -> PerceptionNets:
+        cfg, acc = self.cfg, self.accelerator
+        return perception_networks(
             cfg.eval.lpips,
             cfg.eval.rfid,
             self.splits["train"].image_shape,
@@ -47,10 +58,6 @@ class EpochEvaluation:
             acc.device,
             self.objective.frozen().get("lpips"),
         )
-        for metric, why in self.nets.unavailable.items():
-            acc.print(f"note: {metric} is not evaluated: {why}")
-        if acc.is_main_process and "test" in self.splits:
-            self.picture_inputs = first_images(self.splits["test"], cfg.eval.recon_rows)
 
     def evaluates(self, epoch: int) -> bool:
         return epoch % self.cfg.eval.every_epochs == 0 or epoch == self.cfg.train.epochs
