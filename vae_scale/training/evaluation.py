@@ -39,10 +39,9 @@ class EpochEvaluation:
         """The perception networks evaluation uses (LPIPS shared with the loss's) and the
         fixed test images of the pictures."""
         cfg, acc = self.cfg, self.accelerator
-        # built after a checkpoint restored the random generators: their initial weights
-        # (loaded over at once) must not draw from them, or a resumed run's noise shifts
-        with torch.random.fork_rng(devices=[]):
-            self.nets = self._networks()
+        # (before a checkpoint restores the random generators: building the networks draws
+        # initial weights from them, which would shift a resumed run's noise)
+        self.nets = self._networks()
         for metric, why in self.nets.unavailable.items():
             acc.print(f"note: {metric} is not evaluated: {why}")
         if acc.is_main_process and "test" in self.splits:

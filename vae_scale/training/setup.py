@@ -289,9 +289,10 @@ def start_run(
             components.update(net.components())
         checkpointer.components = {**components, **objective.components()}
         train_data.planner.restart_epoch = request.restart_epoch
+        evaluation = EpochEvaluation(cfg, accelerator, splits, objective)
+        evaluation.open_networks()  # before the restore: it draws from the random generators
         if resume_from is not None:
             restore(checkpointer, resume_from, nets, train_data, state)
-        evaluation = EpochEvaluation(cfg, accelerator, splits, objective)
         if state.unevaluated:  # the metrics of the run the checkpoint was written by
             evaluation.settle(resume_from.parent.parent, state)
         # a run with nothing left to train keeps its record as it is, and opens W&B only for
@@ -318,7 +319,6 @@ def start_run(
                     f"W&B: its history ended at step {held} (the rest was lost with the stopped "
                     f"process): {replayed} rows replayed from the run folder's logs"
                 )
-        evaluation.open_networks()
         if lacking:
             evaluation.catch_up(state, first, lacking)
     except BaseException:
