@@ -388,6 +388,11 @@ def test_training_learns_and_the_discriminator_waits_for_its_start(trained):
     metrics = [json.loads(r) for r in (trained / "metrics.jsonl").read_text().splitlines()]
     for key in ("test/psnr", "test/ssim", "test/bpd", "train/lpips"):
         assert np.isfinite(metrics[-1][key]), key
+    # the latents' diffusability after the last epoch (iFID with the shared Inception)
+    last = metrics[-1]
+    assert 0 < last["test/latent_high_freq_share"] < 1 and last["test/scale_equivariance_psnr"] > 0
+    assert last["test/diffusability_samples"] == 12 and "test/latent_std_c3" in last
+    assert ("test/ifid" in last) == HAVE_FID_WEIGHTS and last.get("test/ifid", 1) > 0
     # the objective's own terms are evaluated on val and test too
     for split in ("val", "test"):
         for term in ("pixel_l1", "gan", "discriminator_loss", "logits_real", "logits_fake"):
@@ -443,7 +448,7 @@ def test_eval_export_loads_in_diffusers_and_decodes_identically(trained, tmp_pat
         assert name in done.stdout
     result = json.loads((trained / "eval_test.json").read_text())
     if HAVE_FID_WEIGHTS:  # offline, from the shared weights
-        assert result["test/rfid"] > 0
+        assert result["test/rfid"] > 0 and result["test/ifid"] > 0
         metrics = [json.loads(r) for r in (trained / "metrics.jsonl").read_text().splitlines()]
         assert metrics[-1]["test/rfid"] == pytest.approx(result["test/rfid"], rel=1e-6)
     else:  # the weights file is named

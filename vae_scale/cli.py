@@ -187,6 +187,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     import torch
     from accelerate import Accelerator
 
+    from vae_scale.analysis.diffusability import DiffusabilityOptions, diffusability
     from vae_scale.analysis.evaluate import EvalOptions, full_evaluation
     from vae_scale.analysis.runs import load_run
     from vae_scale.data.streaming.loader import ShardSplit
@@ -222,6 +223,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
             nets=nets,
         )  # fmt: skip
         metrics = full_evaluation(accelerator, run.model, data, options)
+        if DiffusabilityOptions.applies(cfg, run.model):
+            measures = DiffusabilityOptions.from_config(cfg)
+            metrics.update(diffusability(accelerator, run.model, data, nets.inception, measures))
         # How this evaluation was made, under eval/<split>/: the run's own facts (its
         # num_processes, ...) stay those of its training in the W&B run.
         split = args.split

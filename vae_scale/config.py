@@ -159,8 +159,15 @@ class EvalConfig(Section):
     # RUN/latent_stats.json, written into `vae-scale export`.
     latent_stats_samples: NonNegative = 4096
     rfid: Literal["auto", "on", "off"] = "auto"
+    # Diffusability of spatial latents (analysis/diffusability.py), after the last epoch and in
+    # `vae-scale eval`: iFID (with rFID's network: when rFID runs), the latents' spectrum,
+    # scale equivariance, per-channel statistics; on the first `diffusability_samples` images,
+    # iFID's interpolants towards one of `ifid_neighbours` nearest neighbours. off: none.
+    diffusability: Literal["auto", "off"] = "auto"
+    diffusability_samples: Positive = 1000
+    ifid_neighbours: Positive = 10
 
-    @field_validator("lpips", "rfid", mode="before")
+    @field_validator("lpips", "rfid", "diffusability", mode="before")
     @classmethod
     def _unquoted_on_off(cls, value: Any) -> Any:
         # YAML 1.1 reads unquoted on/off as true/false

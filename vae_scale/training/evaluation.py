@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from vae_scale.analysis.diffusability import DiffusabilityOptions, diffusability
 from vae_scale.analysis.evaluate import EvalOptions, evaluate_split, first_images, summarize
 from vae_scale.analysis.latents import LATENT_STATS_FILE, latent_statistics, write_latent_stats
 from vae_scale.analysis.pictures import epoch_pictures, picture_files
@@ -141,7 +142,17 @@ class EpochEvaluation:
                     objective=self.objective,
                 )
                 metrics.update(evaluate_split(self.accelerator, model, self.splits[name], options))
+        if epoch == cfg.train.epochs:
+            metrics.update(self.diffusability(model, nets))
         return metrics
+
+    def diffusability(self, model: torch.nn.Module, nets: PerceptionNets) -> dict[str, Any]:
+        """The latents' diffusability on the test split (else val): spatial latents only."""
+        split = self.splits.get("test") or self.splits.get("val")
+        if split is None or not DiffusabilityOptions.applies(self.cfg, model):
+            return {}
+        options = DiffusabilityOptions.from_config(self.cfg)
+        return diffusability(self.accelerator, model, split, nets.inception, options)
 
     def missing(self, state: TrainState, vae: TrainedNetwork) -> list[str]:
         """What the epoch the latest (epoch-end) checkpoint ended lacks of its end, when a
