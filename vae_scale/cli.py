@@ -137,18 +137,44 @@ def _shard_images(args: argparse.Namespace, recipe: Any, data_root: Path) -> Non
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    _train(args, args.config, args.overrides, ["train", args.config, *args.overrides])
+
+
+def cmd_probe(args: argparse.Namespace) -> None:
+    """`train` of the probe's config on the latent shards LATENTS (data.location)."""
+    location = args.latents.rstrip("/")
+    parent, _, name = location.rpartition("/")
+    overrides = [
+        f"data.shards_dir={parent or '.'}",
+        f"data.dataset={name}",
+        f"run.name=probe_{name}",
+    ]
+    if args.autoencoder:
+        overrides.append(f"loss.probe.autoencoder={args.autoencoder}")
+    words = ["probe", args.latents, *(["--config", args.config] * (args.config != PROBE_CONFIG))]
+    words += [*(["--autoencoder", args.autoencoder] if args.autoencoder else []), *args.overrides]
+    config = args.config
+    if config == PROBE_CONFIG and not Path(config).is_file():  # outside the checkout's root
+        config = str(Path(__file__).resolve().parents[1] / PROBE_CONFIG)
+    _train(args, config, [*overrides, *args.overrides], words)
+
+
+PROBE_CONFIG = "configs/probe_celeba64.yaml"
+
+
+def _train(args: argparse.Namespace, config: str, overrides: list[str], words: list[str]) -> None:
     from vae_scale.config import load_config
     from vae_scale.training.loop import TrainingDiverged, train
 
-    cfg = load_config(args.config, args.overrides)
-    trial = sweep_run_name(cfg, args.overrides)
+    cfg = load_config(config, overrides)
+    trial = sweep_run_name(cfg, overrides)
     if trial:
-        cfg = load_config(args.config, [*args.overrides, trial])
+        cfg = load_config(config, [*overrides, trial])
     flags = [*(["--resume", args.resume] if args.resume != "auto" else [])]
     flags += ["--from-another-run"] * args.from_another_run + [
         "--restart-epoch"
     ] * args.restart_epoch
-    command = shlex.join(["vae-scale", "train", args.config, *args.overrides, *flags])
+    command = shlex.join(["vae-scale", *words, *flags])
     try:
         run_dir = train(
             cfg,
@@ -359,6 +385,40 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(f"published {url}")
 
 
+def cmd_encode(args: argparse.Namespace) -> None:
+    import torch
+    from accelerate import Accelerator
+
+    from vae_scale.analysis.latents import recorded_scaling
+    from vae_scale.analysis.runs import config_of_record
+    from vae_scale.data.sourcing.latents import EncodeOptions, encode_dataset
+    from vae_scale.hub.pretrained import from_pretrained
+
+    accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available())
+    vae = from_pretrained(args.model, device=accelerator.device, weights=args.weights)
+    cfg = config_of_record(vae.record)
+    data = cfg.data.model_copy(update={"num_workers": args.num_workers})
+    splits = tuple(args.splits.split(",")) if args.splits else None
+    options = EncodeOptions(args.content, args.shard_size, args.batch_size, splits, cfg.run.seed)
+    # local paths recorded absolute: the probe finds the autoencoder and the images from
+    # wherever it runs
+    source, origin = (
+        p if "://" in str(p) or not Path(p).exists() else str(Path(p).resolve())
+        for p in (args.data or data.location, args.model)
+    )
+    scaling = recorded_scaling(vae.record, origin)
+    index = encode_dataset(
+        accelerator, vae, origin, source, data, Path(args.out), options, scaling, args.force
+    )
+    if index is not None:
+        latents = index["latents"]
+        print(
+            f"wrote {args.out}: latents of {args.model} ({index['image_shape']} float16, "
+            f"{latents['content']}), scaling_factor {latents['scaling_factor']:.4g}, "
+            f"shift_factor {latents['shift_factor']:.4g} ({latents['scaling_from']})"
+        )
+
+
 def cmd_compare(args: argparse.Namespace) -> None:
     from vae_scale.analysis.compare import compare_runs
 
@@ -372,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shard_command(sub)
     _add_train_and_eval_commands(sub)
     _add_picture_commands(sub)
+    _add_encode_command(sub)
     cmp_ = sub.add_parser("compare", help="markdown table + loss-curve plot of several runs")
     cmp_.add_argument("run_dirs", nargs="+")
     cmp_.add_argument("--out", default="report.md")
@@ -393,6 +454,31 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--private", action="store_true", help="a private Hub repository")
     ex.set_defaults(func=cmd_export)
     return parser
+
+
+def _add_encode_command(sub: Any) -> None:
+    enc = sub.add_parser(
+        "encode",
+        help="an autoencoder's latents of its dataset as WebDataset shards (works under "
+        "accelerate launch; resumable)",
+    )
+    enc.add_argument("model", help="a run folder or an export (`vae-scale export`)")
+    enc.add_argument("--out", required=True, help="folder for the latent shards and index.json")
+    enc.add_argument("--data", help="the dataset to encode (default: the run's data location)")
+    enc.add_argument("--splits", help="comma-separated splits (default: every split)")
+    enc.add_argument(
+        "--content",
+        choices=("moments", "sample"),
+        default="moments",
+        help="moments: posterior mean and std (default; z is drawn when read); sample: one z",
+    )
+    enc.add_argument("--shard-size", type=count(1), default=1000, help="latents per shard")
+    enc.add_argument("--batch-size", type=count(1), default=64)
+    enc.add_argument("--num-workers", type=count(0), default=0, help="loader workers")
+    enc.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    enc.add_argument("--cpu", action="store_true", help="encode on the CPU even with a GPU")
+    enc.add_argument("--force", action="store_true", help="replace what --out holds")
+    enc.set_defaults(func=cmd_encode)
 
 
 def _add_shard_command(sub: Any) -> None:
@@ -458,6 +544,21 @@ def _add_train_and_eval_commands(sub: Any) -> None:
         "a way its position cannot be mapped onto: start that epoch over (refused without it)",
     )
     tr.set_defaults(func=cmd_train)
+
+    pr = sub.add_parser(
+        "probe",
+        help="train a small diffusion model on latent shards (vae-scale encode) and report "
+        "its loss and gFID (works under accelerate launch)",
+    )
+    pr.add_argument("latents", help="latent shards folder (or URL) that vae-scale encode wrote")
+    pr.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE, e.g. model.depth=6")
+    pr.add_argument("--config", default=PROBE_CONFIG, help=f"YAML config (default {PROBE_CONFIG})")
+    pr.add_argument(
+        "--autoencoder", help="decoder of the samples (default: the one the latents name)"
+    )
+    for flag in ("--resume", "--from-another-run", "--restart-epoch"):
+        pr._add_action(next(a for a in tr._actions if flag in a.option_strings))
+    pr.set_defaults(func=cmd_probe)
 
     ev = sub.add_parser(
         "eval",

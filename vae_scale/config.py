@@ -31,6 +31,7 @@ from vae_scale.models import FAMILIES
 from vae_scale.objectives import OBJECTIVES
 from vae_scale.objectives.discriminator import DiscriminatorConfig
 from vae_scale.objectives.encoder_aug import EncoderAugConfig
+from vae_scale.objectives.flow_matching import ProbeConfig
 from vae_scale.objectives.perceptual import PerceptualConfig
 from vae_scale.objectives.reconstruction import PixelLossConfig
 from vae_scale.schema import (  # noqa: F401  (re-exported for the sections' users)
@@ -81,6 +82,8 @@ class LossConfig(Section):
     pixel: PixelLossConfig = Field(default_factory=PixelLossConfig)
     perceptual: PerceptualConfig = Field(default_factory=PerceptualConfig)
     discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
+    # the diffusion probe's settings (loss.objective: flow_matching)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
 
 
 class TrainConfig(Section):
@@ -217,7 +220,14 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _what_the_objective_can_do(self) -> Config:
-        OBJECTIVES[self.loss.objective].check_config(self)
+        objective = OBJECTIVES[self.loss.objective]
+        if FAMILIES[self.model.name].kind != objective.model_kind:
+            names = sorted(n for n, f in FAMILIES.items() if f.kind == objective.model_kind)
+            raise FieldError(
+                "model.name",
+                f"expected one of {names} with loss.objective {self.loss.objective!r}",
+            )
+        objective.check_config(self)
         return self
 
     @property

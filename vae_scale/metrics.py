@@ -52,7 +52,7 @@ class MetricSums:
         draws or copies), and the number of images (`count`)."""
         sums = {k: v.detach().sum() * (num_images / v.numel()) for k, v in terms.items()}
         # a fill kernel: torch.tensor(n, device=cuda) would copy from the host and wait
-        count = torch.full((), float(num_images), device=terms["neg_elbo"].device)
+        count = torch.full((), float(num_images), device=next(iter(terms.values())).device)
         self.add(**sums, count=count)
 
     def reduce(self, accelerator: Accelerator) -> dict[str, torch.Tensor]:

@@ -366,12 +366,13 @@ def first_images(data: ShardSplit, n: int) -> torch.Tensor:
     return torch.cat(got)[:n]
 
 
-def summarize(metrics: dict[str, Any]) -> str:
-    keys = [k for k in metrics if k.endswith(("/neg_elbo", "/neg_elbo_refined", "/bpd"))]
+def summarize(metrics: dict[str, Any], headline: str = "neg_elbo") -> str:
+    keys = [k for k in metrics if k.endswith((f"/{headline}", "/neg_elbo_refined", "/bpd"))]
     keys += [k for k in ("test/recon_mse_ratio", "test/active_units") if k in metrics]
     keys += [k for k in metrics if k.startswith("test/") and k.endswith(("psnr", "ssim", "lpips"))]
     keys += [k for k in metrics if k.endswith(("/rfid", "/ifid", "/scale_equivariance_psnr"))]
+    keys += [k for k in metrics if k.endswith("/gfid")]
     return "  ".join(
         f"{k} {metrics[k]:.2f}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
-        for k in keys
+        for k in dict.fromkeys(keys)
     )

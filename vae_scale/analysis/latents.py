@@ -80,6 +80,16 @@ def read_latent_stats(run_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def recorded_scaling(record: dict[str, Any], origin: str) -> dict[str, float] | None:
+    """The scaling/shift an autoencoder recorded: an export's, or a run's latent_stats.json."""
+    stats = record.get("export", {}).get("latent_stats")
+    if stats is None and Path(origin).is_dir():
+        stats = read_latent_stats(Path(origin))
+    if not stats or "scaling_factor" not in stats:
+        return None
+    return {"scaling_factor": stats["scaling_factor"], "shift_factor": stats["shift_factor"]}
+
+
 @torch.no_grad()
 def activation_peak(model: nn.Module, images: torch.Tensor) -> float:
     """The largest |activation| of any layer while encoding `images` (float pixels) and

@@ -39,8 +39,12 @@ def load_run_config(run_dir: Path, name: str = "config.json") -> tuple[Config, d
     if not path.is_file():
         raise ConfigError(f"{path} not found: {run_dir} is not a vae_scale run folder")
     raw = read_run_record(run_dir, name)
-    sections = {name: raw[name] for name in (*SECTIONS, "model") if name in raw}
-    return config_from_dict(sections), raw
+    return config_of_record(raw), raw
+
+
+def config_of_record(raw: dict[str, Any]) -> Config:
+    """The config sections of a run record (config.json, an export's record)."""
+    return config_from_dict({name: raw[name] for name in (*SECTIONS, "model") if name in raw})
 
 
 def final_metrics(run_dir: Path, rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -60,6 +64,13 @@ def final_metrics(run_dir: Path, rows: list[dict[str, Any]] | None = None) -> di
 
 def build_recorded_model(cfg: Config, record: dict) -> VAE:
     """The (untrained) model a config.json describes: its family, image shape, likelihood."""
+    from vae_scale.models import FAMILIES
+
+    if FAMILIES[cfg.model.name].kind != "vae":
+        raise ConfigError(
+            f"{cfg.run_dir}: a {cfg.loss.objective} run (model.name {cfg.model.name}), not a "
+            f"VAE; its metrics are in its metrics.jsonl and W&B (this command takes VAE runs)"
+        )
     image_shape = tuple(record["dataset_index"]["image_shape"])
     likelihood = build_likelihood(cfg.loss.likelihood, image_shape)
     return build_model(cfg.model, image_shape, likelihood)

@@ -14,7 +14,9 @@ from vae_scale.utils.fsutil import sha256_file, swap_folder, write_json_atomic
 
 INDEX_NAME = "index.json"
 FORMAT_VERSION = 1
-ENCODING = "npy uint8 HWC"
+ENCODING = "npy uint8 HWC"  # images
+# what `encoding` may say, and the array dtype it stores (latent shards: float16)
+ENCODINGS = {"npy uint8 HWC": "uint8", "npy float16 HWC": "float16"}
 SHARD_PATTERN = "{split}-%06d.tar"  # shard names: train-000000.tar, ...
 
 
@@ -24,6 +26,7 @@ def make_index(
     splits: dict[str, dict[str, Any]],
     source: dict[str, Any],
     params: dict[str, Any],
+    encoding: str = ENCODING,
     **extra: Any,
 ) -> dict[str, Any]:
     """The index of a dataset: `splits` maps each split to its num_samples and shards (name,
@@ -32,7 +35,7 @@ def make_index(
         "format_version": FORMAT_VERSION,
         "dataset": dataset,
         "image_shape": list(image_shape),
-        "encoding": ENCODING,
+        "encoding": encoding,
         "splits": splits,
         "source": source,
         "params": params,
@@ -74,6 +77,11 @@ def index_matches(out_dir: Path, data: Any, shard_size: int) -> bool:
     )
 
 
+def stored_dtype(index: dict[str, Any] | None) -> str:
+    """The dtype of the arrays an index's shards store ("uint8" images without one)."""
+    return ENCODINGS[(index or {}).get("encoding", ENCODING)]
+
+
 def check_index(url: str, text: bytes | str) -> dict[str, Any]:
     try:
         index = json.loads(text)
@@ -90,6 +98,10 @@ def check_index(url: str, text: bytes | str) -> dict[str, Any]:
     shape = index.get("image_shape")
     if not isinstance(splits, dict) or not (isinstance(shape, list) and len(shape) == 3):
         raise DataError(f"{url}: expected 'splits' (an object) and 'image_shape' ([C, H, W])")
+    if index.get("encoding", ENCODING) not in ENCODINGS:
+        raise DataError(
+            f"{url}: encoding {index.get('encoding')!r}, expected one of {sorted(ENCODINGS)}"
+        )
     for name, split in splits.items():
         shards = split.get("shards") if isinstance(split, dict) else None
         if not isinstance(shards, list) or not all(

@@ -5,7 +5,7 @@ family is a new file here and its import below."""
 from __future__ import annotations
 
 from vae_scale.losses import Likelihood
-from vae_scale.models import autoencoder_kl, conv, hierarchical, mlp, resnet  # noqa: F401
+from vae_scale.models import autoencoder_kl, conv, dit, hierarchical, mlp, resnet  # noqa: F401
 from vae_scale.models.autoencoder_kl import AutoencoderKLVAE
 from vae_scale.models.base import FAMILIES, VAE, VAEOutput
 from vae_scale.models.conv import ConvVAE

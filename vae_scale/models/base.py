@@ -48,6 +48,7 @@ class VAE(nn.Module):
     """
 
     config_section: type[Section]  # the family's config section (set by `register`)
+    kind = "vae"  # what objectives train it (objectives.base.Objective.model_kind)
     #: submodules that map an image to its posterior (frozen by `train.trainable: decoder`)
     encoder_modules: tuple[str, ...] = ("encoder", "to_posterior")
 

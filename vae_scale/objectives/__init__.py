@@ -11,10 +11,11 @@ from typing import Any
 from vae_scale.objectives.autoencoder import AutoencoderObjective
 from vae_scale.objectives.base import Loss, NetworkSpec, Objective
 from vae_scale.objectives.elbo import ElboObjective
+from vae_scale.objectives.flow_matching import FlowMatchingObjective
 
 #: loss.objective -> its class
 OBJECTIVES: dict[str, type[Objective]] = {
-    cls.name: cls for cls in (ElboObjective, AutoencoderObjective)
+    cls.name: cls for cls in (ElboObjective, AutoencoderObjective, FlowMatchingObjective)
 }
 
 

@@ -61,6 +61,14 @@ class Objective:
     `accelerator`: the run's (autocast, averages over processes)."""
 
     name: ClassVar[str] = ""
+    #: the kind of network in `model` it trains (a model family's `kind`)
+    model_kind: ClassVar[str] = "vae"
+    #: the term the progress line, the epoch line and best/* follow
+    headline: ClassVar[str] = "neg_elbo"
+    #: "module:Class" of its own evaluation (Class(cfg, accelerator, objective), with
+    #: .evaluate(model, splits, epoch, last) -> metrics), in place of the VAE's evaluation and
+    #: pictures; named, not imported: evaluation lives above the config these rooms feed
+    evaluator: ClassVar[str | None] = None
 
     def __init__(self, cfg: Any, image_shape: tuple[int, int, int], accelerator: Any):
         self.cfg, self.image_shape, self.accelerator = cfg, tuple(image_shape), accelerator

@@ -73,12 +73,14 @@ class InceptionFeatures(nn.Module):
 
 
 def frechet_distance(
-    sum_a: Tensor, outer_a: Tensor, sum_b: Tensor, outer_b: Tensor, n: float
+    sum_a: Tensor, outer_a: Tensor, sum_b: Tensor, outer_b: Tensor, n: float, n_b: float = 0
 ) -> float:
-    """FID from the sums of features and of their outer products over n samples each."""
-    mu_a, mu_b = (s.double().cpu().numpy() / n for s in (sum_a, sum_b))
+    """FID from the sums of features and of their outer products over n samples each (or n
+    of a and `n_b` of b)."""
+    n_b = n_b or n
+    mu_a, mu_b = sum_a.double().cpu().numpy() / n, sum_b.double().cpu().numpy() / n_b
     cov_a = (outer_a.double().cpu().numpy() - n * np.outer(mu_a, mu_a)) / (n - 1)
-    cov_b = (outer_b.double().cpu().numpy() - n * np.outer(mu_b, mu_b)) / (n - 1)
+    cov_b = (outer_b.double().cpu().numpy() - n_b * np.outer(mu_b, mu_b)) / (n_b - 1)
     # tr(sqrtm(A B)) for covariances A, B: the square roots of the eigenvalues of
     # sqrt(A) B sqrt(A), a symmetric matrix (two symmetric eigendecompositions: ~10x faster
     # than sqrtm's Schur form at 2048 x 2048, and no imaginary parts to round away)

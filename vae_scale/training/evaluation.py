@@ -6,6 +6,7 @@ epoch, and the latent statistics once the last epoch is trained."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,16 @@ class EpochEvaluation:
         self.objective = objective
         self.nets = PerceptionNets()
         self.picture_inputs: torch.Tensor | None = None
+        self.own: Any = None  # the objective's own evaluation (Objective.evaluator)
 
     def open_networks(self) -> None:
         """The perception networks evaluation uses (LPIPS shared with the loss's) and the
         fixed test images of the pictures."""
         cfg, acc = self.cfg, self.accelerator
+        if self.objective.evaluator:  # it opens the frozen networks it needs
+            module, name = self.objective.evaluator.split(":")
+            self.own = getattr(importlib.import_module(module), name)(cfg, acc, self.objective)
+            return
         # (before a checkpoint restores the random generators: building the networks draws
         # initial weights from them, which would shift a resumed run's noise)
         self.nets = self._networks()
@@ -63,6 +69,8 @@ class EpochEvaluation:
         return epoch % self.cfg.eval.every_epochs == 0 or epoch == self.cfg.train.epochs
 
     def pictures(self, epoch: int) -> bool:
+        if self.objective.evaluator:  # of a VAE: reconstructions, samples
+            return False
         return epoch in self.cfg.eval.picture_epochs or epoch == self.cfg.train.epochs
 
     def end_of_epoch(
@@ -99,12 +107,13 @@ class EpochEvaluation:
             state.data_retries += metrics.get(f"{name}/data_retries", 0)
             state.data_refetched_bytes += metrics.get(f"{name}/data_refetched_bytes", 0)
         metrics.update(transfer_metrics(state))
-        metrics.update(tracking.best_so_far(state, metrics))
+        headline = self.objective.headline
+        metrics.update(tracking.best_so_far(state, metrics, headline))
         if acc.is_main_process:
             append_row(cfg.run_dir, METRICS_FILE, metrics)
             acc.print(
-                f"epoch {epoch}: train/neg_elbo {metrics['train/neg_elbo']:.2f}  "
-                f"{summarize({k: v for k, v in metrics.items() if 'train' not in k})}"
+                f"epoch {epoch}: train/{headline} {metrics[f'train/{headline}']:.4g}  "
+                f"{summarize({k: v for k, v in metrics.items() if 'train' not in k}, headline)}"
                 f"  ({seconds:.1f}s)"
             )
             if self.pictures(epoch):
@@ -127,6 +136,8 @@ class EpochEvaluation:
         the last epoch only; posterior refinement, ~100 evaluations, on test at picture
         epochs only)."""
         cfg = self.cfg
+        if self.own is not None:
+            return self.own.evaluate(model, self.splits, epoch, epoch == cfg.train.epochs)
         nets = self.nets
         if epoch != cfg.train.epochs:
             nets = dataclasses.replace(nets, inception=None)
@@ -167,7 +178,7 @@ class EpochEvaluation:
             files = picture_files(cfg.run_dir, epoch, vae.for_eval.latent_shape, has_test)
             if not all(f.is_file() for f in files):
                 lacking.append("pictures")
-        spatial = len(vae.for_eval.latent_shape) == 3 and cfg.eval.latent_stats_samples
+        spatial = self.measures_latents(vae)
         if (
             epoch == cfg.train.epochs
             and spatial
@@ -202,15 +213,21 @@ class EpochEvaluation:
         )
         if row is None:
             return
-        tracking.best_so_far(state, row)
+        tracking.best_so_far(state, row, self.objective.headline)
         state.data_retries = row.get("data/retries", state.data_retries)
         state.data_refetched_bytes = row.get("data/refetched_bytes", state.data_refetched_bytes)
         state.unevaluated = {}
 
+    def measures_latents(self, vae: TrainedNetwork) -> bool:
+        """Whether the run's network is an autoencoder whose latents diffusion will model."""
+        if self.objective.evaluator or not self.cfg.eval.latent_stats_samples:
+            return False
+        return len(vae.for_eval.latent_shape) == 3
+
     def measure_latents(self, state: TrainState, vae: TrainedNetwork) -> None:
         """The finished run's latent statistics for diffusion (analysis/latents.py)."""
         cfg, acc, model = self.cfg, self.accelerator, vae.for_eval
-        if not cfg.eval.latent_stats_samples or len(model.latent_shape) != 3:
+        if not self.measures_latents(vae):
             return
         stats = latent_statistics(
             acc, model, self.splits["train"], cfg.run.seed, cfg.eval.latent_stats_samples

@@ -229,7 +229,8 @@ def log_step(run: Run, epoch: int, out: StepOutput, progress: Progress) -> None:
     means = step_means(out)
     reduced = run.accelerator.reduce(torch.stack(list(means.values())), "mean").tolist()
     step_terms = dict(zip(means, reduced, strict=True))
-    progress.set_values(step=state.opt_step, neg_elbo=step_terms["neg_elbo"])
+    headline = run.objective.headline
+    progress.set_values(step=state.opt_step, **{headline: step_terms[headline]})
     run.settle_transfers()
     row = {
         "global_step": state.opt_step,

@@ -133,22 +133,23 @@ def define_metrics(run: Any) -> None:
     run.define_metric("*", step_metric="global_step")
 
 
-def best_so_far(state: Any, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Update `state.best` with this epoch's val (else test) negative ELBO; returns the
-    best/* entries (logged every epoch, so the summary's last value is the best)."""
-    split = next((s for s in ("val", "test") if f"{s}/neg_elbo" in metrics), None)
+def best_so_far(state: Any, metrics: dict[str, Any], term: str = "neg_elbo") -> dict[str, Any]:
+    """Update `state.best` with this epoch's val (else test) `term` (the objective's headline:
+    the negative ELBO, the probe's loss); returns the best/* entries (logged every epoch, so
+    the summary's last value is the best)."""
+    split = next((s for s in ("val", "test") if f"{s}/{term}" in metrics), None)
     best = state.best
-    if split is not None and (not best or metrics[f"{split}/neg_elbo"] < best["value"]):
+    if split is not None and (not best or metrics[f"{split}/{term}"] < best["value"]):
         best = state.best = {
             "split": split,
-            "value": metrics[f"{split}/neg_elbo"],
+            "value": metrics[f"{split}/{term}"],
             "step": metrics["global_step"],
             "epoch": metrics["epoch"],
             "samples_seen": state.samples_seen,
         }
     if not best:
         return {}
-    name = f"best/{best['split']}_neg_elbo"
+    name = f"best/{best['split']}_{term}"
     return {
         name: best["value"],
         f"{name}_step": best["step"],

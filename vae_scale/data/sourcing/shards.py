@@ -29,11 +29,12 @@ from vae_scale.errors import DataError
 from vae_scale.utils.fsutil import fsync, sha256_file
 
 
-def encode_sample(sample: dict[str, Any]) -> dict[str, Any]:
-    """Sample dict -> tar members (bytes). Only npy, cls and json: never pickle."""
+def encode_sample(sample: dict[str, Any], dtype: type = np.uint8) -> dict[str, Any]:
+    """Sample dict -> tar members (bytes). Only npy (of `dtype`: uint8 images, float16
+    latents), cls and json: never pickle."""
     out: dict[str, Any] = {"__key__": sample["__key__"]}
     buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(sample["npy"], dtype=np.uint8), allow_pickle=False)
+    np.save(buf, np.ascontiguousarray(sample["npy"], dtype=dtype), allow_pickle=False)
     out["npy"] = buf.getvalue()
     if "cls" in sample:
         out["cls"] = str(int(sample["cls"])).encode()

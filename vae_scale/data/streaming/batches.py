@@ -127,7 +127,7 @@ def _collate_views(
     (evaluation) or replaced by others of the batch (training), counted as skipped."""
     spec = refs[0][0].spec
     h, w, c = spec.image_hwc
-    images = np.empty((len(refs), h * w * c), np.uint8)
+    images = np.empty((len(refs), h * w * c), spec.dtype)
     for row, (view, m) in zip(images, refs):
         view.read_image(m, row)
     changed = {id(view): view for view, _ in refs if not view.unchanged()}
@@ -139,7 +139,7 @@ def _collate_views(
         image = torch.stack([crop(x, k) for x, k in zip(chw, keys)])
     else:  # standard strides: for C = 1 `contiguous()` would keep channel-last ones, and
         # convolutions choose their kernel (and rounding) by the layout they see
-        image = torch.empty((len(refs), c, h, w), dtype=torch.uint8).copy_(chw)
+        image = torch.empty((len(refs), c, h, w), dtype=chw.dtype).copy_(chw)
     batch: dict[str, Any] = {"image": image, "key": keys, "skipped": skipped}
     if spec.labels:
         return add_labels(batch, [view.labels_of(m) for view, m in refs])

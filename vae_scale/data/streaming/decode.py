@@ -1,4 +1,5 @@
-"""Tar members of one sample -> {"key", "image" (uint8 CHW), "cls"?, "json"?}.
+"""Tar members of one sample -> {"key", "image" (CHW: uint8 pixels, or float16 latents of
+latent shards), "cls"?, "json"?}.
 
 Only npy, images, json and cls are decoded; pickle members are refused, never unpickled.
 Errors name the shard and the sample key.
@@ -32,6 +33,7 @@ class DecodeSpec:
     image_keys: tuple[str, ...] = IMAGE_SUFFIXES
     label_key: str | None = "cls"
     labels: bool = True
+    dtype: str = "uint8"  # what the npy arrays hold (index.json's encoding)
 
 
 def where(sample: dict[str, Any]) -> str:
@@ -100,7 +102,7 @@ def decode_sample(sample: dict[str, Any], spec: DecodeSpec) -> dict[str, Any]:
         raise DataError(f"{where(sample)}: unreadable {suffix} ({err})") from err
     if image.ndim == 2:
         image = image[..., None]
-    if image.shape != tuple(spec.image_hwc) or image.dtype != np.uint8:
+    if image.shape != tuple(spec.image_hwc) or image.dtype != np.dtype(spec.dtype):
         source = (
             "from data.image_size and data.channels (npy images are taken as they are; "
             "png/jpg/webp are resized)"
@@ -109,7 +111,7 @@ def decode_sample(sample: dict[str, Any], spec: DecodeSpec) -> dict[str, Any]:
         )
         raise DataError(
             f"{where(sample)}: image of shape {image.shape} {image.dtype}, expected "
-            f"{tuple(spec.image_hwc)} uint8 (H, W, C) {source}"
+            f"{tuple(spec.image_hwc)} {spec.dtype} (H, W, C) {source}"
         )
     out: dict[str, Any] = {
         "key": sample.get("__key__"),

@@ -13,8 +13,10 @@ import torch
 
 
 def images_to_float(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32 in [0, 1] on `device`."""
-    return images.to(device, non_blocking=True).float().div_(255.0)
+    """uint8 (B, C, H, W) -> float32 in [0, 1] on `device` (float16 latents: float32 as
+    they are)."""
+    x = images.to(device, non_blocking=True).float()
+    return x.div_(255.0) if images.dtype == torch.uint8 else x
 
 
 def binarize(

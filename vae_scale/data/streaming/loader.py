@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.utils import pytorch_worker_info
 
 from vae_scale.data.config import DataConfig
+from vae_scale.data.index import stored_dtype
 from vae_scale.data.streaming import remote
 from vae_scale.data.streaming.batches import Crop, batches_of
 from vae_scale.data.streaming.catalog import SplitCatalog
@@ -80,7 +81,10 @@ class ShardSplit:
         self.planner = EpochPlanner(self.catalog, topology, seed, shuffle)
         h, w, c = self.catalog.stored_hwc
         keys = tuple(data.image_key.split(";"))
-        spec = DecodeSpec((h, w, c), data.image_size is not None, keys, data.label_key, labels)
+        spec = DecodeSpec(
+            (h, w, c), data.image_size is not None, keys, data.label_key, labels,
+            stored_dtype(self.catalog.index),
+        )  # fmt: skip
         self.read_options = ReadOptions(spec, data.on_error, data.verify_shards, policy)
         self._cache: dict[str, list[Any]] | None = {} if data.cache_in_memory else None
         # local shards with a member table are sliced (shard_view.py); the record of verified
@@ -116,6 +120,17 @@ class ShardSplit:
     def eval_batches(self) -> Iterator[dict[str, Any]]:
         """Every sample of this rank's share of the split exactly once (partial batches)."""
         yield from self._loader(_EvalStream(self), derive_seed(self.seed, "loader", 0))
+
+    def range_batches(self, start: int, stop: int) -> Iterator[dict[str, Any]]:
+        """Samples start..stop-1 of the split in stored order (an indexed split), whichever
+        process asks: work divided by the caller (`vae-scale encode`'s shards)."""
+        if not self.catalog.indexed:
+            raise DataError(
+                f"{self.catalog.location or self.data.urls}: split {self.split!r} has no "
+                f"per-shard sample counts (index.json); a range of it cannot be read"
+            )
+        stream = _EvalStream(self, (start, stop))
+        yield from self._loader(stream, derive_seed(self.seed, "loader", 0))
 
     def _loader(self, stream: IterableDataset, seed: int) -> Iterator[dict[str, Any]]:
         """The stream's batches through a DataLoader; its workers end with the iteration,
@@ -254,21 +269,26 @@ def _resampled(
 
 
 class _EvalStream(IterableDataset):
-    """Evaluation: this rank's contiguous share of the split in stored order, each worker a
-    contiguous part of it (index-less: whole shards, shard i to rank i % world_size)."""
+    """Evaluation: this rank's contiguous share of the split in stored order (or `bounds`:
+    samples [start, stop)), each worker a contiguous part of it (index-less: whole shards,
+    shard i to rank i % world_size)."""
 
-    def __init__(self, split: ShardSplit):
-        self.split = split
+    def __init__(self, split: ShardSplit, bounds: tuple[int, int] | None = None):
+        self.split, self.bounds = split, bounds
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         split = self.split
         w, workers = _worker()
-        parts = split.world_size * workers
-        part = split.rank * workers + w
+        parts, part = split.world_size * workers, split.rank * workers + w
+        if self.bounds is not None:  # the caller's range, divided among this one's workers
+            parts, part = workers, w
         stats = TransferStats()
         if split.catalog.indexed:
-            n = split.num_samples
-            ids = np.arange(part * n // parts, (part + 1) * n // parts, dtype=np.int64)
+            first, stop = self.bounds or (0, split.num_samples)
+            n = stop - first
+            ids = np.arange(
+                first + part * n // parts, first + (part + 1) * n // parts, dtype=np.int64
+            )
             samples: Iterator[Any] = read_ids(split, ids, stats)
         else:
             reader = ShardReader(split.read_options, split._cache, stats)

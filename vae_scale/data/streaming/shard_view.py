@@ -113,7 +113,7 @@ class ShardView:
         self.entry, self.table, self.spec, self.fd = entry, table, spec, fd
         self.starts = starts  # per sample, the first byte of its pixels
         self.keys = table.keys
-        self.nbytes = int(np.prod(spec.image_hwc))
+        self.nbytes = int(np.prod(spec.image_hwc)) * np.dtype(spec.dtype).itemsize
         self.identity = _identity(os.fstat(fd))
         self.data = data  # the whole shard in memory (None: read by position)
         self.on_error = "raise"  # the split's data.on_error, set by the reader
@@ -189,17 +189,17 @@ class ShardView:
         header = _npy_header(head or os.pread(fd, 256, int(offsets[0])), spec)
         if header is None or offsets.max() + sizes.max() > st.st_size:
             return None
-        n = int(np.prod(spec.image_hwc))
+        n = int(np.prod(spec.image_hwc)) * np.dtype(spec.dtype).itemsize
         if not (sizes == len(header) + n).all():  # every image the index's shape and dtype
             return None
         return cls(entry, table, spec, fd, (offsets + len(header)).tolist(), data)
 
     def read_image(self, m: int, row: np.ndarray) -> None:
-        """Sample m's pixels into `row` (a flat uint8 array of H*W*C); a short read (the file
+        """Sample m's array into `row` (flat, H*W*C of the spec's dtype); a short read (the file
         cut under us) leaves the view marked changed."""
         start = self.starts[m]
         if self.data is not None:
-            row[:] = self.data[start : start + self.nbytes]
+            row.view(np.uint8)[:] = self.data[start : start + self.nbytes]
         elif os.preadv(self.fd, [memoryview(row)], start) != self.nbytes:
             self.short_read = True
 
@@ -240,7 +240,7 @@ class ShardView:
         """Sample m as decode.py's decode_sample gives it (image CHW), for the batches that
         mix this path with the checked one."""
         h, w, c = self.spec.image_hwc
-        row = np.empty(self.nbytes, np.uint8)
+        row = np.empty(int(np.prod(self.spec.image_hwc)), self.spec.dtype)
         self.read_image(m, row)
         if not self.unchanged():
             raise self.changed_error()
@@ -321,7 +321,7 @@ def _table_matches(fd: int, entry: ShardEntry, table: MemberTable) -> bool:
 
 def _npy_header(head: bytes, spec: DecodeSpec) -> bytes | None:
     """The npy header of a member starting with `head`, if it describes the index's image
-    (uint8, C order, (H, W, C))."""
+    (its dtype, C order, (H, W, C))."""
     f = io.BytesIO(head)
     try:
         if np.lib.format.read_magic(f) != (1, 0):
@@ -329,6 +329,6 @@ def _npy_header(head: bytes, spec: DecodeSpec) -> bytes | None:
         shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
     except ValueError:
         return None
-    if dtype != np.uint8 or fortran_order or shape != tuple(spec.image_hwc):
+    if dtype != np.dtype(spec.dtype) or fortran_order or shape != tuple(spec.image_hwc):
         return None
     return head[: f.tell()]
