@@ -226,6 +226,19 @@ def test_probe_learns_the_latents_and_reports_gfid(probed):
     assert record["command"].startswith("vae-scale probe ")
 
 
+def test_compare_puts_the_probe_beside_its_autoencoder(autoencoder, probed, tmp_path):
+    report = tmp_path / "report.md"
+    done = cli("compare", str(autoencoder), str(probed), "--out", str(report))
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = report.read_text().split("## Final metrics")[1]
+    assert table.splitlines()[2] == "| metric | ae |"  # the probe has no column of its own
+    probe = rows(probed / "metrics.jsonl")[-1]
+    line = next(row for row in table.splitlines() if row.startswith("| probe ref: val fm_loss"))
+    assert line == f"| probe ref: val fm_loss | {probe['val/fm_loss']:.4g} |"
+    ordered = [row.split(" | ")[0][2:] for row in table.splitlines()[4:]]
+    assert ordered.index("test/psnr") < ordered.index("probe ref: epochs") < ordered.index("epochs")
+
+
 def test_probe_resumes_bitwise_after_sigkill(latents, probed, tmp_path):
     args = probe_args(latents, tmp_path, "killed")
     log = tmp_path / "killed" / "steps.jsonl"

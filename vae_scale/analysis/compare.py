@@ -1,6 +1,11 @@
 """Compare runs without W&B: a markdown table of the settings and run facts that differ and of
 the final metrics, and the loss curves of all runs against training samples seen (the axis
-that lines up runs of different global batch sizes and process counts)."""
+that lines up runs of different global batch sizes and process counts).
+
+Autoencoders are put side by side on what says how well diffusion will learn their latents
+(rFID, iFID, PSNR/SSIM/LPIPS, the latent diagnostics) first; a diffusion-probe run among the
+runs (`vae-scale probe`) joins the column of the autoencoder its latents came from, as
+`probe <run name>: gfid` and `val fm_loss`."""
 
 from __future__ import annotations
 
@@ -49,6 +54,42 @@ def _run_summary(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], d
     return flat, rows, final_metrics(run_dir, rows)
 
 
+#: What says how well diffusion will learn an autoencoder's latents, in this order.
+DIFFUSION_METRICS = (
+    "test/rfid", "test/ifid", "test/psnr", "test/ssim", "test/lpips",
+    "test/latent_high_freq_share", "test/image_high_freq_share", "test/scale_equivariance_psnr",
+)  # fmt: skip
+
+
+def _attach_probes(run_dirs: list[Path], summaries: list[tuple]) -> tuple[list[Path], list]:
+    """Probe runs whose autoencoder is among the runs: their results added to its column
+    (and no column of their own)."""
+    from vae_scale.data.sourcing.shards import load_index
+
+    columns = {Path(r).resolve(): i for i, r in enumerate(run_dirs)}
+    kept = []
+    for i, run in enumerate(run_dirs):
+        flat, _, final = summaries[i]
+        if flat.get("loss.objective") != "flow_matching":
+            kept.append(i)
+            continue
+        location = f"{flat['data.shards_dir']}/{flat['data.dataset']}"
+        try:
+            made_by = load_index(location)["latents"]["autoencoder"]["path"]
+        except (ConfigError, KeyError, OSError):
+            made_by = None
+        target = columns.get(Path(made_by).resolve()) if made_by else None
+        if target is None:
+            kept.append(i)
+            continue
+        name = Path(run).name
+        extra = {f"probe {name}: gfid": final.get("test/gfid", "—")}
+        extra[f"probe {name}: val fm_loss"] = final.get("val/fm_loss", "—")
+        extra[f"probe {name}: epochs"] = final.get("epochs", "—")
+        summaries[target][2].update(extra)
+    return [run_dirs[i] for i in kept], [summaries[i] for i in kept]
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -60,11 +101,15 @@ def compare_runs(run_dirs: list[Path], out_md: Path, metric: str = "neg_elbo") -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [Path(r).name for r in run_dirs]
     summaries = [_run_summary(Path(r)) for r in run_dirs]
+    run_dirs, summaries = _attach_probes(list(run_dirs), summaries)
+    names = [Path(r).name for r in run_dirs]
     keys = sorted(set().union(*(s[0] for s in summaries)))
     differing = [k for k in keys if len({json.dumps(s[0].get(k)) for s in summaries}) > 1]
     metric_keys = sorted(set().union(*(s[2] for s in summaries)))
+    first = [k for k in DIFFUSION_METRICS if k in metric_keys]
+    first += [k for k in metric_keys if k.startswith("probe ")]
+    metric_keys = first + [k for k in metric_keys if k not in first]
 
     lines = ["# Run comparison", "", "## Settings and run facts that differ", ""]
     lines.append("| key | " + " | ".join(names) + " |")

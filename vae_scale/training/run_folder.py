@@ -90,12 +90,18 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _defaults(model_name: str, objective: str) -> dict[str, Any]:
-    """Every key's default, for a run of model family `model_name` and `objective`."""
-    from vae_scale.config import config_from_dict
+def _defaults(model_name: str) -> dict[str, Any]:
+    """Every key's default, for a run of model family `model_name` (each section's own
+    defaults: the checks across sections need a whole config, which this is not)."""
+    from vae_scale.config import MODEL_SECTIONS, Config
 
-    sections = {"model": {"name": model_name}, "loss": {"objective": objective}}
-    return _flat(config_from_dict(sections).to_dict())
+    sections = {
+        name: field.default_factory().model_dump(mode="json")
+        for name, field in Config.model_fields.items()
+        if name != "model"
+    }
+    sections["model"] = MODEL_SECTIONS[model_name]().model_dump(mode="json")
+    return _flat(sections)
 
 
 def check_same_run(cfg: Config, run_dir: Path) -> None:
@@ -110,10 +116,7 @@ def check_same_run(cfg: Config, run_dir: Path) -> None:
     now = _flat(cfg.to_dict())
     # A key the record lacks was added to vae_scale after the run was written: the run did
     # what its default does. A key the code no longer has is no setting of this run.
-    defaults = _defaults(
-        recorded.get("model", {}).get("name", cfg.model.name),
-        recorded.get("loss", {}).get("objective", cfg.loss.objective),
-    )
+    defaults = _defaults(recorded.get("model", {}).get("name", cfg.model.name))
     before = {**defaults, **_flat({k: recorded[k] for k in cfg.to_dict() if k in recorded})}
     differing = sorted(
         k

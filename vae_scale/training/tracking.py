@@ -131,6 +131,9 @@ def define_metrics(run: Any) -> None:
     run.define_metric("global_step")
     run.define_metric("train/samples_seen", step_metric="global_step")
     run.define_metric("*", step_metric="global_step")
+    # the numbers runs are compared by in W&B's runs table: each run's final value
+    for name in ("test/rfid", "test/ifid", "test/gfid", "test/fm_loss", "val/fm_loss"):
+        run.define_metric(name, step_metric="global_step", summary="last")
 
 
 def best_so_far(state: Any, metrics: dict[str, Any], term: str = "neg_elbo") -> dict[str, Any]:
