@@ -26,9 +26,8 @@ SETTINGS = (
 
 def rows(run, name):
     out = [json.loads(r) for r in (run / name).read_text().splitlines()]
-    for row in out:  # wall-clock columns legitimately differ
-        row.pop("time/epoch_s", None), row.pop("throughput/train_img_per_s", None)
-    return out
+    # wall-clock columns legitimately differ
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in out]
 
 
 def to_older_layout(ckpt):

@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -252,9 +253,18 @@ def test_probe_resumes_bitwise_after_sigkill(latents, probed, tmp_path):
         assert proc.poll() is None, proc.stderr.read()[-2000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
+    time.sleep(3)  # time down: goodput counts it
     done = cli(*args)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stdout
+    # goodput: productive training seconds over wall seconds since the first start
+    mine, ref = rows(log.parent / "metrics.jsonl")[-1], rows(probed / "metrics.jsonl")[-1]
+    for row in (mine, ref):
+        assert 0 < row["time/productive_s"] < row["time/wall_s"]
+        assert row["time/goodput"] == pytest.approx(row["time/productive_s"] / row["time/wall_s"])
+    assert (
+        mine["time/wall_s"] > ref["time/wall_s"] + 3 and mine["time/goodput"] < ref["time/goodput"]
+    )
     assert rows(log) == rows(probed / "steps.jsonl")
     untimed = [
         [{k: v for k, v in row.items() if not k.startswith(("time/", "throughput/"))} for row in r]

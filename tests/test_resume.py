@@ -78,9 +78,10 @@ def final_state(
         for k, v in load_file(ckpt / f"{name}.safetensors").items()
     }
     steps = (run / "steps.jsonl").read_text().splitlines()
-    epochs = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
-    for row in epochs:  # wall-clock columns legitimately differ
-        row.pop("time/epoch_s"), row.pop("throughput/train_img_per_s")
+    epochs = [
+        {k: v for k, v in json.loads(r).items() if not k.startswith(("time/", "throughput/"))}
+        for r in (run / "metrics.jsonl").read_text().splitlines()
+    ]  # wall-clock columns legitimately differ
     return params, steps, epochs
 
 

@@ -444,16 +444,20 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run_dir")
     ex.add_argument("out_dir")
     ex.add_argument("--checkpoint", help="checkpoint folder (default: the latest complete)")
-    ex.add_argument(
+    add_weights_flag(ex)
+    ex.add_argument("--push-to-hub", metavar="REPO_ID", help="then publish it (owner/name)")
+    ex.add_argument("--private", action="store_true", help="a private Hub repository")
+    ex.set_defaults(func=cmd_export)
+    return parser
+
+
+def add_weights_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--weights",
         choices=("ema", "raw"),
         default="ema",
         help="the EMA of the weights when the run kept one (default), or the raw weights",
     )
-    ex.add_argument("--push-to-hub", metavar="REPO_ID", help="then publish it (owner/name)")
-    ex.add_argument("--private", action="store_true", help="a private Hub repository")
-    ex.set_defaults(func=cmd_export)
-    return parser
 
 
 def _add_encode_command(sub: Any) -> None:
@@ -475,7 +479,7 @@ def _add_encode_command(sub: Any) -> None:
     enc.add_argument("--shard-size", type=count(1), default=1000, help="latents per shard")
     enc.add_argument("--batch-size", type=count(1), default=64)
     enc.add_argument("--num-workers", type=count(0), default=0, help="loader workers")
-    enc.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    add_weights_flag(enc)
     enc.add_argument("--cpu", action="store_true", help="encode on the CPU even with a GPU")
     enc.add_argument("--force", action="store_true", help="replace what --out holds")
     enc.set_defaults(func=cmd_encode)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,7 @@ class EpochEvaluation:
             "train/forced_updates": counts.forced_updates,
             "train/skipped_samples": state.skipped_samples,
             **transfer_metrics(state),
+            **goodput_metrics(state),
             "time/epoch_s": seconds,
             "throughput/train_img_per_s": n / max(seconds, 1e-9),
         }
@@ -243,6 +245,17 @@ class EpochEvaluation:
             )
         keys = ("scaling_factor", "shift_factor")
         acc.log({f"latents/{k}": stats[k] for k in keys}, step=state.opt_step)
+
+
+def goodput_metrics(state: TrainState) -> dict[str, float]:
+    """Productive training seconds, wall seconds since the run first started (restarts and
+    time down included), and their ratio: the run's goodput."""
+    wall = max(time.time() - state.started_at, 1e-9)
+    return {
+        "time/productive_s": state.productive_s,
+        "time/wall_s": wall,
+        "time/goodput": state.productive_s / wall,
+    }
 
 
 def transfer_metrics(state: TrainState) -> dict[str, int]:

@@ -52,9 +52,9 @@ def train(
     request = StartRequest(resume, command, from_another_run, restart_epoch, wandb_mode)
     accelerator = make_accelerator(cfg, wandb_mode)
     lock = RunLock(cfg.run_dir)
-    watchdog = None
+    watchdog, stop = None, StopFlag()
     try:
-        with StopFlag() as stop:
+        with stop:
             if Watchdog.wanted():
                 ranks = (accelerator.process_index, accelerator.num_processes)
                 timeout = cfg.train.heartbeat_timeout_s
@@ -65,9 +65,10 @@ def train(
             raise TrainingInterrupted(
                 f"process {accelerator.process_index}: a collective with the other processes "
                 f"failed or waited longer than train.ddp_timeout_s={cfg.train.ddp_timeout_s:g} "
-                f"s ({str(err).splitlines()[0][:200]}): another process is blocked (a hung "
-                f"file system or device) or gone. The latest checkpoint stands; the same "
-                f"command resumes from it"
+                f"s during {stop.doing} ({str(err).splitlines()[0][:200]}): another process "
+                f"is blocked (a hung file system or device) or gone"
+                f"{rank0_work_hint(stop.doing, accelerator.process_index)}. The latest "
+                f"checkpoint stands; the same command resumes from it"
             ) from err
         raise
     finally:
@@ -78,6 +79,18 @@ def train(
         # forget Accelerate's singletons so another train() in this process starts afresh.
         accelerator.end_training()
         reset_accelerate_state()
+
+
+def rank0_work_hint(doing: str, rank: int) -> str:
+    """At the end of an epoch process 0 alone writes the metrics row and makes the pictures
+    while the others wait in their next collective: work that may outlast the timeout."""
+    if rank == 0 or not doing.startswith("the end of epoch"):
+        return ""
+    return (
+        ", or process 0 was still doing what it does alone at the end of an epoch (its "
+        "metrics row, pictures, W&B): if that takes longer than train.ddp_timeout_s, raise "
+        "it (docs/never-lose-a-run.md, 'Sizing the two timeouts')"
+    )
 
 
 def train_epochs(run: Run) -> Path:
@@ -98,7 +111,9 @@ def train_epochs(run: Run) -> Path:
         trained_last = epoch == cfg.train.epochs
     for epoch in range(state.epoch, cfg.train.epochs + 1):
         trained_last = epoch == cfg.train.epochs
+        run.stop.doing = f"the training of epoch {epoch}"
         sums, seconds = train_one_epoch(run, epoch)
+        run.stop.doing = f"the end of epoch {epoch} (checkpoint, evaluation, pictures)"
         state.epoch, state.batch_in_epoch, state.epoch_sums = epoch + 1, 0, {}
         run.splits["train"].planner.position = None
         sums_record = {k: v.tolist() for k, v in sums.items()}
@@ -157,6 +172,7 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, torch.Tensor], floa
     device, channels_last = accelerator.device, cfg.train.channels_last
     on_device = DeviceBatches(batches, device, channels_last, cfg.data.binarize)
     done, synced = start, True  # batches of the epoch trained; whether they end a step
+    mark = t0  # productive time is counted up to here (checkpoint writes are not)
     with closing(progress), closing(batches):  # its loader workers end with the epoch
         try:
             for i, (batch, x) in enumerate(on_device, start=start):
@@ -166,11 +182,15 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[dict[str, torch.Tensor], floa
                     after_step(run, epoch, out, progress)
                 progress.update(1, samples=x.shape[0] * accelerator.num_processes)
                 done, synced = i + 1, out.synced
+                now = time.perf_counter()
+                state.productive_s, mark = state.productive_s + now - mark, now
                 if synced and done < plan.batches:
                     mid_epoch_checkpoint(run, epoch, done, sums, plan)
+                    mark = time.perf_counter()
         except WorkerLost as err:  # the OOM killer, most often: retryable, exit 3
             raise worker_lost(run, err, epoch, done if synced else None, sums, plan) from None
     seconds = time.perf_counter() - t0
+    state.productive_s += time.perf_counter() - mark
     for net in run.nets.values():
         net.policy.settle()
     run.settle_transfers()

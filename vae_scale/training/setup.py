@@ -5,6 +5,7 @@ the run's config record and W&B."""
 from __future__ import annotations
 
 import shutil
+import time
 import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -293,6 +294,7 @@ def start_run(
         evaluation.open_networks()  # before the restore: it draws from the random generators
         if resume_from is not None:
             restore(checkpointer, resume_from, nets, train_data, state)
+        state.started_at = state.started_at or time.time()  # goodput's clock: the first start
         if state.unevaluated:  # the metrics of the run the checkpoint was written by
             evaluation.settle(resume_from.parent.parent, state)
         # a run with nothing left to train keeps its record as it is, and opens W&B only for

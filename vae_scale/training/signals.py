@@ -45,6 +45,9 @@ class StopFlag:
     def __init__(self) -> None:
         self.received: int | None = None
         self.reason = "stop signal received"  # what the interruption's message starts with
+        # where the loop stands (training, the end of an epoch), for a failed collective's
+        # message: the other processes may be waiting for work process 0 does alone
+        self.doing = "starting"
         self._previous: dict[int, object] = {}
 
     def request(self, reason: str) -> None:

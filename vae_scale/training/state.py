@@ -32,6 +32,11 @@ class TrainState:
     # killed evaluation does not cost the epoch's training: the epoch, its train sums and
     # seconds, until its metrics.jsonl row says it was evaluated (training/loop.py).
     unevaluated: dict[str, Any] = field(default_factory=dict)
+    # Goodput: the seconds of training whose steps this state holds (what a restart redid,
+    # checkpoint writes, evaluation and time down are not in it), and the wall-clock time
+    # (Unix seconds) the run first started.
+    productive_s: float = 0.0
+    started_at: float = 0.0
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

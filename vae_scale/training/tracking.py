@@ -132,7 +132,8 @@ def define_metrics(run: Any) -> None:
     run.define_metric("train/samples_seen", step_metric="global_step")
     run.define_metric("*", step_metric="global_step")
     # the numbers runs are compared by in W&B's runs table: each run's final value
-    for name in ("test/rfid", "test/ifid", "test/gfid", "test/fm_loss", "val/fm_loss"):
+    compared = ("test/rfid", "test/ifid", "test/gfid", "test/fm_loss", "val/fm_loss")
+    for name in (*compared, "time/goodput"):
         run.define_metric(name, step_metric="global_step", summary="last")
 
 
