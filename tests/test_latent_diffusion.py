@@ -225,6 +225,9 @@ def test_probe_learns_the_latents_and_reports_gfid(probed):
     assert len(steps) == 24 and all(np.isfinite(s["train/step_fm_loss"]) for s in steps)
     record = json.loads((probed / "config.json").read_text())
     assert record["command"].startswith("vae-scale probe ")
+    refused = cli("eval", str(probed))  # a VAE's evaluation has nothing to say of it
+    assert refused.returncode == 2 and "not a VAE" in refused.stderr
+    assert "Traceback" not in refused.stderr
 
 
 def test_compare_puts_the_probe_beside_its_autoencoder(autoencoder, probed, tmp_path):

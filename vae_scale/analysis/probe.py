@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vae_scale.data.config import DataConfig
+from vae_scale.analysis.runs import config_of_record
 from vae_scale.data.streaming.inputs import prepare_batch
 from vae_scale.data.streaming.loader import ShardSplit
 from vae_scale.errors import ConfigError
@@ -121,7 +121,7 @@ class ProbeEvaluation:
             images = self.decoder.decode(z / objective.scale + objective.shift)
             fake += _feature_sums(self.inception(images.float().clamp(0, 1)))
         # the real images read as the autoencoder's run read them
-        data = DataConfig(**{**self.decoder.record.get("data", {}), "batch_size": 100})
+        data = config_of_record(self.decoder.record).data.model_copy(update={"batch_size": 100})
         location = probe.reference or objective.latents["source"]["location"]
         reference = ShardSplit(location, "test", data, world_size=world, rank=rank, labels=False)
         real = torch.zeros_like(fake)
