@@ -88,7 +88,7 @@ wandb: {mode: disabled}
 
 PROBE = '''
 """A toy term with its own trained network (the trained-network recipe): a linear probe that
-learns each image's mean brightness from its detached posterior mean, from loss.probe's
+learns each image's mean brightness from its detached posterior mean, from loss.brightness's
 start_step, with its own learning rate."""
 
 from collections.abc import Mapping
@@ -102,7 +102,7 @@ from vae_scale.objectives.elbo import ElboObjective
 from vae_scale.schema import NonNegative, NonNegativeFloat, Section
 
 
-class ProbeConfig(Section):
+class BrightnessConfig(Section):
     weight: NonNegativeFloat = 1.0
     start_step: NonNegative = 3
     lr: NonNegativeFloat = 1e-2
@@ -116,12 +116,12 @@ class ProbedElbo(ElboObjective):
         self.probe = nn.Linear(int(torch.tensor(self.vae.latent_shape).prod()), 1)
 
     def networks(self) -> dict[str, NetworkSpec]:
-        rules = self.cfg.train.model_copy(update={"lr": self.cfg.loss.probe.lr})
+        rules = self.cfg.train.model_copy(update={"lr": self.cfg.loss.brightness.lr})
         start = self.start_step("probe")
         return {**super().networks(), "probe": NetworkSpec(self.probe, rules, 0.0, start)}
 
     def start_step(self, name: str) -> int:
-        return self.cfg.loss.probe.start_step if name == "probe" else 0
+        return self.cfg.loss.brightness.start_step if name == "probe" else 0
 
     def loss(self, nets: Mapping[str, Trained], x: Tensor, step: int) -> Loss:
         out = super().loss(nets, x, step)
@@ -131,7 +131,8 @@ class ProbedElbo(ElboObjective):
             mu, _ = nets["vae"].unwrapped.encode(x)
             error = (nets["probe"].model(mu.detach().flatten(1)).squeeze(1) - target).pow(2)
         out.terms["probe_mse"] = error.detach()
-        return Loss(out.loss + self.cfg.loss.probe.weight * error.mean(), out.terms, out.values)
+        weight = self.cfg.loss.brightness.weight
+        return Loss(out.loss + weight * error.mean(), out.terms, out.values)
 '''
 
 LOSS_TERM = '''
@@ -185,8 +186,8 @@ EDITS = {
         ("objectives/probe_term.py", None, PROBE),
         (
             "objectives/__init__.py",
-            "for cls in (ElboObjective, AutoencoderObjective)",
-            "for cls in (ElboObjective, AutoencoderObjective, ProbedElbo)",
+            "for cls in (ElboObjective, AutoencoderObjective, FlowMatchingObjective)",
+            "for cls in (ElboObjective, AutoencoderObjective, FlowMatchingObjective, ProbedElbo)",
         ),
         (
             "objectives/__init__.py",
@@ -198,13 +199,13 @@ EDITS = {
             "config.py",
             "from vae_scale.objectives.perceptual import PerceptualConfig\n",
             "from vae_scale.objectives.perceptual import PerceptualConfig\n"
-            "from vae_scale.objectives.probe_term import ProbeConfig\n",
+            "from vae_scale.objectives.probe_term import BrightnessConfig\n",
         ),
         (
             "config.py",
             "    pixel: PixelLossConfig = Field(default_factory=PixelLossConfig)\n",
             "    pixel: PixelLossConfig = Field(default_factory=PixelLossConfig)\n"
-            "    probe: ProbeConfig = Field(default_factory=ProbeConfig)\n",
+            "    brightness: BrightnessConfig = Field(default_factory=BrightnessConfig)\n",
         ),
     ],
 }
@@ -268,7 +269,11 @@ def test_a_dataset_a_model_and_a_loss_term_each_take_the_files_their_recipe_name
     assert epochs[-1]["test/neg_elbo"] < epochs[0]["test/neg_elbo"]
 
     # the trained network: it trains from its start, is checkpointed and resumes bitwise
-    probed = ["loss.objective=probed_elbo", "train.checkpoint_every_steps=2", "loss.probe.lr=0.1"]
+    probed = [
+        "loss.objective=probed_elbo",
+        "train.checkpoint_every_steps=2",
+        "loss.brightness.lr=0.1",
+    ]
     config = str(tmp_path / "toy_linear.yaml")
     where = [f"data.shards_dir={tmp_path / 'shards'}", f"run.dir={tmp_path / 'runs'}"]
     cli("train", config, *where, "run.name=probed", *probed)

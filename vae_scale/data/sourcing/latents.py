@@ -182,6 +182,8 @@ def _prepare(out_dir: Path, identity: dict[str, Any], force: bool) -> bool:
             return True
     parts.mkdir(parents=True, exist_ok=True)
     write_json_atomic(parts / "identity.json", identity)
+    for stale in out_dir.glob(".*.tar.tmp-*"):  # a killed run's shard in the making
+        stale.unlink(missing_ok=True)
     return False
 
 
