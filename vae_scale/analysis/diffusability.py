@@ -36,7 +36,7 @@ from scipy.fft import dctn
 from torch import Tensor
 
 from vae_scale.data.streaming.inputs import prepare_batch
-from vae_scale.perception.fid import FEATURES, frechet_distance
+from vae_scale.perception.fid import feature_sums, fid_from_sums
 from vae_scale.perception.image_metrics import psnr
 from vae_scale.utils.seeding import derive_seed
 
@@ -128,18 +128,11 @@ def diffusability(
             mid = slerp(mu[i : i + 64], every[partners[i : i + 64]], 0.5)
             fakes.append(model.likelihood.mean(model.decode(mid)).float().clamp(0, 1))
         fake = torch.cat(fakes) if fakes else x
-        features = {"real": inception(x), "fake": inception(fake)}
-        flat = [
-            features["real"].sum(0), features["real"].T @ features["real"],
-            features["fake"].sum(0), features["fake"].T @ features["fake"],
-        ]  # fmt: skip
-        sums = accelerator.reduce(torch.cat([f.flatten() for f in flat]), "sum")
-        f2 = FEATURES * FEATURES
-        parts = sums.split([FEATURES, f2, FEATURES, f2])
-        out[f"{split}/ifid"] = frechet_distance(
-            parts[0], parts[1].view(FEATURES, FEATURES), parts[2],
-            parts[3].view(FEATURES, FEATURES), n,
-        )  # fmt: skip
+        sums = accelerator.reduce(
+            torch.cat([feature_sums(inception(x)), feature_sums(inception(fake))]), "sum"
+        )
+        real, fake_sums = sums.chunk(2)
+        out[f"{split}/ifid"] = fid_from_sums(real, fake_sums)
     out.update(_spectrum_and_stats(accelerator, mu, x, split))
     out.update(_scale_equivariance(accelerator, model, mu, x, split))
     out[f"{split}/diffusability_samples"] = n

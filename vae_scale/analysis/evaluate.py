@@ -20,7 +20,7 @@ from vae_scale.losses import bits_per_dim, elbo_term_names, kl_per_dim, neg_elbo
 from vae_scale.metrics import MetricSums
 from vae_scale.models import VAE
 from vae_scale.models.base import check_single_latent
-from vae_scale.perception.fid import FEATURES, frechet_distance
+from vae_scale.perception.fid import SUMS, feature_sums, fid_from_sums
 from vae_scale.perception.image_metrics import psnr, ssim
 from vae_scale.perception.networks import PerceptionNets
 from vae_scale.utils.compat import full_precision_forward
@@ -171,13 +171,8 @@ def split_statistics(
             "psnr": 1,
             "ssim": 1,
             "lpips": 1,
-            # rFID: Inception features' sums and outer-product sums, images and reconstructions
-            **(
-                dict.fromkeys(["feat_real", "feat_fake"], FEATURES)
-                | dict.fromkeys(["outer_real", "outer_fake"], FEATURES * FEATURES)
-                if nets.inception is not None
-                else {}
-            ),
+            # rFID: images' and reconstructions' Inception feature sums
+            **(dict.fromkeys(["fid_real", "fid_fake"], SUMS) if nets.inception is not None else {}),
         },
         device,
     )
@@ -235,10 +230,8 @@ def perception_sums(
     if nets.lpips is not None:
         sums["lpips"] = nets.lpips(x, recon).double().sum()
     if nets.inception is not None:
-        for name, images in (("real", x), ("fake", recon)):
-            features = nets.inception(images)
-            sums[f"feat_{name}"] = features.sum(0)
-            sums[f"outer_{name}"] = features.T @ features
+        sums["fid_real"] = feature_sums(nets.inception(x))
+        sums["fid_fake"] = feature_sums(nets.inception(recon))
     return sums
 
 
@@ -252,10 +245,7 @@ def perception_metrics(
     if nets.lpips is not None:
         metrics[f"{split}/lpips"] = sums["lpips"].item() / n
     if nets.inception is not None:
-        metrics[f"{split}/rfid"] = frechet_distance(
-            sums["feat_real"], sums["outer_real"].view(FEATURES, FEATURES),
-            sums["feat_fake"], sums["outer_fake"].view(FEATURES, FEATURES), n,
-        )  # fmt: skip
+        metrics[f"{split}/rfid"] = fid_from_sums(sums["fid_real"], sums["fid_fake"])
     return metrics
 
 

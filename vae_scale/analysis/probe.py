@@ -13,11 +13,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vae_scale.analysis.runs import config_of_record
+from vae_scale.analysis.runs import config_of_record, load_model
 from vae_scale.data.streaming.inputs import prepare_batch
 from vae_scale.data.streaming.loader import ShardSplit
 from vae_scale.errors import ConfigError
-from vae_scale.perception.fid import FEATURES, InceptionFeatures, Unavailable, frechet_distance
+from vae_scale.perception.fid import (
+    SUMS,
+    InceptionFeatures,
+    Unavailable,
+    feature_sums,
+    fid_from_sums,
+)
 from vae_scale.utils.seeding import derive_seed
 
 
@@ -35,11 +41,6 @@ def _share(n: int, rank: int, world: int) -> range:
     return range(rank * n // world, (rank + 1) * n // world)
 
 
-def _feature_sums(features: Tensor) -> Tensor:
-    f = features.double()
-    return torch.cat([f.sum(0), (f.T @ f).flatten(), f.new_tensor([len(f)])])
-
-
 class ProbeEvaluation:
     """The probe's val/test metrics (`objective.evaluator` names this class). Opening it loads
     the frozen decoder (refused when it is not the autoencoder the latents came from) and the
@@ -49,18 +50,18 @@ class ProbeEvaluation:
         self.cfg, self.accelerator, self.objective = cfg, accelerator, objective
         self.decoder: nn.Module | None = None
         self.inception: nn.Module | None = None
+        self.record: dict[str, Any] = {}  # the autoencoder's run record
         if cfg.loss.probe.gfid_samples:
             self.decoder = self._open_decoder()
             self.inception = self._open_inception()
 
     def _open_decoder(self) -> nn.Module:
         from vae_scale.data.sourcing.latents import weights_fingerprint
-        from vae_scale.hub.pretrained import from_pretrained
 
         cfg, made_by = self.cfg, self.objective.latents["autoencoder"]
         path = cfg.loss.probe.autoencoder or made_by["path"]
-        vae = from_pretrained(path, device=self.accelerator.device)
-        fingerprint = weights_fingerprint(vae.vae)
+        vae, self.record = load_model(path, device=self.accelerator.device)
+        fingerprint = weights_fingerprint(vae)
         if fingerprint != made_by["fingerprint"]:
             raise ConfigError(
                 f"{cfg.data.location} holds latents of the autoencoder {made_by['path']} "
@@ -108,7 +109,7 @@ class ProbeEvaluation:
         acc = self.accelerator
         device, rank, world = acc.device, acc.process_index, acc.num_processes
         model.eval()
-        fake = torch.zeros(FEATURES + FEATURES**2 + 1, dtype=torch.float64, device=device)
+        fake = torch.zeros(SUMS, dtype=torch.float64, device=device)
         mine = list(_share(probe.gfid_samples, rank, world))
         for start in range(0, len(mine), probe.sample_batch):
             ids = mine[start : start + probe.sample_batch]
@@ -118,19 +119,16 @@ class ProbeEvaluation:
                 for i in ids
             ]).to(device)  # fmt: skip
             z = euler_sample(model, noise, probe.sample_steps)
-            images = self.decoder.decode(z / objective.scale + objective.shift)
-            fake += _feature_sums(self.inception(images.float().clamp(0, 1)))
+            images = self.decoder.likelihood.mean(
+                self.decoder.decode(z / objective.scale + objective.shift)
+            )
+            fake += feature_sums(self.inception(images.float().clamp(0, 1)))
         # the real images read as the autoencoder's run read them
-        data = config_of_record(self.decoder.record).data.model_copy(update={"batch_size": 100})
+        data = config_of_record(self.record).data.model_copy(update={"batch_size": 100})
         location = probe.reference or objective.latents["source"]["location"]
         reference = ShardSplit(location, "test", data, world_size=world, rank=rank, labels=False)
         real = torch.zeros_like(fake)
         part = _share(min(probe.gfid_samples, reference.num_samples), rank, world)
         for batch in reference.range_batches(part.start, part.stop):
-            real += _feature_sums(self.inception(prepare_batch(batch["image"], device)))
-        real, fake = acc.reduce(real, "sum"), acc.reduce(fake, "sum")
-        square = (FEATURES, FEATURES)
-        return frechet_distance(
-            real[:FEATURES], real[FEATURES:-1].view(square), fake[:FEATURES],
-            fake[FEATURES:-1].view(square), real[-1].item(), fake[-1].item(),
-        )  # fmt: skip
+            real += feature_sums(self.inception(prepare_batch(batch["image"], device)))
+        return fid_from_sums(acc.reduce(real, "sum"), acc.reduce(fake, "sum"))

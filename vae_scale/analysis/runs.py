@@ -62,6 +62,36 @@ def final_metrics(run_dir: Path, rows: list[dict[str, Any]] | None = None) -> di
     return final
 
 
+# `vae-scale export`'s folder: the model's config (diffusers' for autoencoder_kl, then the run
+# record in RECORD_FILE) and its weights
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+RECORD_FILE = "vae_scale.json"
+
+
+def load_model(
+    path: str | Path, device: torch.device | str = "cpu", weights: Literal["ema", "raw"] = "ema"
+) -> tuple[VAE, dict[str, Any]]:
+    """The trained VAE (eval mode) and run record of a run folder (its latest complete
+    checkpoint; `weights`: the EMA when the run kept one, or the raw weights) or of an
+    exported folder."""
+    folder = Path(path)
+    if (folder / "checkpoints").is_dir():
+        run = load_run(folder, device=device, weights=weights)
+        return run.model, run.record
+    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise ConfigError(
+            f"{path}: not a vae_scale model: expected an exported folder ({CONFIG_FILE} + "
+            f"{WEIGHTS_FILE}, from `vae-scale export`), a run folder (checkpoints/) or a Hub "
+            f"repository id"
+        )
+    record_file = RECORD_FILE if (folder / RECORD_FILE).is_file() else CONFIG_FILE
+    cfg, record = load_run_config(folder, record_file)
+    vae = build_recorded_model(cfg, record)
+    vae.load_state_dict(load_file(folder / WEIGHTS_FILE))
+    return vae.to(device).eval(), record
+
+
 def build_recorded_model(cfg: Config, record: dict) -> VAE:
     """The (untrained) model a config.json describes: its family, image shape, likelihood."""
     from vae_scale.models import FAMILIES

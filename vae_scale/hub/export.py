@@ -17,9 +17,15 @@ import torch
 
 from vae_scale.analysis import pictures
 from vae_scale.analysis.latents import FP16_MAX, activation_peak, read_latent_stats
-from vae_scale.analysis.runs import TrainedRun, final_metrics, load_run
+from vae_scale.analysis.runs import (
+    CONFIG_FILE,
+    RECORD_FILE,
+    WEIGHTS_FILE,
+    TrainedRun,
+    final_metrics,
+    load_run,
+)
 from vae_scale.errors import ConfigError
-from vae_scale.hub.pretrained import CONFIG_FILE, RECORD_FILE, WEIGHTS_FILE
 from vae_scale.run_files.checkpoints import EMA_FILE
 from vae_scale.utils.netutil import is_online
 from vae_scale.utils.seeding import derive_seed

@@ -8,17 +8,12 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from vae_scale.analysis.runs import CONFIG_FILE, RECORD_FILE, WEIGHTS_FILE, load_model
 from vae_scale.data.streaming.inputs import images_to_float
 from vae_scale.errors import ConfigError
 from vae_scale.models import VAE
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-# the run record of an export whose config.json is diffusers' (autoencoder_kl)
-RECORD_FILE = "vae_scale.json"
 
 
 class Posterior(NamedTuple):
@@ -110,25 +105,10 @@ def from_pretrained(
     """Load a trained VAE from `vae-scale export`'s folder, a run folder (its latest complete
     checkpoint; `weights`: the EMA when the run kept one, or the raw weights) or a Hugging
     Face Hub repository id (`owner/name`) that holds an exported folder."""
-    from vae_scale.analysis.runs import build_recorded_model, load_run, load_run_config
-
     folder = Path(path)
-    if (folder / "checkpoints").is_dir():
-        run = load_run(folder, device=device, weights=weights)
-        return PretrainedVAE(run.model, run.record)
     if not folder.exists() and _looks_like_repo_id(str(path)):
         folder = _download(str(path))
-    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
-        raise ConfigError(
-            f"{path}: not a vae_scale model: expected an exported folder ({CONFIG_FILE} + "
-            f"{WEIGHTS_FILE}, from `vae-scale export`), a run folder (checkpoints/) or a Hub "
-            f"repository id"
-        )
-    record_file = RECORD_FILE if (folder / RECORD_FILE).is_file() else CONFIG_FILE
-    cfg, record = load_run_config(folder, record_file)
-    vae = build_recorded_model(cfg, record)
-    vae.load_state_dict(load_file(folder / WEIGHTS_FILE))
-    return PretrainedVAE(vae.to(device), record)
+    return PretrainedVAE(*load_model(folder, device, weights))
 
 
 def _looks_like_repo_id(text: str) -> bool:

@@ -27,6 +27,7 @@ from vae_scale.perception.weights import (
 )
 
 FEATURES = 2048
+SUMS = FEATURES + FEATURES * FEATURES + 1  # the length of `feature_sums`
 
 
 class Unavailable(RuntimeError):
@@ -70,6 +71,22 @@ class InceptionFeatures(nn.Module):
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
         return self.net(images.float().clamp(0, 1))[0].flatten(1).double()
+
+
+def feature_sums(features: Tensor) -> Tensor:
+    """One flat float64 tensor of what FID needs from a set of features: their sum, the sum of
+    their outer products and their count; sums of it over batches and processes stay exact."""
+    f = features.double()
+    return torch.cat([f.sum(0), (f.T @ f).flatten(), f.new_tensor([len(f)])])
+
+
+def fid_from_sums(a: Tensor, b: Tensor) -> float:
+    """FID between two sets given as (summed) `feature_sums`."""
+    square = (FEATURES, FEATURES)
+    return frechet_distance(
+        a[:FEATURES], a[FEATURES:-1].view(square), b[:FEATURES], b[FEATURES:-1].view(square),
+        a[-1].item(), b[-1].item(),
+    )  # fmt: skip
 
 
 def frechet_distance(
