@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from test_resume import final_state
 
 from conftest import REPO
+from helpers.processes import one_and_two
 from vae_scale.config import load_config
 from vae_scale.errors import ConfigError
 from vae_scale.perception.fid import frechet_distance
@@ -512,24 +513,7 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
     weights = (
         [f"run.weights_dir={SHARED_WEIGHTS}"] if HAVE_WEIGHTS else ["loss.perceptual.weight=0"]
     )
-    probe = str(REPO / "tests" / "helpers" / "autoencoder_probe.py")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-    # one thread, as each launched rank has: kernels then sum in the same order, and Adam's
-    # first steps do not blow thread-count rounding up into visible differences
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    one = subprocess.run(
-        [sys.executable, probe, "--out", str(tmp_path / "one.json"), *weights], env=env,
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert one.returncode == 0, one.stderr[-3000:]
-    accelerate = Path(sys.executable).with_name("accelerate")
-    two = subprocess.run(
-        [str(accelerate), "launch", "--config_file", str(REPO / "launch" / "cpu_2proc.yaml"),
-         probe, "--out", str(tmp_path / "two.json"), *weights],
-        env=env, capture_output=True, text=True, timeout=300, cwd=REPO,
-    )  # fmt: skip
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    a, b = one_and_two("autoencoder_probe.py", weights, tmp_path)
     assert (a["num_processes"], b["num_processes"]) == (1, 2)
     for row_a, row_b in zip(a["rows"], b["rows"], strict=True):
         for key in row_a:

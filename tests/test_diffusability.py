@@ -4,11 +4,7 @@ definition, and every measure in a real autoencoder run's metrics and `vae-scale
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +13,7 @@ import torch
 from accelerate import Accelerator
 from scipy.fft import dctn
 
+from helpers.processes import one_and_two
 from vae_scale.analysis.diffusability import (
     DiffusabilityOptions,
     diffusability,
@@ -109,23 +106,8 @@ def test_two_processes_measure_what_one_does(blob_shards, tmp_path):
     gathered latents give the same neighbours, statistics and (with the shared Inception)
     iFID as 1 process."""
     weights = ["--weights", str(SHARED_WEIGHTS)] if HAVE_FID else []
-    probe = str(REPO / "tests" / "helpers" / "diffusability_probe.py")
     shards = ["--shards", str(blob_shards)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    accelerate = Path(sys.executable).with_name("accelerate")
-    runs = {
-        "one": [sys.executable, probe],
-        "two": [str(accelerate), "launch", "--config_file",
-                str(REPO / "launch" / "cpu_2proc.yaml"), probe],
-    }  # fmt: skip
-    for name, command in runs.items():
-        done = subprocess.run(
-            [*command, *shards, "--out", str(tmp_path / f"{name}.json"), *weights],
-            env=env, capture_output=True, text=True, timeout=300, cwd=REPO,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr[-3000:]
-    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in runs)
+    one, two = one_and_two("diffusability_probe.py", [*shards, *weights], tmp_path)
     assert (one.pop("num_processes"), two.pop("num_processes")) == (1, 2)
     assert one.keys() == two.keys() and two["test/diffusability_samples"] == 12
     assert ("test/ifid" in two) == HAVE_FID

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 from test_autoencoder import blobs, cli
 
+from helpers.processes import command, one_and_two
 from vae_scale.config import DataConfig
 from vae_scale.data.streaming.inputs import prepare_batch
 from vae_scale.data.streaming.loader import ShardSplit
@@ -154,10 +155,8 @@ def test_encode_resumes_after_sigkill_and_two_processes_write_the_same_bytes(aut
     assert done.returncode == 0, done.stderr[-2000:]
     assert shard_hashes(killed) == expected
     assert not list(killed.glob(".*tmp*")) and not (killed / ".encode").exists()
-    accelerate = Path(sys.executable).with_name("accelerate")
     two = subprocess.run(
-        [str(accelerate), "launch", "--config_file", str(REPO / "launch" / "cpu_2proc.yaml"),
-         "-m", "vae_scale.cli", *args, "--out", str(tmp_path / "two")],
+        [*command(2), *args, "--out", str(tmp_path / "two")],
         env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300,
         cwd=REPO,
     )  # fmt: skip
@@ -283,18 +282,7 @@ def test_probe_resumes_bitwise_after_sigkill(latents, probed, tmp_path):
 
 
 def test_probe_two_processes_equal_one_on_the_same_global_batch(latents, tmp_path):
-    probe = str(REPO / "tests" / "helpers" / "probe_step.py")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    accelerate = Path(sys.executable).with_name("accelerate")
-    launch = [str(accelerate), "launch", "--config_file", str(REPO / "launch" / "cpu_2proc.yaml")]
-    for name, command in (("one", [sys.executable]), ("two", launch)):
-        done = subprocess.run(
-            [*command, probe, "--latents", str(latents), "--out", str(tmp_path / f"{name}.json")],
-            env=env, capture_output=True, text=True, timeout=300, cwd=REPO,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr[-3000:]
-    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    one, two = one_and_two("probe_step.py", ["--latents", str(latents)], tmp_path)
     assert (one["num_processes"], two["num_processes"]) == (1, 2)
     for a, b in zip(one["rows"], two["rows"], strict=True):
         assert b["fm_loss"] == pytest.approx(a["fm_loss"], rel=1e-5)

@@ -31,6 +31,7 @@ from vae_scale.models import FAMILIES
 from vae_scale.objectives import OBJECTIVES
 from vae_scale.objectives.discriminator import DiscriminatorConfig
 from vae_scale.objectives.encoder_aug import EncoderAugConfig
+from vae_scale.objectives.equivariance import EquivarianceConfig
 from vae_scale.objectives.flow_matching import ProbeConfig
 from vae_scale.objectives.perceptual import PerceptualConfig
 from vae_scale.objectives.reconstruction import PixelLossConfig
@@ -82,6 +83,7 @@ class LossConfig(Section):
     pixel: PixelLossConfig = Field(default_factory=PixelLossConfig)
     perceptual: PerceptualConfig = Field(default_factory=PerceptualConfig)
     discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
+    equivariance: EquivarianceConfig = Field(default_factory=EquivarianceConfig)
     # the diffusion probe's settings (loss.objective: flow_matching)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
 
@@ -133,6 +135,8 @@ class TrainConfig(Section):
     # decoder: the encoder is frozen (fine-tuning a decoder on fixed latents, as SD's ft-MSE
     # / ft-EMA decoders were); all: every weight trains.
     trainable: Literal["all", "decoder"] = "all"
+    # parameter-name patterns (fnmatch: `net.encoder.*`, `*.norm*`) frozen on top of it
+    freeze: list[str] = Field(default_factory=list)
 
     @field_validator("mixed_precision", "progress", mode="before")
     @classmethod

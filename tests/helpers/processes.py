@@ -1,19 +1,46 @@
-"""Real training processes: the launch command for N of them, and every process below one."""
+"""Real training processes: the launch command for N of them, a helper script run as 1 and
+as 2 processes, and every process below one."""
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 from conftest import REPO
 
 
-def command(processes: int) -> list[str]:
-    if processes == 1:
-        return [sys.executable, "-m", "vae_scale.cli"]
+def launch(processes: int) -> list[str]:
+    """The real `accelerate launch` of N CPU processes, before the script and its args."""
     accelerate = Path(sys.executable).with_name("accelerate")
     return [
         str(accelerate), "launch", "--config_file", str(REPO / "launch" / "cpu_2proc.yaml"),
-        "--num_processes", str(processes), "-m", "vae_scale.cli",
+        "--num_processes", str(processes),
     ]  # fmt: skip
+
+
+def command(processes: int) -> list[str]:
+    """The CLI as 1 process, or as N under `accelerate launch`."""
+    return [*([sys.executable] if processes == 1 else launch(processes)), "-m", "vae_scale.cli"]
+
+
+def one_and_two(script: str, args: list[str], out_dir: Path, timeout: float = 300):
+    """tests/helpers/SCRIPT run as 1 process, then as 2 under the real `accelerate launch`,
+    each writing `--out NAME.json`: the two JSON results."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    # one thread, as each launched rank has: kernels then sum in the same order, and Adam's
+    # first steps do not blow thread-count rounding up into visible differences
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    results = []
+    for name, prefix in (("one", [sys.executable]), ("two", launch(2))):
+        out = out_dir / f"{name}.json"
+        done = subprocess.run(
+            [*prefix, str(REPO / "tests" / "helpers" / script), *args, "--out", str(out)],
+            env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        results.append(json.loads(out.read_text()))
+    return tuple(results)
 
 
 def descendants(pid: int) -> list[int]:

@@ -30,12 +30,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from scipy.fft import dctn
 from torch import Tensor
 
 from vae_scale.data.streaming.inputs import prepare_batch
+from vae_scale.objectives.equivariance import downscale
 from vae_scale.perception.fid import feature_sums, fid_from_sums
 from vae_scale.perception.image_metrics import psnr
 from vae_scale.utils.seeding import derive_seed
@@ -193,11 +193,11 @@ def _scale_equivariance(
     if min(mu.shape[-2:]) < 2:
         return {}
     try:
-        small = F.interpolate(mu, scale_factor=0.5, mode="bilinear", antialias=True)
+        small = downscale(mu, (mu.shape[-2] // 2, mu.shape[-1] // 2))
         decoded = model.likelihood.mean(model.decode(small)).float().clamp(0, 1)
     except RuntimeError:
         return {}
-    target = F.interpolate(x, size=decoded.shape[-2:], mode="bilinear", antialias=True)
+    target = downscale(x, decoded.shape[-2:])
     packed = torch.stack([psnr(decoded, target).double().sum(), torch.tensor(
         float(len(x)), dtype=torch.float64, device=x.device)])  # fmt: skip
     total, count = accelerator.reduce(packed, "sum").tolist()

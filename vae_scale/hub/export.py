@@ -212,6 +212,7 @@ def model_card(run: TrainedRun, record: dict[str, Any]) -> str:
         f"{cfg.train.epochs} epochs, lr {cfg.train.lr}, mixed precision "
         f"`{cfg.train.mixed_precision}`",
         f"- vae_scale commit `{commit}`{dirty}; the whole configuration is in `{CONFIG_FILE}`",
+        *origin_lines(record),
         "",
         "## Use",
         "",
@@ -226,6 +227,20 @@ def model_card(run: TrainedRun, record: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def origin_lines(record: dict[str, Any]) -> list[str]:
+    """Where the run's first weights came from: another autoencoder (model.init_from) or
+    another run's checkpoint (--from-run)."""
+    lines = []
+    if origin := record.get("init_from"):
+        lines.append(
+            f"- fine-tuned from the {origin['format']} autoencoder `{origin['path']}` "
+            f"(weights sha256 `{origin['sha256'][:16]}`)"
+        )
+    if warm := record.get("warm_start"):
+        lines.append(f"- started from checkpoint `{warm['checkpoint']}` (step {warm['step']})")
+    return lines
 
 
 def diffusers_lines(export: dict[str, Any]) -> list[str]:

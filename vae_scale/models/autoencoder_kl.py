@@ -32,6 +32,9 @@ class AutoencoderKLConfig(Section):
     latent_channels: Positive = 4
     groups: Positive = 32  # GroupNorm groups
     mid_attention: bool = True  # self-attention in the middle block (SD's)
+    # a fresh run starts from these weights: a diffusers AutoencoderKL folder, or a vae_scale
+    # run or export (vae_scale/training/init_from.py)
+    init_from: str | None = None
 
     @model_validator(mode="after")
     def _groups_divide_widths(self) -> AutoencoderKLConfig:

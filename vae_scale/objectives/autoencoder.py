@@ -4,6 +4,8 @@
     + loss.beta x KL (summed per image)
     + [from loss.discriminator.start_step] its weight x adaptive weight x the GAN loss
     + the discriminator's own loss (on real images and *detached* reconstructions)
+    + [loss.equivariance] its weight x the pixel + perceptual error of decode(tau(z)) against
+      tau(x) for a transform tau drawn per step (equivariance.py)
     + the likelihood's calibration: the Gaussian NLL of the *detached* reconstruction, which
       trains only the likelihood's learned scale, so neg. ELBO and bits/dim stay reported.
 
@@ -28,6 +30,7 @@ from vae_scale.errors import ConfigError
 from vae_scale.losses import kl_per_dim, kl_weight
 from vae_scale.objectives.base import Loss, NetworkSpec, Objective, Trained
 from vae_scale.objectives.discriminator import DISCRIMINATOR_TERMS, GanTerm
+from vae_scale.objectives.equivariance import draw
 from vae_scale.objectives.reconstruction import pixel_error
 from vae_scale.perception.lpips import LPIPS, MIN_SIDE
 from vae_scale.schema import FieldError
@@ -101,13 +104,7 @@ class AutoencoderObjective(Objective):
         out = vae.model(x)
         batch, target = x.shape[0], x.float() * 2 - 1
         recon = out.x_params.float()  # the reconstruction's mean, [-1, 1] units
-        error = pixel_error(recon, target, cfg.pixel.kind)
-        rec_loss = cfg.pixel.weight * error.flatten(1).sum(1)
-        lpips = torch.zeros(batch, device=x.device)
-        if self.lpips is not None:
-            with self.accelerator.autocast():
-                lpips = self.lpips(x, (recon + 1) / 2).float()
-            rec_loss = rec_loss + cfg.perceptual.weight * error[0].numel() * lpips
+        rec_loss, error, lpips = self._reconstruction(recon, x)
         nll_loss = rec_loss.mean()
         beta = kl_weight(step, cfg.beta, cfg.kl_warmup_steps, cfg.beta_start)
         kl = kl_per_dim(out.mu, out.logvar).sum(1)
@@ -121,6 +118,10 @@ class AutoencoderObjective(Objective):
             "lpips": lpips,
         }
         values = {"kl_weight": beta}
+        if cfg.equivariance.weight:
+            eq = self._equivariance(vae, out.z, x, step)
+            terms["equivariance"] = eq
+            loss = loss + cfg.equivariance.weight * eq.mean()
         if self.gan is None:
             return Loss(loss, terms, values)
         if step < self.start_step("discriminator"):
@@ -128,6 +129,31 @@ class AutoencoderObjective(Objective):
             return Loss(loss, {**terms, **dict.fromkeys(DISCRIMINATOR_TERMS, zero)}, values)
         weighted_gan, disc, gan_terms = self.gan.terms(nets, target, recon, nll_loss)
         return Loss(loss + weighted_gan + disc, {**terms, **gan_terms}, values)
+
+    def _reconstruction(self, recon: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per image: the weighted pixel + perceptual loss of `recon` ([-1, 1] units) against
+        the image `x` ([0, 1]), the pixel error map and LPIPS (zeros without it, or for
+        images too small for it)."""
+        cfg = self.cfg.loss
+        error = pixel_error(recon, x.float() * 2 - 1, cfg.pixel.kind)
+        rec_loss = cfg.pixel.weight * error.flatten(1).sum(1)
+        lpips = torch.zeros(len(recon), device=recon.device)
+        if self.lpips is not None and min(recon.shape[-2:]) >= MIN_SIDE:
+            with self.accelerator.autocast():
+                lpips = self.lpips(x, (recon + 1) / 2).float()
+            rec_loss = rec_loss + cfg.perceptual.weight * error[0].numel() * lpips
+        return rec_loss, error, lpips
+
+    def _equivariance(self, vae: Trained, z: Tensor, x: Tensor, step: int) -> Tensor:
+        """Per image: the reconstruction loss of decode(tau(z)) against tau(x) (zeros on a
+        prior-preservation step)."""
+        tau = draw(self.cfg.loss.equivariance, self.cfg.run.seed, step)
+        if tau is None:
+            return torch.zeros(len(z), device=z.device)
+        # outside DDP's and compile's forward: the extra decode reaches the weights by autograd
+        with self.accelerator.autocast():
+            decoded = vae.unwrapped.decode(tau.latent(z)).float()
+        return self._reconstruction(decoded, tau.image(x.float(), decoded.shape[-2:]))[0]
 
     def before_update(self, nets: Mapping[str, Trained], step: int) -> dict[str, Any]:
         return {} if self.gan is None else self.gan.before_update(nets)

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
 
+from vae_scale.errors import ConfigError
 from vae_scale.losses import build_likelihood
 from vae_scale.models import VAE, build_model
 
@@ -73,6 +75,7 @@ class Objective:
     def __init__(self, cfg: Any, image_shape: tuple[int, int, int], accelerator: Any):
         self.cfg, self.image_shape, self.accelerator = cfg, tuple(image_shape), accelerator
         self.vae = self.build_vae()
+        self.init_from: dict[str, Any] | None = None  # where the VAE's first weights came from
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
@@ -86,6 +89,16 @@ class Objective:
         vae = build_model(cfg.model, self.image_shape, likelihood)
         if cfg.train.trainable == "decoder":
             for p in vae.encoder_parameters():
+                p.requires_grad_(False)
+        for pattern in cfg.train.freeze:
+            matched = [p for name, p in vae.named_parameters() if fnmatch(name, pattern)]
+            if not matched:
+                names = [name for name, _ in vae.named_parameters()]
+                raise ConfigError(
+                    f"train.freeze: {pattern!r} matches no parameter of the model (its names "
+                    f"look like {names[0]!r} ... {names[-1]!r})"
+                )
+            for p in matched:
                 p.requires_grad_(False)
         return vae
 

@@ -14,10 +14,19 @@ from vae_scale.losses import kl_weight, neg_elbo
 from vae_scale.models.base import check_single_latent
 from vae_scale.objectives.base import Loss, Objective, Trained
 from vae_scale.objectives.encoder_aug import encoder_augmentation_terms
+from vae_scale.schema import FieldError
 
 
 class ElboObjective(Objective):
     name = "elbo"
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        if cfg.loss.equivariance.weight:
+            raise FieldError(
+                "loss.equivariance.weight",
+                "a term of the KL autoencoder; use loss.objective 'autoencoder'",
+            )
 
     def __init__(self, cfg: Any, image_shape: tuple[int, int, int], accelerator: Any):
         super().__init__(cfg, image_shape, accelerator)

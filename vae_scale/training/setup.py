@@ -34,6 +34,7 @@ from vae_scale.run_files.logs import (
 from vae_scale.training import tracking
 from vae_scale.training.checkpoint import Checkpointer
 from vae_scale.training.evaluation import EpochEvaluation
+from vae_scale.training.init_from import initialize
 from vae_scale.training.networks import TrainedNetwork, build_networks
 from vae_scale.training.run_folder import RunLock, check_same_run
 from vae_scale.training.signals import StopFlag, ignore_stop_signals
@@ -150,10 +151,12 @@ def record_run(
     command: str | None = None,
     write: bool = True,
     warm_start: dict[str, Any] | None = None,
+    init_from: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The run's config.json (main process; {} elsewhere): the resolved config and the facts
     of this run (what trained it, where, on how many processes and machines, the checkpoint
-    of another run it started from: kept by every later start)."""
+    of another run it started from, the weights model.init_from loaded: kept by every later
+    start)."""
     if not accelerator.is_main_process:
         return {}
     global_batch = cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum_batches
@@ -175,10 +178,11 @@ def record_run(
         "likelihood_convention": likelihood_convention(cfg.loss.likelihood, cfg.data.binarize),
     }
     path = Path(cfg.run_dir) / "config.json"
-    if warm_start is None and path.is_file():
-        warm_start = read_run_record(cfg.run_dir).get("warm_start")
-    if warm_start is not None:
-        run_config["warm_start"] = warm_start
+    before = read_run_record(cfg.run_dir) if path.is_file() else {}
+    for key, fact in (("warm_start", warm_start), ("init_from", init_from)):
+        fact = fact if fact is not None else before.get(key)
+        if fact is not None:
+            run_config[key] = fact
     if write:
         write_json_atomic(path, run_config, indent=1, default=str)
     accelerator.print(
@@ -282,7 +286,9 @@ def start_run(
         set_seed(cfg.run.seed)  # identical initial weights on every rank
         splits = open_splits(cfg, accelerator)
         train_data = splits["train"]
-        objective, nets = build_training(cfg, accelerator, train_data.image_shape)
+        objective, nets = build_training(
+            cfg, accelerator, train_data.image_shape, fresh=resume_from is None
+        )
         batches = batches_per_epoch(cfg, train_data, accelerator.num_processes)
         state = TrainState()
         components = {"train_state": state, "train_data": train_data.planner}
@@ -307,7 +313,7 @@ def start_run(
             warm_start = {"checkpoint": str(resume_from.resolve()), "step": state.opt_step}
         run_config = record_run(
             cfg, accelerator, first.unwrapped, train_data, batches, request.command,
-            write=not finished, warm_start=warm_start,
+            write=not finished, warm_start=warm_start, init_from=objective.init_from,
         )  # fmt: skip
         quiet = finished and not lacking
         if quiet and tracking.rows_missing(cfg, run_dir, request.wandb_mode, state.opt_step):
@@ -344,12 +350,17 @@ def start_run(
 
 
 def build_training(
-    cfg: Config, accelerator: Accelerator, image_shape: tuple[int, int, int]
+    cfg: Config, accelerator: Accelerator, image_shape: tuple[int, int, int], fresh: bool = True
 ) -> tuple[Objective, dict[str, TrainedNetwork]]:
-    """The objective `cfg` names and every network it trains, prepared (fresh weights)."""
+    """The objective `cfg` names and every network it trains, prepared: fresh weights, or
+    (`fresh` and model.init_from) those of an existing autoencoder, which
+    `objective.init_from` then records."""
     objective = build_objective(cfg, image_shape, accelerator)
     if cfg.eval.refine_steps:
         check_single_latent(objective.vae, "eval.refine_steps", "posterior refinement")
+    source = getattr(cfg.model, "init_from", None)
+    if fresh and source:  # before the networks are prepared: the EMA starts from these
+        objective.init_from = initialize(objective.vae, source)
     return objective, build_networks(accelerator, objective, cfg.train)
 
 
