@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -65,9 +66,9 @@ def run_trainer(shards, run_dir, processes, workers, stop_after_rows=None):
     return proc.returncode, out
 
 
-def trained_keys(run_dir: Path, epoch: int) -> list[str]:
+def trained_keys(run_dir: Path, epoch: int, name: str = "elastic") -> list[str]:
     keys = []
-    for path in sorted((run_dir / "elastic" / "sample_keys").glob("rank*.jsonl")):
+    for path in sorted((run_dir / name / "sample_keys").glob("rank*.jsonl")):
         for line in path.read_text().splitlines():
             row = json.loads(line)
             if row["epoch"] == epoch:
@@ -96,3 +97,65 @@ def test_stopped_run_resumes_on_another_topology_without_repeating_a_sample(
     rows = [json.loads(r) for r in (tmp_path / "elastic" / "metrics.jsonl").open()]
     assert [r["epoch"] for r in rows] == [1]
     assert rows[epoch - 1]["train/num_samples"] == len(keys)
+
+
+def torchrun_trainer(shards, run_dir, name, kill_rank_after_rows=None):
+    """`torchrun --nnodes=1:2 --max-restarts=3` of 2 trainers; with `kill_rank_after_rows`,
+    SIGKILL rank 1 (what the OOM killer does) once steps.jsonl has that many rows."""
+    args = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=2",
+        "--max-restarts=3", "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0",
+        "--rdzv-conf=last_call_timeout=1", "--monitor-interval=0.2",
+        "-m", "vae_scale.cli", "train", str(REPO / "configs" / "frey_conv.yaml"),
+        *tiny_overrides(shards, run_dir, *TINY), f"run.name={name}", f"data.batch_size={BATCH}",
+        "data.num_workers=0", "train.epochs=1", "train.log_every_steps=1",
+        "train.log_sample_keys=true", "train.checkpoint_every_steps=10",
+        "eval.picture_epochs=[]",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WANDB_"))}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    steps = run_dir / name / "steps.jsonl"
+    killed = None
+    if kill_rank_after_rows is not None:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and killed is None:
+            if steps.is_file() and len(steps.read_text().splitlines()) >= kill_rank_after_rows:
+                for pid in descendants(proc.pid):
+                    try:
+                        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                    except OSError:
+                        continue
+                    if b"RANK=1" in environ and b"TORCHELASTIC_RESTART_COUNT=0" in environ:
+                        os.kill(pid, signal.SIGKILL)
+                        killed = pid
+                        break
+            time.sleep(0.05)
+        assert killed is not None, "rank 1 was not found to kill"
+    out, _ = proc.communicate(timeout=400)
+    return proc.returncode, out
+
+
+def test_torchrun_restarts_a_killed_rank_and_the_run_equals_an_uninterrupted_one(
+    frey_shards, tmp_path
+):
+    from test_resume import final_state
+
+    code, out = torchrun_trainer(frey_shards, tmp_path, "whole")
+    assert code == 0, out[-4000:]
+    code, out = torchrun_trainer(frey_shards, tmp_path, "killed", kill_rank_after_rows=14)
+    assert code == 0, out[-4000:]  # torchrun restarted the group; our resume re-planned
+    assert "resumed from" in out and "step 10" in out, out[-4000:]
+    keys = trained_keys(tmp_path, 1, "killed")
+    # every sample of the epoch trained once after the restart's re-plan (a plan that leaves
+    # out less than one global batch, as an uninterrupted one does)
+    assert len(keys) == len(set(keys))
+    assert sorted(keys) == sorted(trained_keys(tmp_path, 1, "whole"))
+    params, steps, epochs = final_state(tmp_path / "killed")
+    params_ref, steps_ref, epochs_ref = final_state(tmp_path / "whole")
+    assert steps == steps_ref and epochs == epochs_ref  # every row, bitwise
+    for key in params_ref:
+        assert (params[key] == params_ref[key]).all(), key

@@ -15,7 +15,15 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_autoencoder import CONFIG, blob_shards, build, cli, tiny  # noqa: F401 (fixture)
+from test_autoencoder import (  # noqa: F401 (blob_shards: a fixture)
+    CONFIG,
+    HAVE_WEIGHTS,
+    SHARED_WEIGHTS,
+    blob_shards,
+    build,
+    cli,
+    tiny,
+)
 from test_resume import final_state
 
 from conftest import REPO
@@ -261,3 +269,149 @@ def test_fine_tune_through_the_cli_records_its_origin_and_chains(blob_shards, tm
     for key, value in load_file(tmp_path / "export" / "model.safetensors").items():
         assert torch.equal(mine[key], value), key
     assert objective.init_from["format"] == "vae_scale"
+
+
+# ---------------------------------------------------------------------------------- alignment
+
+ALIGN = [
+    "loss.alignment.weight=0.5", "loss.alignment.teacher=vgg16",
+    f"loss.alignment.start_step={EQ_START}", "loss.discriminator.weight=0", "train.epochs=1",
+]  # fmt: skip
+needs_vgg = pytest.mark.skipif(not HAVE_WEIGHTS, reason="../shared/weights not here")
+
+
+def test_vf_loss_against_a_hand_computation():
+    from vae_scale.objectives.alignment import AlignmentConfig, vf_loss
+
+    cfg = AlignmentConfig(weight=1, margin_cos=0.1, margin_distmat=0.05)
+    gen = torch.Generator().manual_seed(0)
+    z, f = torch.randn(2, 3, 2, 2, generator=gen), torch.randn(2, 3, 2, 2, generator=gen)
+    cos_term, dist_term = vf_loss(z, f, cfg)
+    for b in range(2):
+        zs = [z[b, :, i, j].numpy() for i in range(2) for j in range(2)]
+        fs = [f[b, :, i, j].numpy() for i in range(2) for j in range(2)]
+
+        def cos(u, v):
+            return float(u @ v / np.linalg.norm(u) / np.linalg.norm(v))
+
+        by_hand = np.mean([max(0.0, 1 - 0.1 - cos(u, v)) for u, v in zip(zs, fs)])
+        assert cos_term[b].item() == pytest.approx(by_hand, rel=1e-5)
+        pairs = [
+            max(0.0, abs(cos(zs[i], zs[j]) - cos(fs[i], fs[j])) - 0.05)
+            for i in range(4)
+            for j in range(4)
+        ]
+        assert dist_term[b].item() == pytest.approx(np.mean(pairs), rel=1e-5, abs=1e-7)
+    # aligned latents cost nothing
+    assert vf_loss(f * 3, f, cfg)[0].abs().max() < 1e-6
+    assert vf_loss(f * 3, f, cfg)[1].abs().max() < 1e-6
+    schedule = AlignmentConfig(weight=1, schedule="linear", schedule_steps=10, start_step=5)
+    assert [schedule.factor(s) for s in (5, 10, 15, 99)] == pytest.approx([1, 0.55, 0.1, 0.1])
+
+
+@needs_vgg
+def test_alignment_term_trains_projection_and_encoder_from_its_start(tmp_path):
+    from vae_scale.training.state import TrainState
+    from vae_scale.training.step import train_step
+
+    cfg, accelerator, objective, nets = build(tmp_path, *ALIGN[:-1])
+    assert set(nets) == {"vae", "alignment_projection"} and "teacher" in objective.frozen()
+    projection = nets["alignment_projection"].unwrapped
+    assert projection.weight.shape == (512, 4, 1, 1)  # VGG16 relu4_3 features per position
+    before = projection.weight.detach().clone()
+    state, x = TrainState(), torch.rand(4, 3, 16, 16)
+    rows = [train_step(accelerator, objective, nets, x, state, 20) for _ in range(EQ_START + 2)]
+    assert all(r.terms["vf_cos"].abs().sum() == 0 for r in rows[:EQ_START])
+    assert all(r.values["alignment_weight"] == 0 for r in rows[:EQ_START])
+    assert rows[EQ_START].terms["vf_cos"].sum() > 0
+    assert rows[EQ_START].values["alignment_weight"] > 0
+    assert not torch.equal(projection.weight, before)  # trained from its start
+    # the adaptive weight compares gradients at the encoder's last layer (quant_conv)
+    assert objective.vae.last_encoder_layer() is objective.vae.net.quant_conv.weight
+    assert all(
+        p.grad is None or p.grad.abs().sum() == 0
+        for p in objective.frozen()["teacher"].parameters()
+    )
+
+
+def test_teachers_load_dinov2_from_timm_and_torch_hub_files_and_say_what_is_missing(tmp_path):
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    from vae_scale.perception.teachers import load_teacher
+
+    torch.manual_seed(0)
+    net = timm.create_model(
+        "vit_small_patch14_dinov2", pretrained=False, num_classes=0, dynamic_img_size=True
+    ).eval()
+    save_file(net.state_dict(), tmp_path / "model.safetensors")
+    hub = {**net.state_dict(), "mask_token": torch.zeros(1, 384)}  # torch hub's layout
+    torch.save(hub, tmp_path / "dinov2_vits14_pretrain.pth")
+    images = torch.rand(2, 3, 20, 20)
+    resized = torch.nn.functional.interpolate(
+        images, size=(56, 56), mode="bilinear", antialias=True
+    )
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        tokens = net.forward_features((resized - mean) / std)[:, 1:]
+    expected = tokens.transpose(1, 2).reshape(2, 384, 4, 4)
+    for path in (tmp_path, tmp_path / "dinov2_vits14_pretrain.pth"):
+        teacher = load_teacher("dinov2_vits14", str(path), None)
+        assert torch.allclose(teacher(images, (4, 4)), expected, atol=1e-5), path
+    found = load_teacher("dinov2_vits14", None, str(tmp_path))  # by torch hub's file name
+    assert torch.allclose(found(images, (4, 4)), expected, atol=1e-5)
+    with pytest.raises(ConfigError, match="dinov2_vitb14_pretrain.pth"):
+        load_teacher("dinov2_vitb14", None, str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="not dinov2_vitb14's weights"):
+        load_teacher("dinov2_vitb14", str(tmp_path / "model.safetensors"), None)
+
+
+@pytest.mark.slow
+@needs_vgg
+def test_alignment_resumes_bitwise_across_its_start_after_sigkill(blob_shards, tmp_path):  # noqa: F811
+    reference = cli("train", str(CONFIG), *tiny(blob_shards, tmp_path, "ref", *ALIGN))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    rows = [json.loads(r) for r in (tmp_path / "ref" / "steps.jsonl").read_text().splitlines()]
+    cos = {r["global_step"] - 1: r["train/step_vf_cos"] for r in rows}
+    assert all(v == 0 for s, v in cos.items() if s < EQ_START)
+    assert all(v > 0 for s, v in cos.items() if s >= EQ_START)
+    args = ["train", str(CONFIG), *tiny(blob_shards, tmp_path, "killed", *ALIGN)]
+    log = tmp_path / "killed" / "steps.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vae_scale", *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    kill_after = random.Random(os.getpid()).randint(5, 7)  # the last checkpoint at step 4
+    while not (log.is_file() and len(log.read_text().splitlines()) >= kill_after):
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    ckpt = checkpoint.latest_checkpoint(log.parent / "checkpoints")
+    assert checkpoint.read_train_state(ckpt)["opt_step"] < EQ_START
+    done = cli(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    weights = ("model", "model_1", "ema")  # model_1: the projection
+    params, steps, epochs = final_state(log.parent, weights)
+    params_ref, steps_ref, epochs_ref = final_state(tmp_path / "ref", weights)
+    assert steps == steps_ref and epochs == epochs_ref
+    for key in params_ref:
+        assert torch.equal(params[key], params_ref[key]), key
+
+
+@pytest.mark.slow
+@needs_vgg
+def test_alignment_two_processes_equal_one_with_accumulation(tmp_path):
+    term = ["loss.alignment.weight=0.5", "loss.alignment.teacher=vgg16",
+            f"run.weights_dir={SHARED_WEIGHTS}", "loss.perceptual.weight=0",
+            "loss.discriminator.weight=0"]  # fmt: skip
+    a, b = one_and_two("autoencoder_probe.py", ["--accum", "2", *term], tmp_path)
+    assert (a["num_processes"], b["num_processes"]) == (1, 2)
+    assert a["rows"][-1]["vf_cos"] > 0 and a["rows"][-1]["alignment_weight"] > 0
+    for row_a, row_b in zip(a["rows"], b["rows"], strict=True):
+        for key in row_a:
+            assert row_b[key] == pytest.approx(row_a[key], rel=1e-4, abs=1e-5), key
+    for part in ("model", "networks"):
+        for key, value in a[part].items():
+            if not key.endswith("to_k.bias"):
+                assert np.allclose(value, b[part][key], atol=2e-5), (part, key)

@@ -29,6 +29,7 @@ from vae_scale.errors import ConfigError
 from vae_scale.losses import LIKELIHOODS
 from vae_scale.models import FAMILIES
 from vae_scale.objectives import OBJECTIVES
+from vae_scale.objectives.alignment import AlignmentConfig
 from vae_scale.objectives.discriminator import DiscriminatorConfig
 from vae_scale.objectives.encoder_aug import EncoderAugConfig
 from vae_scale.objectives.equivariance import EquivarianceConfig
@@ -84,6 +85,7 @@ class LossConfig(Section):
     perceptual: PerceptualConfig = Field(default_factory=PerceptualConfig)
     discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
     equivariance: EquivarianceConfig = Field(default_factory=EquivarianceConfig)
+    alignment: AlignmentConfig = Field(default_factory=AlignmentConfig)
     # the diffusion probe's settings (loss.objective: flow_matching)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
 

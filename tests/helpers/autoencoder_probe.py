@@ -96,7 +96,8 @@ def main() -> None:
             for name, value in step_means(out).items():  # the step's mean over its batches
                 means[name] = means.get(name, 0) + value / args.accum
         assert out.synced
-        means["adaptive_weight"] = torch.as_tensor(float(out.values.get("adaptive_weight", 0)))
+        for key in ("adaptive_weight", "alignment_weight"):
+            means[key] = torch.as_tensor(float(out.values.get(key, 0)))
         reduced = accelerator.reduce(torch.stack(list(means.values())), "mean").tolist()
         rows.append(dict(zip(means, reduced, strict=True)))
     if accelerator.is_main_process:
@@ -108,6 +109,12 @@ def main() -> None:
                 k: v.tolist()
                 for net in nets.values()
                 if net.name == "discriminator"
+                for k, v in net.unwrapped.state_dict().items()
+            },
+            "networks": {
+                f"{net.name}/{k}": v.tolist()
+                for net in nets.values()
+                if net.name != "vae"
                 for k, v in net.unwrapped.state_dict().items()
             },
             "lecam": objective.gan.lecam.state_dict() if objective.gan else None,

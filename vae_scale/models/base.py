@@ -90,6 +90,21 @@ class VAE(nn.Module):
             )
         return [p for m in found for p in m.parameters()]
 
+    def last_encoder_layer(self) -> nn.Parameter:
+        """The weight of the encoder's last layer: where the alignment term's adaptive weight
+        compares gradient norms (VA-VAE's)."""
+        found = [getattr(self, name) for name in self.encoder_modules if hasattr(self, name)]
+        layers = [
+            m for module in found for m in module.modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear))
+        ]  # fmt: skip
+        if not layers:
+            raise ConfigError(
+                f"loss.alignment.adaptive_weight: {type(self).__name__} has no encoder layer "
+                f"to compare gradients at; set it to false"
+            )
+        return layers[-1].weight
+
     def last_decoder_layer(self) -> nn.Parameter:
         """The weight of the decoder's last layer: where the discriminator term's adaptive
         weight compares gradient norms (taming's `last_layer`)."""

@@ -6,6 +6,8 @@
     + the discriminator's own loss (on real images and *detached* reconstructions)
     + [loss.equivariance] its weight x the pixel + perceptual error of decode(tau(z)) against
       tau(x) for a transform tau drawn per step (equivariance.py)
+    + [loss.alignment] its weight x adaptive weight x VA-VAE's VF loss of the projected latents
+      against a frozen teacher's patch features (alignment.py)
     + the likelihood's calibration: the Gaussian NLL of the *detached* reconstruction, which
       trains only the likelihood's learned scale, so neg. ELBO and bits/dim stay reported.
 
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 
 from vae_scale.errors import ConfigError
 from vae_scale.losses import kl_per_dim, kl_weight
+from vae_scale.objectives.alignment import AlignmentTerm
 from vae_scale.objectives.base import Loss, NetworkSpec, Objective, Trained
 from vae_scale.objectives.discriminator import DISCRIMINATOR_TERMS, GanTerm
 from vae_scale.objectives.equivariance import draw
@@ -83,15 +86,28 @@ class AutoencoderObjective(Objective):
                     f"it to 0)"
                 )
             self.lpips = LPIPS.pretrained(cfg.run.weights_dir).to(accelerator.device)
+        self.alignment = None
+        if loss.alignment.weight:
+            if len(self.vae.latent_shape) != 3:
+                raise ConfigError(
+                    f"loss.alignment.weight: needs spatial latents (C, h, w); "
+                    f"{cfg.model.name} has {tuple(self.vae.latent_shape)}"
+                )
+            self.alignment = AlignmentTerm(cfg, self.vae.latent_shape[0], accelerator)
 
     def networks(self) -> dict[str, NetworkSpec]:
         nets = super().networks()
         if self.gan is not None:
             nets["discriminator"] = self.gan.spec(self.cfg.train)
+        if self.alignment is not None:
+            nets["alignment_projection"] = self.alignment.spec(self.cfg.train)
         return nets
 
     def frozen(self) -> dict[str, nn.Module]:
-        return {"lpips": self.lpips} if self.lpips is not None else {}
+        frozen = {"lpips": self.lpips} if self.lpips is not None else {}
+        if self.alignment is not None:
+            frozen["teacher"] = self.alignment.teacher
+        return frozen
 
     def components(self) -> dict[str, Any]:
         return {"lecam": self.gan.lecam} if self.gan is not None else {}
@@ -122,6 +138,10 @@ class AutoencoderObjective(Objective):
             eq = self._equivariance(vae, out.z, x, step)
             terms["equivariance"] = eq
             loss = loss + cfg.equivariance.weight * eq.mean()
+        if self.alignment is not None:
+            weighted_vf, vf_terms = self.alignment.terms(nets, x, out.z, nll_loss, step)
+            loss = loss + weighted_vf
+            terms.update(vf_terms)
         if self.gan is None:
             return Loss(loss, terms, values)
         if step < self.start_step("discriminator"):
@@ -156,7 +176,10 @@ class AutoencoderObjective(Objective):
         return self._reconstruction(decoded, tau.image(x.float(), decoded.shape[-2:]))[0]
 
     def before_update(self, nets: Mapping[str, Trained], step: int) -> dict[str, Any]:
-        return {} if self.gan is None else self.gan.before_update(nets)
+        values = {} if self.gan is None else self.gan.before_update(nets)
+        if self.alignment is not None:
+            values.update(self.alignment.before_update(nets, step))
+        return values
 
     def eval_term_names(self) -> list[str]:
         names = [f"pixel_{self.cfg.loss.pixel.kind}"]

@@ -8,7 +8,7 @@ Two choices differ from taming on purpose:
   update, and eval/train modes behave alike.
 - The adaptive weight compares the gradient norms of the *global* batch of an optimizer step:
   the two gradients at the decoder's last layer are averaged over processes and accumulated
-  batches first (taming uses each rank's own, per batch).
+  batches first (taming uses each rank's own, per batch; adaptive.py).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from vae_scale.errors import ConfigError
+from vae_scale.objectives.adaptive import AdaptiveTerm
 from vae_scale.objectives.base import NetworkSpec
 from vae_scale.schema import Betas, NonNegative, NonNegativeFloat, Positive, Section
 from vae_scale.utils.compat import full_precision_forward
@@ -105,21 +106,6 @@ def discriminator_loss(
     return 0.5 * (F.softplus(-real).mean() + F.softplus(fake).mean())
 
 
-def last_layer_grads(rec_loss: Tensor, gan_loss: Tensor, last_layer: nn.Parameter) -> Tensor:
-    """The gradients of the reconstruction and the GAN loss at `last_layer`, stacked (2, ...)
-    in float32: what the adaptive weight compares."""
-    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
-    return torch.stack([rec_grad.float(), gan_grad.float()])
-
-
-def adaptive_weight(grads: Tensor, max_weight: float) -> Tensor:
-    """taming's ||grad rec|| / (||grad gan|| + 1e-4), clamped to [0, max_weight], detached;
-    `grads` as `last_layer_grads` stacks them (over the global batch of the step)."""
-    rec_grad, gan_grad = grads.unbind()
-    return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
-
-
 class LeCam:
     """LeCam regulariser: exponential averages of the discriminator's mean logits on real and
     fake images, and the penalty pulling each side's logits towards the other's average.
@@ -174,10 +160,7 @@ class GanTerm:
     with its own optimizer), the GAN loss of the autoencoder weighted by the adaptive weight
     of each optimizer step's global batch, the discriminator's own loss and LeCam.
 
-    One batch per optimizer step: the GAN loss is weighted at once. Several (accumulation):
-    its gradient and the last-layer gradients are accumulated apart (one more backward
-    through the autoencoder per batch) and weighted in `before_update`, once the whole step's
-    batches are in, so that accumulation makes the update of one whole batch."""
+    The GAN loss's adaptive weighting, with or without accumulation, is adaptive.py's."""
 
     def __init__(self, cfg: DiscriminatorConfig, image_shape: tuple[int, ...], accelerator: Any):
         side = min(image_shape[1:])
@@ -189,7 +172,10 @@ class GanTerm:
         self.cfg, self.accelerator = cfg, accelerator
         self.network = PatchDiscriminator(image_shape[0], cfg)
         self.lecam = LeCam(cfg.lecam_decay, accelerator.device)
-        self.pending: dict[str, Any] | None = None  # the step's weight or GAN gradients
+        self.adaptive = AdaptiveTerm(
+            accelerator, lambda vae: vae.last_decoder_layer(), cfg.adaptive_weight,
+            cfg.max_adaptive_weight,
+        )  # fmt: skip
 
     def spec(self, train: Any) -> NetworkSpec:
         """What the objective declares: the network, AdamW with loss.discriminator's lr,
@@ -224,7 +210,7 @@ class GanTerm:
         disc = discriminator_loss(real, fake, d.loss)
         if d.lecam_weight:
             disc = disc + d.lecam_weight * self.lecam.penalty(real, fake)
-        weighted = self._weighted(nets["vae"].unwrapped, rec_loss, gan)
+        weighted = self.adaptive.weighted(nets["vae"].unwrapped, rec_loss, gan, d.weight)
         terms = {
             "gan": gan.detach().expand(batch),
             "discriminator_loss": disc.detach().expand(batch),
@@ -233,55 +219,13 @@ class GanTerm:
         }
         return weighted, disc, terms
 
-    def _weighted(self, vae: nn.Module, rec_loss: Tensor, gan: Tensor) -> Tensor:
-        d, accum = self.cfg, self.accelerator.gradient_accumulation_steps
-        grads = None
-        if d.adaptive_weight:
-            grads = last_layer_grads(rec_loss, gan, vae.last_decoder_layer())
-        if accum == 1:
-            weight = torch.ones((), device=gan.device)
-            if grads is not None:
-                weight = adaptive_weight(self._mean(grads), d.max_adaptive_weight)
-            self.pending = {"weight": weight}
-            return d.weight * weight * gan
-        params = [p for p in vae.parameters() if p.requires_grad]
-        gan_grads = torch.autograd.grad(gan / accum, params, retain_graph=True, allow_unused=True)
-        if self.pending is None:
-            self.pending = {"gan_grads": [torch.zeros_like(p) for p in params], "last": None}
-        for total, g in zip(self.pending["gan_grads"], gan_grads):
-            if g is not None:
-                total.add_(g)
-        if grads is not None:
-            last = self.pending["last"]
-            self.pending["last"] = grads / accum if last is None else last + grads / accum
-        return torch.zeros((), device=gan.device)
-
     def before_update(self, nets: Mapping[str, Any]) -> dict[str, Any]:
-        """At the optimizer step: LeCam's averages move by the step's means; with
-        accumulation, the step's GAN gradient, averaged over processes and weighted by the
-        global batch's adaptive weight, is added to the autoencoder's gradients. Returns the
-        adaptive weight (0 before the start)."""
-        pending, self.pending = self.pending, None
-        self.lecam.step(self._mean if self.accelerator.num_processes > 1 else None)
-        if pending is None:  # not started yet
-            return {"adaptive_weight": 0.0}
-        if "gan_grads" in pending:
-            weight = torch.ones((), device=pending["gan_grads"][0].device)
-            if pending["last"] is not None:
-                weight = adaptive_weight(self._mean(pending["last"]), self.cfg.max_adaptive_weight)
-            params = [p for p in nets["vae"].unwrapped.parameters() if p.requires_grad]
-            flat = self._mean(torch.cat([g.flatten() for g in pending["gan_grads"]]))
-            scale = self.cfg.weight * weight
-            for p, g in zip(params, flat.split([p.numel() for p in params])):
-                update = scale * g.view_as(p)
-                p.grad = update if p.grad is None else p.grad.add_(update)
-            pending["weight"] = weight
-        return {"adaptive_weight": pending["weight"]}
-
-    def _mean(self, t: Tensor) -> Tensor:
-        """`t`'s mean over processes (itself on one process)."""
-        acc = self.accelerator
-        return t if acc.num_processes == 1 else acc.reduce(t, "mean")
+        """At the optimizer step: LeCam's averages move by the step's means, and the GAN
+        term's weighting ends (adaptive.py). Returns the adaptive weight (0 before the
+        start)."""
+        self.lecam.step(self.adaptive.mean if self.accelerator.num_processes > 1 else None)
+        weight = self.adaptive.before_update(nets["vae"].unwrapped)
+        return {"adaptive_weight": 0.0 if weight is None else weight}
 
     @torch.no_grad()
     def eval_terms(self, target: Tensor, recon: Tensor) -> dict[str, Tensor]:

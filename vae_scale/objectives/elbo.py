@@ -22,11 +22,12 @@ class ElboObjective(Objective):
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
-        if cfg.loss.equivariance.weight:
-            raise FieldError(
-                "loss.equivariance.weight",
-                "a term of the KL autoencoder; use loss.objective 'autoencoder'",
-            )
+        for term in ("equivariance", "alignment"):
+            if getattr(cfg.loss, term).weight:
+                raise FieldError(
+                    f"loss.{term}.weight",
+                    "a term of the KL autoencoder; use loss.objective 'autoencoder'",
+                )
 
     def __init__(self, cfg: Any, image_shape: tuple[int, int, int], accelerator: Any):
         super().__init__(cfg, image_shape, accelerator)
