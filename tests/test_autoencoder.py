@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import urllib.error
@@ -22,7 +21,7 @@ from safetensors.torch import load_file
 from test_resume import final_state
 
 from conftest import REPO
-from helpers.processes import one_and_two
+from helpers.processes import kill_after_rows, one_and_two
 from vae_scale.config import load_config
 from vae_scale.errors import ConfigError
 from vae_scale.perception.fid import frechet_distance
@@ -411,15 +410,7 @@ def test_sigkill_before_the_discriminator_starts_resumes_bitwise_across_it(
     args = ["train", str(CONFIG), *tiny(blob_shards, tmp_path, "killed")]
     kill_after = random.Random(os.getpid()).randint(5, 9)  # last checkpoint at step 4 or 8
     log = tmp_path / "killed" / "steps.jsonl"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "vae_scale", *args]
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    while not (log.is_file() and len(log.read_text().splitlines()) >= kill_after):
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    kill_after_rows(args, log, kill_after)
     resumed = checkpoint.read_train_state(checkpoint.latest_checkpoint(log.parent / "checkpoints"))
     assert resumed["opt_step"] < START  # the resumed run crosses the start itself
     done = cli(*args)

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from test_autoencoder import blobs, cli
 
-from helpers.processes import command, one_and_two
+from helpers.processes import command, kill_after_rows, one_and_two
 from vae_scale.config import DataConfig
 from vae_scale.data.streaming.inputs import prepare_batch
 from vae_scale.data.streaming.loader import ShardSplit
@@ -247,15 +247,7 @@ def test_probe_resumes_bitwise_after_sigkill(latents, probed, tmp_path):
     args = probe_args(latents, tmp_path, "killed")
     log = tmp_path / "killed" / "steps.jsonl"
     kill_after = random.Random(os.getpid()).randint(5, 18)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vae_scale", *args], env=env, cwd=REPO,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    while not (log.is_file() and len(log.read_text().splitlines()) >= kill_after):
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    kill_after_rows(args, log, kill_after)
     time.sleep(3)  # time down: goodput counts it
     done = cli(*args)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -8,9 +8,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -27,7 +24,7 @@ from test_autoencoder import (  # noqa: F401 (blob_shards: a fixture)
 from test_resume import final_state
 
 from conftest import REPO
-from helpers.processes import one_and_two
+from helpers.processes import kill_after_rows, one_and_two
 from vae_scale.config import load_config
 from vae_scale.errors import ConfigError
 from vae_scale.objectives.equivariance import EquivarianceConfig, Transform, draw
@@ -144,15 +141,7 @@ def test_equivariance_trains_and_resumes_bitwise_across_its_start_after_sigkill(
     args = ["train", str(CONFIG), *tiny(blob_shards, tmp_path, "killed", *EQ)]
     kill_after = random.Random(os.getpid()).randint(5, 7)  # the last checkpoint at step 4
     log = tmp_path / "killed" / "steps.jsonl"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vae_scale", *args], env=env, cwd=REPO,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    while not (log.is_file() and len(log.read_text().splitlines()) >= kill_after):
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    kill_after_rows(args, log, kill_after)
     ckpt = checkpoint.latest_checkpoint(log.parent / "checkpoints")
     assert checkpoint.read_train_state(ckpt)["opt_step"] < EQ_START  # resumes across it
     done = cli(*args)
@@ -378,15 +367,8 @@ def test_alignment_resumes_bitwise_across_its_start_after_sigkill(blob_shards, t
     assert all(v > 0 for s, v in cos.items() if s >= EQ_START)
     args = ["train", str(CONFIG), *tiny(blob_shards, tmp_path, "killed", *ALIGN)]
     log = tmp_path / "killed" / "steps.jsonl"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vae_scale", *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
     kill_after = random.Random(os.getpid()).randint(5, 7)  # the last checkpoint at step 4
-    while not (log.is_file() and len(log.read_text().splitlines()) >= kill_after):
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    kill_after_rows(args, log, kill_after)
     ckpt = checkpoint.latest_checkpoint(log.parent / "checkpoints")
     assert checkpoint.read_train_state(ckpt)["opt_step"] < EQ_START
     done = cli(*args)

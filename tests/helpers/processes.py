@@ -3,6 +3,7 @@ as 2 processes, and every process below one."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,18 @@ def one_and_two(script: str, args: list[str], out_dir: Path, timeout: float = 30
         assert done.returncode == 0, done.stderr[-3000:]
         results.append(json.loads(out.read_text()))
     return tuple(results)
+
+
+def kill_after_rows(args: list[str], log: Path, rows: int) -> None:
+    """`vae-scale ARGS` as one process (one thread), SIGKILLed once `log` has `rows` lines."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vae_scale", *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    while not (log.is_file() and len(log.read_text().splitlines()) >= rows):
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
 
 
 def descendants(pid: int) -> list[int]:

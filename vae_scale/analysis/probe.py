@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vae_scale.analysis.evaluator import Evaluator
 from vae_scale.analysis.runs import config_of_record, load_model
 from vae_scale.data.streaming.inputs import prepare_batch
 from vae_scale.data.streaming.loader import ShardSplit
@@ -41,13 +42,13 @@ def _share(n: int, rank: int, world: int) -> range:
     return range(rank * n // world, (rank + 1) * n // world)
 
 
-class ProbeEvaluation:
+class ProbeEvaluation(Evaluator):
     """The probe's val/test metrics (`objective.evaluator` names this class). Opening it loads
     the frozen decoder (refused when it is not the autoencoder the latents came from) and the
     Inception network, before the run starts: a missing one ends the start with one line."""
 
     def __init__(self, cfg: Any, accelerator: Any, objective: Any):
-        self.cfg, self.accelerator, self.objective = cfg, accelerator, objective
+        super().__init__(cfg, accelerator, objective)
         self.decoder: nn.Module | None = None
         self.inception: nn.Module | None = None
         self.record: dict[str, Any] = {}  # the autoencoder's run record

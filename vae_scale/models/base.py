@@ -94,29 +94,25 @@ class VAE(nn.Module):
         """The weight of the encoder's last layer: where the alignment term's adaptive weight
         compares gradient norms (VA-VAE's)."""
         found = [getattr(self, name) for name in self.encoder_modules if hasattr(self, name)]
-        layers = [
-            m for module in found for m in module.modules()
-            if isinstance(m, (nn.Conv2d, nn.Linear))
-        ]  # fmt: skip
-        if not layers:
-            raise ConfigError(
-                f"loss.alignment.adaptive_weight: {type(self).__name__} has no encoder layer "
-                f"to compare gradients at; set it to false"
-            )
-        return layers[-1].weight
+        return self._last_layer(found, (nn.Conv2d, nn.Linear), "alignment", "encoder")
 
     def last_decoder_layer(self) -> nn.Parameter:
         """The weight of the decoder's last layer: where the discriminator term's adaptive
         weight compares gradient norms (taming's `last_layer`)."""
         decoder = getattr(self, "decoder", None)
-        layers = [
-            m for m in (decoder.modules() if decoder is not None else ())
-            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))
-        ]  # fmt: skip
+        kinds = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+        return self._last_layer(
+            [decoder] if decoder is not None else [], kinds, "discriminator", "decoder"
+        )
+
+    def _last_layer(
+        self, modules: list[nn.Module], kinds: tuple[type, ...], term: str, part: str
+    ) -> nn.Parameter:
+        layers = [m for module in modules for m in module.modules() if isinstance(m, kinds)]
         if not layers:
             raise ConfigError(
-                f"loss.discriminator.adaptive_weight: {type(self).__name__} has no decoder layer "
-                f"to compare gradients at; set it to false"
+                f"loss.{term}.adaptive_weight: {type(self).__name__} has no {part} layer to "
+                f"compare gradients at; set it to false"
             )
         return layers[-1].weight
 

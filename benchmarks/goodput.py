@@ -1,0 +1,129 @@
+"""Goodput under repeated failures (issue 44): a 2-process CPU run under
+`torchrun --max-restarts` whose random rank is SIGKILLed (what the OOM killer does) at random
+times, every `--every` seconds on average (uniform in 0.5x..1.5x), for `--minutes` of
+training; torchrun restarts the group, the run resumes from its latest checkpoint. Reports the
+run's own goodput (productive training seconds / wall seconds since the first start:
+`time/goodput` of its last epoch row), the number of failures, the median recovery time (kill
+-> the next new step row) and whether the final weights equal those of the same run left
+alone, bit for bit.
+
+    VAE_SCALE_DATA=../shared/data python -m benchmarks.goodput --work /tmp/goodput \\
+        --shards SHARDS [--minutes 30] [--every 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from vae_scale.training.checkpoint import latest_checkpoint, read_train_state
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def command(shards: str, work: Path, name: str, epochs: int) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=2",
+        "--max-restarts=1000", "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0",
+        "--rdzv-conf=last_call_timeout=1", "--monitor-interval=0.2",
+        "-m", "vae_scale.cli", "train", str(REPO / "configs" / "frey_conv.yaml"),
+        f"data.shards_dir={shards}", f"run.dir={work}", f"run.name={name}",
+        "wandb.mode=disabled", "data.num_workers=0", f"train.epochs={epochs}",
+        "train.checkpoint_every_steps=20", "eval.picture_epochs=[]", "train.progress=off",
+    ]  # fmt: skip
+
+
+def rows(path: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def ranks(pid: int) -> list[int]:
+    """The trainer processes under a torchrun agent (its children with RANK set)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environ = (stat.parent / "environ").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == pid and b"\0RANK=" in b"\0" + environ:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--shards", required=True)
+    parser.add_argument("--minutes", type=float, default=30)
+    parser.add_argument("--every", type=float, default=300, help="mean seconds between kills")
+    parser.add_argument("--epochs", type=int, default=0, help="0: sized from a timed epoch")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WANDB_"))}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    epochs = args.epochs
+    if not epochs:  # one timed epoch (its own row's seconds) sizes the run to --minutes
+        subprocess.run(command(args.shards, args.work, "probe_epoch", 1), env=env, cwd=REPO,
+                       check=True, capture_output=True)  # fmt: skip
+        epoch_s = rows(args.work / "probe_epoch" / "metrics.jsonl")[-1]["time/epoch_s"]
+        epochs = max(2, round(args.minutes * 60 / epoch_s))
+    rng = random.Random(args.seed)
+    killed = args.work / "killed"
+    proc = subprocess.Popen(
+        command(args.shards, args.work, "killed", epochs), env=env, cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    kills, recoveries = 0, []
+    next_kill = time.time() + rng.uniform(0.5, 1.5) * args.every
+    pending: dict | None = None  # the kill's time, its checkpoint's step, whether logs were cut
+    while proc.poll() is None:
+        time.sleep(0.2)
+        logged = rows(killed / "steps.jsonl")
+        step = logged[-1]["global_step"] if logged else 0
+        if pending is not None:
+            pending["cut"] = pending["cut"] or step <= pending["step"]  # the resume cut them
+            if pending["cut"] and step > pending["step"]:  # and trains again
+                recoveries.append(time.time() - pending["time"])
+                pending = None
+        if time.time() >= next_kill and pending is None:
+            victims = ranks(proc.pid)
+            if victims:
+                os.kill(rng.choice(victims), signal.SIGKILL)
+                kills += 1
+                last = latest_checkpoint(killed / "checkpoints")
+                done = read_train_state(last)["opt_step"] if last else 0
+                pending = {"time": time.time(), "step": done, "cut": False}
+            next_kill = time.time() + rng.uniform(0.5, 1.5) * args.every
+    assert proc.returncode == 0, f"the killed run ended with {proc.returncode}"
+    subprocess.run(command(args.shards, args.work, "whole", epochs), env=env, cwd=REPO,
+                   check=True, capture_output=True)  # fmt: skip
+    last = rows(killed / "metrics.jsonl")[-1]
+    a, b = (load_file(latest_checkpoint(args.work / n / "checkpoints") / "model.safetensors")
+            for n in ("killed", "whole"))  # fmt: skip
+    equal = a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    result = {
+        "epochs": epochs, "kills": kills, "wall_s": last["time/wall_s"],
+        "productive_s": last["time/productive_s"], "goodput": last["time/goodput"],
+        "median_recovery_s": statistics.median(recoveries) if recoveries else None,
+        "recoveries_s": recoveries, "final_weights_bitwise_equal": equal,
+    }  # fmt: skip
+    (args.work / "goodput.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
