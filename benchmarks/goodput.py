@@ -26,7 +26,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from vae_scale.training.checkpoint import latest_checkpoint, read_train_state
+from vae_scale.training.checkpoint import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,25 +89,29 @@ def main() -> None:
     )  # fmt: skip
     kills, recoveries = 0, []
     next_kill = time.time() + rng.uniform(0.5, 1.5) * args.every
-    pending: dict | None = None  # the kill's time, its checkpoint's step, whether logs were cut
+    # a kill's recovery: the restarted group's processes are there and steps.jsonl is written
+    # after they appeared (the resume cuts it back to the checkpoint, then trains on)
+    pending: dict | None = None
     while proc.poll() is None:
         time.sleep(0.2)
-        logged = rows(killed / "steps.jsonl")
-        step = logged[-1]["global_step"] if logged else 0
+        now = time.time()
         if pending is not None:
-            pending["cut"] = pending["cut"] or step <= pending["step"]  # the resume cut them
-            if pending["cut"] and step > pending["step"]:  # and trains again
-                recoveries.append(time.time() - pending["time"])
+            current = set(ranks(proc.pid))
+            if current and not current & pending["old"] and pending["seen"] is None:
+                pending["seen"] = now
+            log = killed / "steps.jsonl"
+            if pending["seen"] and log.is_file() and log.stat().st_mtime > pending["seen"]:
+                recoveries.append(now - pending["time"])
                 pending = None
-        if time.time() >= next_kill and pending is None:
+            elif now - pending["time"] > 300:  # not seen to recover: do not wait for ever
+                pending = None
+        if now >= next_kill and pending is None:
             victims = ranks(proc.pid)
             if victims:
                 os.kill(rng.choice(victims), signal.SIGKILL)
                 kills += 1
-                last = latest_checkpoint(killed / "checkpoints")
-                done = read_train_state(last)["opt_step"] if last else 0
-                pending = {"time": time.time(), "step": done, "cut": False}
-            next_kill = time.time() + rng.uniform(0.5, 1.5) * args.every
+                pending = {"time": now, "old": set(victims), "seen": None}
+            next_kill = now + rng.uniform(0.5, 1.5) * args.every
     assert proc.returncode == 0, f"the killed run ended with {proc.returncode}"
     subprocess.run(command(args.shards, args.work, "whole", epochs), env=env, cwd=REPO,
                    check=True, capture_output=True)  # fmt: skip
