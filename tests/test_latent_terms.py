@@ -321,6 +321,8 @@ def test_alignment_term_trains_projection_and_encoder_from_its_start(tmp_path):
         p.grad is None or p.grad.abs().sum() == 0
         for p in objective.frozen()["teacher"].parameters()
     )
+    with pytest.raises(ConfigError, match="trains the encoder"):
+        build(tmp_path, *ALIGN[:-1], "train.trainable=decoder")
 
 
 def test_teachers_load_dinov2_from_timm_and_torch_hub_files_and_say_what_is_missing(tmp_path):

@@ -93,6 +93,11 @@ class AutoencoderObjective(Objective):
                     f"loss.alignment.weight: needs spatial latents (C, h, w); "
                     f"{cfg.model.name} has {tuple(self.vae.latent_shape)}"
                 )
+            if not self.vae.last_encoder_layer().requires_grad:
+                raise ConfigError(
+                    "loss.alignment.weight: the term trains the encoder, whose last layer is "
+                    "frozen here (train.trainable / train.freeze); unfreeze it or set it to 0"
+                )
             self.alignment = AlignmentTerm(cfg, self.vae.latent_shape[0], accelerator)
 
     def networks(self) -> dict[str, NetworkSpec]:
