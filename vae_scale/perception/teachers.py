@@ -24,8 +24,14 @@ from torch import Tensor, nn
 
 from vae_scale.errors import ConfigError
 from vae_scale.perception.lpips import vgg16_features
-from vae_scale.perception.weights import VGG16, PretrainedFile, find_weights, load_pretrained
-from vae_scale.perception.weights import load_state as load_weights_file
+from vae_scale.perception.weights import (
+    VGG16,
+    PretrainedFile,
+    find_weights,
+    load_pretrained,
+    load_state,
+    missing_message,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -132,8 +138,6 @@ def _find(name: str, spec: TeacherSpec, path: str | None, weights_dir: str | Non
     wanted = PretrainedFile(f"{name} weights (DINOv2, torch hub's file)", (spec.hub_file,))
     found = find_weights(wanted, weights_dir)
     if found is None:
-        from vae_scale.perception.weights import missing_message
-
         raise ConfigError(
             f"loss.alignment.teacher: {missing_message(wanted, weights_dir)}, or set "
             f"loss.alignment.teacher_path to it (or to timm's model.safetensors)"
@@ -143,6 +147,6 @@ def _find(name: str, spec: TeacherSpec, path: str | None, weights_dir: str | Non
 
 def _read(file: Path) -> dict[str, Tensor]:
     try:
-        return load_weights_file(file)
+        return load_state(file)
     except Exception as err:  # a damaged or foreign file: name it
         raise ConfigError(f"loss.alignment.teacher_path: cannot read {file} ({err})") from None

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import nn
 
 from vae_scale.analysis.runs import RECORD_FILE, load_model
@@ -100,13 +100,15 @@ def _diffusers_weights(vae: nn.Module, folder: Path) -> tuple[dict, str, dict]:
                 f"model {ours[field]}; match model.* to it"
             )
     own = vae.state_dict()
-    for name, tensor in load_file(folder / DIFFUSERS_WEIGHTS).items():
+    # shapes from the file's header (diffusers reads the tensors themselves, below)
+    with safe_open(folder / DIFFUSERS_WEIGHTS, "pt") as file:
+        shapes = {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
+    for name, shape in shapes.items():
         mine = own.get(f"net.{name}")
-        if mine is not None and tuple(mine.shape) != tuple(tensor.shape):
+        if mine is not None and tuple(mine.shape) != shape:
             raise ConfigError(
                 f"model.init_from: tensor {name!r} of {folder / DIFFUSERS_WEIGHTS} is "
-                f"{tuple(tensor.shape)}, {tuple(mine.shape)} in this model's config; match "
-                f"model.* to it"
+                f"{shape}, {tuple(mine.shape)} in this model's config; match model.* to it"
             )
     # diffusers' own loader: it renames the attention weights of older checkpoints
     try:
