@@ -3,6 +3,7 @@ name (tensors as safetensors, the rest as JSON); checkpoints of the earlier layo
 counter in train_state.json) still resume exactly."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -22,6 +23,9 @@ SETTINGS = (
     "train.ema_decay=0.9", "train.skip_threshold=1e-3", "train.max_consecutive_skips=1",
     "train.checkpoint_every_steps=5", "train.keep_checkpoints=100",
 )  # fmt: skip
+ASYNC = "train.checkpoint_async=true"
+# wall-clock fields of train_state.json legitimately differ between runs
+CLOCK = re.compile(r'"(productive_s|started_at|seconds)": [0-9.e+-]+')
 
 
 def rows(run, name):
@@ -78,6 +82,21 @@ def test_components_save_their_own_state_and_older_checkpoints_resume_exactly(
     assert [s[1] for s in data_state["layout"]] == [128] * 13 + [101]
     last = rows(full, "metrics.jsonl")[-1]
     assert last["train/skipped_updates"] == 17 and last["train/forced_updates"] == 17
+
+    # train.checkpoint_async: the same checkpoints, file for file (the manifests hold every
+    # file's sha256), only finished on a background thread
+    later = train(tiny_frey_config(frey_shards, tmp_path / "async", *SETTINGS, ASYNC))
+    finished = checkpoint.complete_checkpoints(later / "checkpoints")
+    assert [c.name for c in finished] == [c.name for c in saved]
+    assert all(checkpoint.is_complete(c, verify_hashes=True) for c in finished)
+    for a, b in zip(finished, saved, strict=True):
+        files = [json.loads((c / "manifest.json").read_text())["files"] for c in (a, b)]
+        assert files[0].pop("train_state.json") != {}
+        files[1].pop("train_state.json")
+        assert files[0] == files[1], a.name
+        states = [json.dumps(checkpoint.read_train_state(c), sort_keys=True) for c in (a, b)]
+        assert [CLOCK.sub("", s) for s in states[:1]] == [CLOCK.sub("", states[1])], a.name
+    assert not list((later / "checkpoints").glob(".tmp-*"))
 
     for layout in ("current", "older"):
         run = tmp_path / layout / full.name

@@ -130,6 +130,26 @@ def test_sigterm_checkpoints_exits_for_requeue_and_resumes_exactly(
     assert_same_run(final_state(tmp_path / "preempted"), uninterrupted)
 
 
+def test_async_checkpoints_survive_sigkill_and_sigterm_and_resume_exactly(
+    frey_shards, tmp_path, uninterrupted
+):
+    """train.checkpoint_async: killed while a checkpoint may still be finishing on its thread,
+    the previous one stands; preempted, the run's last checkpoint is finished before exit 3."""
+    args = [*cli_args(frey_shards, tmp_path, "async"), "train.checkpoint_async=true"]
+    log, root = tmp_path / "async" / "steps.jsonl", tmp_path / "async" / "checkpoints"
+    code = start_and_signal(args, 8, signal.SIGKILL, log)  # step 7's checkpoint just began
+    assert code == -signal.SIGKILL
+    code = start_and_signal(args, 30, signal.SIGTERM, log)
+    assert code == REQUEUE_EXIT_CODE
+    ckpt = checkpoint.latest_checkpoint(root, verify_hashes=True)
+    state = checkpoint.read_train_state(ckpt)
+    assert state["batch_in_epoch"] > 0 and state["opt_step"] >= 30  # the preemption's own
+    done = run_cli(args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not list(root.glob(".tmp-*"))
+    assert_same_run(final_state(tmp_path / "async"), uninterrupted)
+
+
 def test_second_sigterm_exits_at_once():
     code = """
 import os, signal, sys, time

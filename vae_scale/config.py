@@ -125,6 +125,9 @@ class TrainConfig(Section):
     progress: Literal["auto", "bar", "lines", "off"] = "auto"
     checkpoint_every_steps: NonNegative = 0  # 0 = only at epoch ends
     keep_checkpoints: Positive = 2
+    # Finish each checkpoint (fsync, sha256 manifest, rename, pruning) on a background
+    # thread: training blocks only while the files are written (benchmarks/RESULTS.md).
+    checkpoint_async: bool = False
     # Several processes: a collective that waits longer than this for a blocked process
     # (a hung file read) ends the job (exit 3, requeue) instead of hanging it ...
     ddp_timeout_s: Annotated[float, Field(gt=0)] = 1800.0

@@ -8,12 +8,16 @@ mid-write leaves the previous checkpoint as the latest.
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
 import random
 import shutil
+import threading
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,39 +50,136 @@ def save_checkpoint(
     step: int,
     states: dict[str, dict[str, Any]],
     keep: int,
+    background: Finisher | None = None,
 ) -> Path:
     """Collective: every process must call it (each saves its own RNG state). `states`:
-    component name -> its state dict, written by the main process (`write_state`)."""
+    component name -> its state dict, written by the main process (`write_state`).
+    `background`: every state is copied (`snapshot`) and the main process hands the writing,
+    fsync, sha256 manifest, rename and pruning to it; the checkpoint becomes visible when it
+    finishes. None: written and finished before returning."""
     final = ckpt_root / f"{PREFIX}{step:08d}"
     tmp = ckpt_root / f".tmp-{PREFIX}{step:08d}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    main = accelerator.is_main_process
     try:
-        accelerator.save_state(str(tmp))
-        if accelerator.is_main_process:
-            for name, values in states.items():
-                write_state(tmp, name, values)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            _finish(tmp, final, ckpt_root, step, keep)
+        if background is None:
+            accelerator.save_state(str(tmp))
+            if main:
+                for name, values in states.items():
+                    write_state(tmp, name, values)
+            accelerator.wait_for_everyone()
+            if main:
+                _finish(tmp, final, ckpt_root, step, keep)
+        else:
+            write = snapshot(accelerator, tmp, states)
+            accelerator.wait_for_everyone()  # every rank's RNG file is written
+            if main:
+
+                def finish() -> None:
+                    write()
+                    _finish(tmp, final, ckpt_root, step, keep)
+
+                background.start(tmp, final, finish)
     except Exception as err:  # the previous checkpoint stays the latest
-        # judged before the temporary folder goes: torch's own write errors carry no errno,
-        # and once its bytes are freed the disk no longer looks full
-        code = _disk_full_errno(err, ckpt_root)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if code is None:
-            raise
-        previous = latest_checkpoint(ckpt_root)
-        kept = (
-            f"the previous checkpoint {previous} is intact and `--resume auto` will use it"
-            if previous
-            else "no earlier checkpoint exists"
-        )
-        raise OSError(code, f"writing checkpoint {final} failed ({err}); {kept}") from err
+        raise _failed(err, tmp, final, ckpt_root) from err
     accelerator.wait_for_everyone()
     return final
+
+
+def snapshot(
+    accelerator: Accelerator, tmp: Path, states: dict[str, dict[str, Any]]
+) -> Callable[[], None]:
+    """Copies of what `accelerator.save_state` writes, and of `states`, taken now (the
+    training goes on changing the originals); returns what writes them into `tmp` in
+    Accelerate's layout. Each process's RNG file is written now, by Accelerate itself."""
+    from accelerate.checkpointing import save_accelerator_state
+    from accelerate.utils import OPTIMIZER_NAME, SAFE_WEIGHTS_NAME, SCALER_NAME, save
+
+    if accelerator._schedulers or accelerator._dataloaders or accelerator._custom_objects:
+        raise NotImplementedError("train.checkpoint_async: Accelerate holds more than it copies")
+    process = accelerator.process_index
+    save_accelerator_state(str(tmp), [], [], [], [], process, accelerator.step, None)
+    if not accelerator.is_main_process:
+        return lambda: None
+    weights = []
+    for model in accelerator._models:
+        values = accelerator.get_state_dict(model, unwrap=False)
+        weights.append({k: v.detach().to("cpu", copy=True) for k, v in values.items()})
+    optimizers = [copy.deepcopy(o.state_dict()) for o in accelerator._optimizers]
+    scaler = None if accelerator.scaler is None else accelerator.scaler.state_dict()
+    states = copy.deepcopy(states)
+
+    def write() -> None:
+        for i, values in enumerate(weights):
+            name = SAFE_WEIGHTS_NAME.replace(".", f"_{i}.") if i else SAFE_WEIGHTS_NAME
+            save(values, tmp / name, safe_serialization=True)
+        for i, values in enumerate(optimizers):
+            save(
+                values,
+                tmp / f"{OPTIMIZER_NAME}{f'_{i}' if i else ''}.bin",
+                safe_serialization=False,
+            )
+        if scaler is not None:
+            torch.save(scaler, tmp / SCALER_NAME)
+        for name, values in states.items():
+            write_state(tmp, name, values)
+
+    return write
+
+
+def _failed(err: Exception, tmp: Path, final: Path, ckpt_root: Path) -> Exception:
+    """What to raise when writing `final` failed: the temporary folder is removed; a full
+    disk becomes an OSError naming the checkpoint and what is kept, anything else itself."""
+    # judged before the temporary folder goes: torch's own write errors carry no errno,
+    # and once its bytes are freed the disk no longer looks full
+    code = _disk_full_errno(err, ckpt_root)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if code is None:
+        return err
+    previous = latest_checkpoint(ckpt_root)
+    kept = (
+        f"the previous checkpoint {previous} is intact and `--resume auto` will use it"
+        if previous
+        else "no earlier checkpoint exists"
+    )
+    return OSError(code, f"writing checkpoint {final} failed ({err}); {kept}")
+
+
+class Finisher:
+    """The main process's checkpoint finishing on one thread while training goes on
+    (train.checkpoint_async). One at a time: `wait` joins it (before the next checkpoint, at
+    the run's end, on errors) and raises what it failed with. A process killed before it
+    finished leaves a `.tmp-` folder, swept at the next start: the previous checkpoint stays
+    the latest, as with a kill during a blocking save."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: Exception | None = None
+        self.finished: Path | None = None  # the last checkpoint it made visible
+
+    def start(self, tmp: Path, final: Path, finish: Callable[[], None]) -> None:
+        self.wait()
+
+        def run() -> None:
+            try:
+                finish()
+                self.finished = final
+            except Exception as err:
+                self._error = _failed(err, tmp, final, final.parent)
+
+        self._thread = threading.Thread(target=run, name=f"finish {final.name}", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 def _disk_full_errno(err: BaseException, folder: Path) -> int | None:
@@ -139,7 +240,35 @@ class Checkpointer:
         self.root = run_dir / "checkpoints"
         self._plan_next(0)
         self.components: dict[str, Stateful] = {}  # handed over once they exist
-        self.latest: Path | None = None  # the newest complete checkpoint of this run
+        self._latest: Path | None = None  # the newest complete checkpoint of this run
+        main = accelerator.is_main_process
+        self.finisher = Finisher() if train.checkpoint_async and main else None
+
+    @property
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint (once a background finish is done)."""
+        self.wait()
+        return self._latest
+
+    def wait(self) -> None:
+        """Join a checkpoint finishing in the background; raise what it failed with."""
+        if self.finisher is not None:
+            self.finisher.wait()
+            self._latest = self.finisher.finished or self._latest
+
+    @contextmanager
+    def finishing(self) -> Iterator[None]:
+        """Wait for a background finish when the block ends; on an error in the block, a
+        failed finish is reported beside it, not in its place."""
+        try:
+            yield
+        except BaseException:
+            try:
+                self.wait()
+            except Exception as err:
+                warnings.warn(f"the last checkpoint was not finished: {err}", stacklevel=3)
+            raise
+        self.wait()
 
     def find(self, resume: str, from_another_run: bool = False) -> Path | None:
         """The checkpoint `--resume` asks for: 'auto' (the newest that verifies, if any),
@@ -161,8 +290,8 @@ class Checkpointer:
             broadcast_object_list(choice, from_process=0)
         if choice[1] is not None:
             raise ConfigError(choice[1])
-        self.latest = None if choice[0] is None else Path(choice[0])
-        return self.latest
+        self._latest = None if choice[0] is None else Path(choice[0])
+        return self._latest
 
     def _clean_partial(self) -> None:
         """Remove what trainers killed mid-write or mid-prune left (this process holds the run
@@ -244,13 +373,16 @@ class Checkpointer:
     def save(self, step: int) -> Path:
         """Collective: a checkpoint of the current weights and components at optimizer step
         `step` (every rank asks every component for its state, in the same order)."""
+        self.wait()
         states = {name: c.state_dict() for name, c in self.components.items()}
         main = self.accelerator.is_main_process
-        self.latest = save_checkpoint(
-            self.accelerator, self.root, step, states if main else {}, self.keep
+        path = save_checkpoint(
+            self.accelerator, self.root, step, states if main else {}, self.keep, self.finisher
         )
+        if self.finisher is None:
+            self._latest = path
         self._plan_next(step)
-        return self.latest
+        return path
 
     def _plan_next(self, step: int) -> None:
         """`next_step`: the optimizer step of the next mid-epoch checkpoint after `step`, a

@@ -59,7 +59,9 @@ def train(
                 ranks = (accelerator.process_index, accelerator.num_processes)
                 timeout = cfg.train.heartbeat_timeout_s
                 watchdog = Watchdog(*ranks, timeout, stop.request, record_exit_status).start()
-            return train_epochs(start_run(cfg, accelerator, stop, lock, request))
+            run = start_run(cfg, accelerator, stop, lock, request)
+            with run.checkpointer.finishing():
+                return train_epochs(run)
     except RuntimeError as err:
         if accelerator.num_processes > 1 and is_collective_failure(err):
             raise TrainingInterrupted(

@@ -24,6 +24,7 @@ MAY_CHANGE = {
     "train.ddp_timeout_s",
     "train.heartbeat_timeout_s",
     "train.checkpoint_every_steps",
+    "train.checkpoint_async",
     "train.log_sample_keys",
     "train.log_every_steps",
     "train.progress",
