@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import pytest
 import torch
@@ -155,14 +157,11 @@ def test_edit_and_interpolate_commands_write_grids_and_log_them(tiny_attr_run, m
 
     logged: list[dict] = []
 
-    class FakeRun:  # what tracking.reopen_run returns when W&B is on
+    class FakeRun:  # what tracking.command_run gives when W&B is on
         def log(self, row):
             logged.append(row)
 
-        def finish(self):
-            pass
-
-    monkeypatch.setattr(tracking, "reopen_run", lambda cfg, run_dir: FakeRun())
+    monkeypatch.setattr(tracking, "command_run", lambda cfg, run_dir, kind: nullcontext(FakeRun()))
     run = str(tiny_attr_run)
     cell = 16 * 4 + 2  # 16x16 images are upscaled x4 for viewing; 2 px padding
     assert cli.main(["edit", run, "--attribute", "Smiling", "--n", "3"]) == 0

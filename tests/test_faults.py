@@ -69,7 +69,8 @@ def wait_for_rows(proc: subprocess.Popen, path: Path, rows: int) -> None:
         if path.is_file() and len(path.read_text().splitlines()) >= rows:
             return
         time.sleep(0.05)
-    raise AssertionError(f"{path} never reached {rows} rows (exit {proc.poll()})")
+    said = proc.stderr.read()[-3000:] if proc.poll() is not None else ""
+    raise AssertionError(f"{path} never reached {rows} rows (exit {proc.poll()}) {said}")
 
 
 def cli(args: list[str], capsys) -> tuple[int, str]:

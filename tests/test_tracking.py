@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO, tiny_frey_config
 from vae_scale.config import load_config
 from vae_scale.run_files.logs import read_rows
-from vae_scale.run_files.wandb_records import read_runs
+from vae_scale.run_files.wandb_records import read_run, read_runs, run_files
 from vae_scale.training import tracking
 from vae_scale.training.state import TrainState
 
@@ -76,6 +76,28 @@ def test_offline_records_axes_group_facts_best_and_eval(frey_shards, tmp_path, o
     assert "num_processes" not in summary and summary["eval/test/num_processes"] == 1
     result = json.loads((run_dir / "eval_test.json").read_text())
     assert result["likelihood_convention"] == "bce_grey"
+
+    # offline, a command's record is one folder per kind of output, the latest of that kind
+    # (a repeated command supersedes its numbers or picture): not one folder per command
+    assert main(["eval", str(run_dir), "--iw-samples", "0"]) == 0
+    for _ in range(2):
+        assert main(["sample", str(run_dir), "--n", "4"]) == 0
+    assert main(["reconstruct", str(run_dir), "--n", "2"]) == 0
+    run_id = first.run.run_id
+    wandb_dir = run_dir / "wandb"
+    folders = sorted(p.name for p in wandb_dir.iterdir() if p.is_dir() and not p.is_symlink())
+    kinds = ("eval_test", "reconstruct_test_n2", "sample_t1_n4")
+    commands = [f"offline-{kind}-{run_id}" for kind in kinds]
+    assert [f for f in folders if not f.startswith("offline-run-")] == commands
+    assert len(folders) == 2 + 3  # the training's two starts, and one per kind
+    assert (wandb_dir / "latest-run").resolve().name == commands[1]  # the last command's
+    runs = {p.parent.name: read_run(p) for p in run_files(run_dir)}
+    assert {r.run.run_id for r in runs.values()} == {run_id}
+    assert runs[commands[0]].summary["test/neg_elbo"] == summary["test/neg_elbo"]
+    (picture,) = runs[commands[2]].history
+    assert picture["pictures/sample/_type"] == "image-file"
+    image = wandb_dir / commands[2] / "files" / picture["pictures/sample/path"]
+    assert image.stat().st_size == picture["pictures/sample/size"]
 
 
 def test_best_so_far_keeps_the_lowest_and_where_it_came():

@@ -298,10 +298,9 @@ def _report_evaluation(metrics: dict[str, Any], run: Any, split: str) -> None:
             file=sys.stderr,
         )
         return
-    wandb_run = tracking.reopen_run(run.cfg, run.run_dir)
-    if wandb_run is not None:
-        wandb_run.summary.update({k: v for k, v in metrics.items() if not isinstance(v, list)})
-        wandb_run.finish()
+    with tracking.command_run(run.cfg, run.run_dir, out.stem) as wandb_run:
+        if wandb_run is not None:
+            wandb_run.summary.update({k: v for k, v in metrics.items() if not isinstance(v, list)})
 
 
 def cmd_pictures(args: argparse.Namespace) -> None:
@@ -369,10 +368,8 @@ def cmd_pictures(args: argparse.Namespace) -> None:
             path = run.run_dir / f"traverse_dim{args.dim}.png"
     pictures.save_grid(grid, path)
     print(f"wrote {path}")
-    wandb_run = tracking.reopen_run(cfg, run.run_dir)
-    _log_pictures(wandb_run, {key: path})
-    if wandb_run is not None:
-        wandb_run.finish()
+    with tracking.command_run(cfg, run.run_dir, path.stem) as wandb_run:
+        _log_pictures(wandb_run, {key: path})
 
 
 def cmd_export(args: argparse.Namespace) -> None:

@@ -100,9 +100,18 @@ def read_run(path: Path, torn_ok: bool = False) -> WandbRun:
 
 
 def run_files(run_dir: Path, run_id: str = "*") -> list[Path]:
-    """The W&B run files under a run folder's wandb/ (one per process start), oldest first."""
-    files = Path(run_dir).glob(f"wandb/*run-*/run-{run_id}.wandb")
-    return sorted(files, key=lambda p: p.parent.name)
+    """The W&B run files under a run folder's wandb/: one per training process start, by
+    their folders' start times, then one per kind of command output (tracking.command_run),
+    the newest last."""
+    files = Path(run_dir).glob(f"wandb/*/run-{run_id}.wandb")
+    unique = {p.resolve(): p for p in files}.values()  # wandb's latest-run link
+
+    def order(path: Path) -> tuple[bool, str, float]:
+        name = path.parent.name
+        started = name.startswith(("offline-run-", "run-"))
+        return (not started, name if started else "", 0 if started else path.stat().st_mtime)
+
+    return sorted(unique, key=order)
 
 
 def read_runs(run_dir: Path) -> list[WandbRun]:

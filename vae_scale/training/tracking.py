@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import netrc
 import os
+import shutil
 import subprocess
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -179,17 +182,37 @@ def init_kwargs(cfg: Any, run_dir: Path, mode: str, tags: list[str]) -> dict[str
     }
 
 
-def reopen_run(cfg: Any, run_dir: Path) -> Any:
-    """The run's W&B run, reopened (same id, resume='allow') to add pictures and summary
-    metrics after training; None when W&B is disabled."""
+@contextmanager
+def command_run(cfg: Any, run_dir: Path, kind: str) -> Iterator[Any]:
+    """The run's W&B run, reopened (same id, resume='allow') for what a command adds after
+    training (`eval`'s numbers, a picture), finished when the block ends; None when W&B is
+    disabled. Offline, its record becomes the folder wandb/offline-<kind>-<id> (`kind`: what
+    it wrote, eval_test or sample_t1_n64), replacing that kind's previous one, whose numbers
+    or picture the command has just superseded: one folder per kind, not one per command,
+    and `wandb sync RUN/wandb` uploads them all into the same W&B run."""
     mode = resolve_mode(cfg.wandb.mode)
     if mode == "disabled":
-        return None
+        yield None
+        return
     import wandb
 
     kwargs = init_kwargs(cfg, run_dir, mode, [])["wandb"]
     kwargs.pop("tags")
-    return wandb.init(project=cfg.wandb.project, **kwargs)
+    run = wandb.init(project=cfg.wandb.project, **kwargs)
+    try:
+        yield run
+    finally:
+        run.finish()
+    if mode == "offline":
+        made = Path(run.settings.sync_dir)
+        kept = made.with_name(f"offline-{kind}-{run.id}")
+        if kept.exists():
+            shutil.rmtree(kept)
+        made.rename(kept)
+        latest = made.with_name("latest-run")
+        if latest.is_symlink():  # wandb's pointer to the folder it just made
+            latest.unlink()
+            latest.symlink_to(kept.name)
 
 
 def rows_missing(cfg: Any, run_dir: Path, mode: str, opt_step: int) -> bool:
