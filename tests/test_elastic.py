@@ -99,9 +99,10 @@ def test_stopped_run_resumes_on_another_topology_without_repeating_a_sample(
     assert rows[epoch - 1]["train/num_samples"] == len(keys)
 
 
-def torchrun_trainer(shards, run_dir, name, kill_rank_after_rows=None):
-    """`torchrun --nnodes=1:2 --max-restarts=3` of 2 trainers; with `kill_rank_after_rows`,
-    SIGKILL rank 1 (what the OOM killer does) once steps.jsonl has that many rows."""
+def torchrun_trainer(shards, run_dir, name, *extra, kill_rank_after_rows=None):
+    """`torchrun --nnodes=1:2 --max-restarts=3` of 2 trainers (`extra`: more overrides); with
+    `kill_rank_after_rows`, SIGKILL rank 1 (what the OOM killer does) once steps.jsonl has
+    that many rows."""
     args = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=2",
         "--max-restarts=3", "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0",
@@ -110,7 +111,7 @@ def torchrun_trainer(shards, run_dir, name, kill_rank_after_rows=None):
         *tiny_overrides(shards, run_dir, *TINY), f"run.name={name}", f"data.batch_size={BATCH}",
         "data.num_workers=0", "train.epochs=1", "train.log_every_steps=1",
         "train.log_sample_keys=true", "train.checkpoint_every_steps=10",
-        "eval.picture_epochs=[]",
+        "eval.picture_epochs=[]", *extra,
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WANDB_"))}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
@@ -146,7 +147,9 @@ def test_torchrun_restarts_a_killed_rank_and_the_run_equals_an_uninterrupted_one
 
     code, out = torchrun_trainer(frey_shards, tmp_path, "whole")
     assert code == 0, out[-4000:]
-    code, out = torchrun_trainer(frey_shards, tmp_path, "killed", kill_rank_after_rows=14)
+    # its checkpoints finished in the background (train.checkpoint_async): the same run
+    async_ = "train.checkpoint_async=true"
+    code, out = torchrun_trainer(frey_shards, tmp_path, "killed", async_, kill_rank_after_rows=14)
     assert code == 0, out[-4000:]  # torchrun restarted the group; our resume re-planned
     assert "resumed from" in out and "step 10" in out, out[-4000:]
     keys = trained_keys(tmp_path, 1, "killed")

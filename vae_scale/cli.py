@@ -46,7 +46,7 @@ def cmd_shard(args: argparse.Namespace) -> None:
     out_dir = Path(args.out) / args.dataset
     print(f"sharding {args.dataset} from {source} -> {out_dir}")
     index = write_dataset(
-        data, out_dir, args.shard_size or recipe.default_shard_size, force=args.force
+        data, out_dir, args.shard_size or recipe.default_shard_size, args.force, _format(args)
     )
     counts = ", ".join(f"{k} {v['num_samples']}" for k, v in index["splits"].items())
     print(f"{out_dir}: {counts}")
@@ -96,6 +96,15 @@ def _crop_option(text: str) -> str:
         raise DataError(f"--crop: {err}") from None
 
 
+def _format(args: argparse.Namespace) -> Any:
+    """--format / --quality: how the shards store each image."""
+    from vae_scale.data.image_format import ImageFormat
+
+    if args.quality is not None and args.format not in ("jpg", "webp"):
+        raise DataError(f"--quality: only for --format jpg or webp (not {args.format})")
+    return ImageFormat(args.format, 95 if args.quality is None else args.quality)
+
+
 def _shard_images(args: argparse.Namespace, recipe: Any, data_root: Path) -> None:
     """`vae-scale shard celeba|folder ...`: image files through the parallel writer."""
     from vae_scale.data.sourcing import folder_sharder
@@ -112,7 +121,7 @@ def _shard_images(args: argparse.Namespace, recipe: Any, data_root: Path) -> Non
         collection.name = args.name
     crop = _crop_option(args.crop or collection.default_crop)
     size = 64 if args.size is None else args.size
-    preprocess = folder_sharder.Preprocess(size=size, crop=crop)
+    preprocess = folder_sharder.Preprocess(size=size, crop=crop, stored=_format(args))
     out_dir = Path(args.out) / collection.name
     shard_size = args.shard_size or recipe.default_shard_size
     if args.merge_index:
@@ -500,6 +509,14 @@ def _add_shard_command(sub: Any) -> None:
     shard.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split")
     shard.add_argument("--force", action="store_true", help="rebuild even if up to date")
     shard.add_argument("--no-download", action="store_true", help="never use the network")
+    shard.add_argument(
+        "--format",
+        choices=("npy", "png", "jpg", "webp"),
+        default="npy",
+        help="how each image is stored: npy (raw, the default: fastest to read), png "
+        "(lossless, compressed), jpg or webp (lossy, smallest; for web-scale datasets)",
+    )
+    shard.add_argument("--quality", type=count(1), help="jpg/webp quality, 1-100 (default 95)")
     add_progress_flag(shard)
     images = shard.add_argument_group("image datasets (celeba, folder)")
     images.add_argument("--size", type=count(1), help="output images are SIZE x SIZE (default 64)")

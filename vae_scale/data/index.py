@@ -15,8 +15,13 @@ from vae_scale.utils.fsutil import sha256_file, swap_folder, write_json_atomic
 INDEX_NAME = "index.json"
 FORMAT_VERSION = 1
 ENCODING = "npy uint8 HWC"  # images
-# what `encoding` may say, and the array dtype it stores (latent shards: float16)
-ENCODINGS = {"npy uint8 HWC": "uint8", "npy float16 HWC": "float16"}
+# what `encoding` may say, and the array dtype it stores (latent shards: float16; images
+# stored compressed: `vae-scale shard --format`)
+ENCODINGS = {
+    "npy uint8 HWC": "uint8",
+    "npy float16 HWC": "float16",
+    **{f"{codec} uint8 HWC": "uint8" for codec in ("png", "jpg", "webp")},
+}
 SHARD_PATTERN = "{split}-%06d.tar"  # shard names: train-000000.tar, ...
 
 

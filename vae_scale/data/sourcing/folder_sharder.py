@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from vae_scale.data.image_format import NPY, ImageFormat
 from vae_scale.data.index import (
     FORMAT_VERSION,
     INDEX_NAME,
@@ -132,8 +133,11 @@ def crop_box(crop: str, width: int, height: int) -> tuple[int, int, int, int]:
 
 @dataclass(frozen=True)
 class Preprocess:
+    """How each image is prepared (crop, size) and stored (`vae-scale shard --format`)."""
+
     size: int = 64
     crop: str = "square"
+    stored: ImageFormat = NPY
 
     def __call__(self, image: Any) -> np.ndarray:
         """PIL image -> (size, size, 3) uint8: centre crop, then antialiased resize. (Crop
@@ -298,7 +302,8 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
                             }
                         )
                         continue
-                    writer.write(encode_sample(sample_for(task, item, image)))
+                    sample = sample_for(task, item, image)
+                    writer.write(encode_sample(sample, image_format=task.preprocess.stored))
                     count += 1
             stream.flush()
             os.fsync(stream.fileno())
@@ -376,6 +381,7 @@ def expected_params(collection: ImageCollection, preprocess: Preprocess) -> dict
         "size": preprocess.size,
         "crop": preprocess.crop,
         "resample": RESAMPLE,
+        **preprocess.stored.params,
         **({"attributes": list(collection.attr_names)} if collection.attr_names else {}),
         **({"classes": list(collection.class_names)} if collection.class_names else {}),
     }
@@ -444,7 +450,8 @@ def merge_index(
     index = make_index(
         collection.name, [3, preprocess.size, preprocess.size], splits, collection.source,
         {**expected_params(collection, preprocess), "shard_size": shard_size},
-        skipped={"count": len(skipped), "files": skipped}, **collection.notes,
+        preprocess.stored.encoding, skipped={"count": len(skipped), "files": skipped},
+        **collection.notes,
     )  # fmt: skip
     for stray in work.glob("*.tmp-*"):
         stray.unlink(missing_ok=True)

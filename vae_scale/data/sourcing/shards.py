@@ -1,8 +1,9 @@
 """Datasets -> WebDataset tar shards, plus `index.json` describing them.
 
-Samples are stored as raw uint8 `.npy` (H, W, C): lossless, no codec, and 5-10x faster to
-decode than PNG for the small images VAEs train on; the price is no compression (12 KiB for a
-64x64 RGB image versus ~9 KiB as PNG), which streaming reads do not notice.
+Samples are stored as raw uint8 `.npy` (H, W, C) by default: lossless, no codec, and 5-10x
+faster to decode than PNG for the small images VAEs train on; the price is no compression,
+which small datasets do not notice. At web scale `--format png|jpg|webp` stores each image
+compressed (ImageFormat); benchmarks/RESULTS.md has sizes and decode rates.
 
 A dataset is built in a hidden sibling folder and only renamed into place once every shard and
 the index are complete, so an interrupted or failed run never leaves a half-written dataset
@@ -16,12 +17,14 @@ import json
 import os
 import shutil
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import webdataset as wds
 
+from vae_scale.data.image_format import NPY, ImageFormat
 from vae_scale.data.index import INDEX_NAME, SHARD_PATTERN, index_matches, make_index, publish
 from vae_scale.data.members import member_table
 from vae_scale.data.sourcing.base import SourceData
@@ -29,13 +32,18 @@ from vae_scale.errors import DataError
 from vae_scale.utils.fsutil import fsync, sha256_file
 
 
-def encode_sample(sample: dict[str, Any], dtype: type = np.uint8) -> dict[str, Any]:
-    """Sample dict -> tar members (bytes). Only npy (of `dtype`: uint8 images, float16
-    latents), cls and json: never pickle."""
+def encode_sample(
+    sample: dict[str, Any], dtype: type = np.uint8, image_format: ImageFormat = NPY
+) -> dict[str, Any]:
+    """Sample dict -> tar members (bytes). Only the image (npy of `dtype`: uint8 images,
+    float16 latents; or `image_format`'s png/jpg/webp), cls and json: never pickle."""
     out: dict[str, Any] = {"__key__": sample["__key__"]}
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(sample["npy"], dtype=dtype), allow_pickle=False)
-    out["npy"] = buf.getvalue()
+    if image_format.codec == "npy":
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(sample["npy"], dtype=dtype), allow_pickle=False)
+        out["npy"] = buf.getvalue()
+    else:
+        out[image_format.codec] = image_format.encode(sample["npy"])
     if "cls" in sample:
         out["cls"] = str(int(sample["cls"])).encode()
     if "json" in sample:
@@ -49,6 +57,7 @@ def write_split(
     split: str,
     shard_size: int,
     image_shape: tuple[int, int, int],
+    image_format: ImageFormat = NPY,
 ) -> list[dict[str, Any]]:
     """Write one split with `wds.ShardWriter`; return the shard entries for the index."""
     c, h, w = image_shape
@@ -81,7 +90,8 @@ def write_split(
                     f"sample {sample['__key__']}: image shape {arr.shape}, expected "
                     f"{(h, w, c)} (H, W, C)"
                 )
-            writer.write(encode_sample(sample))  # may close the previous shard first
+            # may close the previous shard first
+            writer.write(encode_sample(sample, image_format=image_format))
             in_shard[0] += 1
             count += 1
     if count == 0:
@@ -89,13 +99,21 @@ def write_split(
     return shards
 
 
-def write_dataset(data: SourceData, out_dir: Path, shard_size: int, force: bool = False) -> dict:
-    """Write every split of `data` into `out_dir` (e.g. shards/frey) and its index.
+def write_dataset(
+    data: SourceData,
+    out_dir: Path,
+    shard_size: int,
+    force: bool = False,
+    image_format: ImageFormat = NPY,
+) -> dict:
+    """Write every split of `data` into `out_dir` (e.g. shards/frey) and its index, each
+    image stored as `image_format` says.
 
     A no-op returning the existing index when the shards were made from the same inputs and
     settings, unless `force`.
     """
     out_dir = Path(out_dir)
+    data = replace(data, params={**data.params, **image_format.params})
     if not force and index_matches(out_dir, data, shard_size):
         print(f"{out_dir} is up to date ({INDEX_NAME} matches the source); --force rebuilds")
         return json.loads((out_dir / INDEX_NAME).read_text())
@@ -106,12 +124,14 @@ def write_dataset(data: SourceData, out_dir: Path, shard_size: int, force: bool 
     try:
         splits = {}
         for split, samples in data.splits.items():
-            shards = write_split(samples, building, split, shard_size, data.image_shape)
+            shards = write_split(
+                samples, building, split, shard_size, data.image_shape, image_format
+            )
             splits[split] = {"num_samples": sum(s["num_samples"] for s in shards), "shards": shards}
             print(f"  {split}: {splits[split]['num_samples']} samples in {len(shards)} shards")
         index = make_index(
             data.name, data.image_shape, splits, data.source,
-            {**data.params, "shard_size": shard_size},
+            {**data.params, "shard_size": shard_size}, image_format.encoding,
         )  # fmt: skip
         publish(building, out_dir, index)
     except BaseException:

@@ -65,7 +65,8 @@ def load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def _read_image(data: bytes, suffix: str, spec: DecodeSpec) -> np.ndarray:
+def read_image(data: bytes, suffix: str, spec: DecodeSpec) -> np.ndarray:
+    """One image member's bytes -> its HWC (or HW) array, resized when the spec says."""
     if suffix == "npy":
         return load_npy(data)
     from PIL import Image
@@ -97,7 +98,7 @@ def decode_sample(sample: dict[str, Any], spec: DecodeSpec) -> dict[str, Any]:
             f"found {members})"
         )
     try:
-        image = _read_image(sample[suffix], suffix, spec)
+        image = read_image(sample[suffix], suffix, spec)
     except Exception as err:
         raise DataError(f"{where(sample)}: unreadable {suffix} ({err})") from err
     if image.ndim == 2:

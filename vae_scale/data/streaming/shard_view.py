@@ -8,9 +8,10 @@ members, no per-image transpose (batches are collated as one array and transpose
 shard rewritten or truncated in place after it was verified is noticed at the latest when a
 batch that read it is collated (`ShardView.unchanged`), before anything trains on it. Labels
 and JSON are decoded only for splits that ask for them. Anything this path does not handle
-(remote shards, no table or hash, images that are not the index's npy, a hash that differs, a
-member table that is not the shard's) returns None, and the shard is read the checked way
-(reader.py), which also reports what is wrong.
+(remote shards, no table or hash, images to be resized, a hash that differs, a member table
+that is not the shard's) returns None, and the shard is read the checked way (reader.py),
+which also reports what is wrong. Compressed members (png/jpg/webp: `vae-scale shard
+--format`) are decoded one by one into the batch's array, in the loader's workers.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 from vae_scale.data.members import MemberTable, member_table_of
 from vae_scale.data.streaming import remote
 from vae_scale.data.streaming.catalog import ShardEntry
-from vae_scale.data.streaming.decode import DecodeSpec, label_of
+from vae_scale.data.streaming.decode import DecodeSpec, label_of, read_image
 from vae_scale.errors import DataError
 
 
@@ -109,9 +110,12 @@ class ShardView:
         fd: int,
         starts: list,
         data: np.ndarray | None = None,
+        codec: str = "npy",
+        sizes: list | None = None,
     ):
         self.entry, self.table, self.spec, self.fd = entry, table, spec, fd
-        self.starts = starts  # per sample, the first byte of its pixels
+        self.starts = starts  # per sample, the first byte of its pixels (or its png/jpg/webp)
+        self.codec, self.sizes = codec, sizes  # compressed members: decoded, of these sizes
         self.keys = table.keys
         self.nbytes = int(np.prod(spec.image_hwc)) * np.dtype(spec.dtype).itemsize
         self.identity = _identity(os.fstat(fd))
@@ -140,14 +144,14 @@ class ShardView:
     ) -> ShardView | None:
         if not (entry.members and entry.sha256 and verify and remote.is_local(entry.url)):
             return None
-        if spec.resize or "npy" not in spec.image_keys:
+        if spec.resize:
             return None
         try:
             table = MemberTable.decode(entry.members)
         except (ValueError, KeyError, TypeError):
             return None
         first_image = next((k for k in spec.image_keys if k in table.fields), None)
-        if first_image != "npy" or len(table.keys) != entry.num_samples or not table.keys:
+        if first_image is None or len(table.keys) != entry.num_samples or not table.keys:
             return None
         try:
             fd = os.open(remote.local_path(entry.url), os.O_RDONLY)
@@ -184,7 +188,12 @@ class ShardView:
             verified.add(st, proof)
         if _identity(os.fstat(fd)) != _identity(st):  # written while it was read or hashed
             return None
-        offsets, sizes = table.column("npy")
+        codec = next(k for k in spec.image_keys if k in table.fields)
+        offsets, sizes = table.column(codec)
+        if codec != "npy":  # png/jpg/webp: each decoded when read
+            if (sizes < 0).any() or (offsets + sizes).max() > st.st_size:
+                return None
+            return cls(entry, table, spec, fd, offsets.tolist(), data, codec, sizes.tolist())
         head = data[offsets[0] : offsets[0] + 256].tobytes() if data is not None else None
         header = _npy_header(head or os.pread(fd, 256, int(offsets[0])), spec)
         if header is None or offsets.max() + sizes.max() > st.st_size:
@@ -198,10 +207,35 @@ class ShardView:
         """Sample m's array into `row` (flat, H*W*C of the spec's dtype); a short read (the file
         cut under us) leaves the view marked changed."""
         start = self.starts[m]
-        if self.data is not None:
+        if self.sizes is not None:
+            self._decode_into(m, row)
+        elif self.data is not None:
             row.view(np.uint8)[:] = self.data[start : start + self.nbytes]
         elif os.preadv(self.fd, [memoryview(row)], start) != self.nbytes:
             self.short_read = True
+
+    def _decode_into(self, m: int, row: np.ndarray) -> None:
+        """Sample m's png/jpg/webp member decoded into `row`. The bytes hashed as index.json
+        says, so a member that does not decode to the index's image is a bad shard (named);
+        one cut short or undecodable because the file changed is left to `unchanged()`."""
+        data = self._bytes(self.starts[m], self.sizes[m])
+        if len(data) != self.sizes[m]:
+            self.short_read = True
+            return
+        try:
+            image = read_image(data, self.codec, self.spec)
+            if image.ndim == 2:
+                image = image[..., None]
+            if image.shape != tuple(self.spec.image_hwc):
+                raise ValueError(f"shape {image.shape}, expected {tuple(self.spec.image_hwc)}")
+        except Exception as err:
+            if not self.unchanged():
+                return
+            raise DataError(
+                f"shard {self.entry.url}, sample {self.keys[m]}: its {self.codec} member does "
+                f"not decode to the index's image ({err})"
+            ) from err
+        row[:] = image.reshape(-1)
 
     def unchanged(self) -> bool:
         """Whether every read so far came from the verified bytes: the view holds them in
