@@ -162,3 +162,30 @@ def test_torchrun_restarts_a_killed_rank_and_the_run_equals_an_uninterrupted_one
     assert steps == steps_ref and epochs == epochs_ref  # every row, bitwise
     for key in params_ref:
         assert (params[key] == params_ref[key]).all(), key
+
+
+def test_a_process_whose_peers_never_come_ends_retryable_within_the_connect_timeout(
+    frey_shards, tmp_path
+):
+    """Rank 0 of 2 started alone (a peer that never came, or a restart whose group never
+    connects): it ends with exit 3 (what torchrun and Slurm retry) after
+    train.connect_timeout_s, not after train.ddp_timeout_s, saying so."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WANDB_"))}
+    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")  # fmt: skip
+    args = [sys.executable, "-m", "vae_scale", "train", str(REPO / "configs" / "frey_conv.yaml"),
+            *tiny_overrides(frey_shards, tmp_path, "train.connect_timeout_s=4")]  # fmt: skip
+    t0 = time.time()
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert 4 <= time.time() - t0 < 60  # ddp_timeout_s is 1800
+    assert "could not join the other 1 process(es) within train.connect_timeout_s=4 s" in (
+        done.stderr
+    ), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "tiny" / "checkpoints").exists()

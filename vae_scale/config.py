@@ -131,6 +131,10 @@ class TrainConfig(Section):
     # Several processes: a collective that waits longer than this for a blocked process
     # (a hung file read) ends the job (exit 3, requeue) instead of hanging it ...
     ddp_timeout_s: Annotated[float, Field(gt=0)] = 1800.0
+    # Joining the process group at start: processes that cannot connect to each other within
+    # this long (a peer that never came, a restart that lost the race for its addresses) end
+    # with exit 3, which torchrun and Slurm retry, instead of waiting train.ddp_timeout_s.
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     # ... and a process not heard from this long (frozen: stopped, a hung node) ends it sooner
     # (training/watchdog.py).
     heartbeat_timeout_s: Annotated[float, Field(gt=0)] = 120.0

@@ -22,6 +22,7 @@ MAY_CHANGE = {
     "train.epochs",
     "train.keep_checkpoints",
     "train.ddp_timeout_s",
+    "train.connect_timeout_s",
     "train.heartbeat_timeout_s",
     "train.checkpoint_every_steps",
     "train.checkpoint_async",

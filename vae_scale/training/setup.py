@@ -4,6 +4,7 @@ the run's config record and W&B."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 import warnings
@@ -37,9 +38,9 @@ from vae_scale.training.evaluation import EpochEvaluation
 from vae_scale.training.init_from import initialize
 from vae_scale.training.networks import TrainedNetwork, build_networks
 from vae_scale.training.run_folder import RunLock, check_same_run
-from vae_scale.training.signals import StopFlag, ignore_stop_signals
+from vae_scale.training.signals import StopFlag, TrainingInterrupted, ignore_stop_signals
 from vae_scale.training.state import TrainState
-from vae_scale.utils.compat import cpu_has_fast_bf16
+from vae_scale.utils.compat import cpu_has_fast_bf16, set_process_group_timeout
 from vae_scale.utils.fsutil import write_json_atomic
 
 
@@ -56,6 +57,23 @@ def make_accelerator(cfg: Config, wandb_mode: str) -> Accelerator:
         )
     # cpu=True also matters under `accelerate launch --multi_gpu` on a CPU machine: without it
     # every process believes it is rank 0 of 1 (same data, no gradient sync, no error).
+    try:
+        accelerator = _accelerator(cfg, wandb_mode, use_cpu)
+    except RuntimeError as err:  # joining the process group: connect or store timeouts
+        if not torch.distributed.is_available() or int(os.environ.get("WORLD_SIZE", 1)) < 2:
+            raise
+        raise TrainingInterrupted(
+            f"process {os.environ.get('RANK', '?')}: could not join the other "
+            f"{int(os.environ['WORLD_SIZE']) - 1} process(es) within train.connect_timeout_s="
+            f"{cfg.train.connect_timeout_s:g} s ({str(err).splitlines()[0][:200]}); nothing "
+            f"was trained: a restart (torchrun, Slurm requeue) or the same command retries"
+        ) from err
+    if torch.distributed.is_initialized():  # collectives wait longer than the connection
+        set_process_group_timeout(timedelta(seconds=cfg.train.ddp_timeout_s))
+    return accelerator
+
+
+def _accelerator(cfg: Config, wandb_mode: str, use_cpu: bool) -> Accelerator:
     return Accelerator(
         cpu=use_cpu,
         mixed_precision=cfg.train.mixed_precision,
@@ -66,7 +84,7 @@ def make_accelerator(cfg: Config, wandb_mode: str) -> Accelerator:
             backend="inductor" if cfg.train.compile else "no", mode=cfg.train.compile_mode
         ),
         kwargs_handlers=[
-            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.ddp_timeout_s))
+            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.connect_timeout_s))
         ],
     )
 

@@ -99,3 +99,12 @@ def full_precision_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     autocast around the *instance's* forward (kept by `unwrap_model`, shared with the DDP
     module), so evaluation runs the class's forward to compute in float32."""
     return type(module).forward(module, *args, **kwargs)
+
+
+def set_process_group_timeout(timeout: Any) -> None:
+    """The default process group's timeout for later collectives (`torch.distributed.
+    set_timeout` where torch has it, `_set_pg_timeout` in older releases)."""
+    import torch.distributed as dist
+
+    setter = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout
+    setter(timeout)
