@@ -40,6 +40,9 @@ def command(shards: str, work: Path, name: str, epochs: int) -> list[str]:
         f"data.shards_dir={shards}", f"run.dir={work}", f"run.name={name}",
         "wandb.mode=disabled", "data.num_workers=0", f"train.epochs={epochs}",
         "train.checkpoint_every_steps=20", "eval.picture_epochs=[]", "train.progress=off",
+        # a restarted group whose gloo mesh does not connect (it happens under torchrun on
+        # this CPU: docs/never-lose-a-run.md) gives up after 30 s, and torchrun retries
+        "train.connect_timeout_s=30",
     ]  # fmt: skip
 
 
@@ -48,6 +51,9 @@ def rows(path: Path) -> list[dict]:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except (OSError, ValueError):
         return []
+
+
+ATTEMPTS: set[int] = set()  # every TORCHELASTIC_RESTART_COUNT seen: the group's starts
 
 
 def ranks(pid: int) -> list[int]:
@@ -61,6 +67,9 @@ def ranks(pid: int) -> list[int]:
             continue
         if parent == pid and b"\0RANK=" in b"\0" + environ:
             found.append(int(stat.parent.name))
+            for item in environ.split(b"\0"):
+                if item.startswith(b"TORCHELASTIC_RESTART_COUNT="):
+                    ATTEMPTS.add(int(item.split(b"=")[1]))
     return found
 
 
@@ -95,8 +104,8 @@ def main() -> None:
     while proc.poll() is None:
         time.sleep(0.2)
         now = time.time()
+        current = set(ranks(proc.pid))  # every poll: each start of the group is seen
         if pending is not None:
-            current = set(ranks(proc.pid))
             if current and not current & pending["old"] and pending["seen"] is None:
                 pending["seen"] = now
             log = killed / "steps.jsonl"
@@ -106,7 +115,7 @@ def main() -> None:
             elif now - pending["time"] > 300:  # not seen to recover: do not wait for ever
                 pending = None
         if now >= next_kill and pending is None:
-            victims = ranks(proc.pid)
+            victims = sorted(current)
             if victims:
                 os.kill(rng.choice(victims), signal.SIGKILL)
                 kills += 1
@@ -120,7 +129,8 @@ def main() -> None:
             for n in ("killed", "whole"))  # fmt: skip
     equal = a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     result = {
-        "epochs": epochs, "kills": kills, "wall_s": last["time/wall_s"],
+        "epochs": epochs, "kills": kills, "group_starts_seen": len(ATTEMPTS),
+        "wall_s": last["time/wall_s"],
         "productive_s": last["time/productive_s"], "goodput": last["time/goodput"],
         "median_recovery_s": statistics.median(recoveries) if recoveries else None,
         "recoveries_s": recoveries, "final_weights_bitwise_equal": equal,

@@ -74,7 +74,7 @@ def save_checkpoint(
             if main:
                 _finish(tmp, final, ckpt_root, step, keep)
         else:
-            write = snapshot(accelerator, tmp, states)
+            write = snapshot(accelerator, tmp, states, background.staging)
             accelerator.wait_for_everyone()  # every rank's RNG file is written
             if main:
 
@@ -90,11 +90,13 @@ def save_checkpoint(
 
 
 def snapshot(
-    accelerator: Accelerator, tmp: Path, states: dict[str, dict[str, Any]]
+    accelerator: Accelerator, tmp: Path, states: dict[str, dict[str, Any]], staging: dict
 ) -> Callable[[], None]:
     """Copies of what `accelerator.save_state` writes, and of `states`, taken now (the
     training goes on changing the originals); returns what writes them into `tmp` in
-    Accelerate's layout. Each process's RNG file is written now, by Accelerate itself."""
+    Accelerate's layout. Each process's RNG file is written now, by Accelerate itself.
+    `staging`: the buffers of the previous snapshot (its write is finished), refilled in
+    place: allocating fresh memory for every checkpoint costs more than the copy."""
     from accelerate.checkpointing import save_accelerator_state
     from accelerate.utils import OPTIMIZER_NAME, SAFE_WEIGHTS_NAME, SCALER_NAME, save
 
@@ -104,30 +106,50 @@ def snapshot(
     save_accelerator_state(str(tmp), [], [], [], [], process, accelerator.step, None)
     if not accelerator.is_main_process:
         return lambda: None
-    weights = []
-    for model in accelerator._models:
-        values = accelerator.get_state_dict(model, unwrap=False)
-        weights.append({k: v.detach().to("cpu", copy=True) for k, v in values.items()})
-    optimizers = [copy.deepcopy(o.state_dict()) for o in accelerator._optimizers]
+    weights = [accelerator.get_state_dict(m, unwrap=False) for m in accelerator._models]
+    staging.update(
+        weights=_stage(weights, staging.get("weights"), torch.device("cpu")),
+        optimizers=_stage(
+            [o.state_dict() for o in accelerator._optimizers], staging.get("optimizers")
+        ),
+        states=_stage(states, staging.get("states")),
+    )
     scaler = None if accelerator.scaler is None else accelerator.scaler.state_dict()
-    states = copy.deepcopy(states)
+    weights, optimizers, states = staging["weights"], staging["optimizers"], staging["states"]
 
     def write() -> None:
         for i, values in enumerate(weights):
             name = SAFE_WEIGHTS_NAME.replace(".", f"_{i}.") if i else SAFE_WEIGHTS_NAME
             save(values, tmp / name, safe_serialization=True)
         for i, values in enumerate(optimizers):
-            save(
-                values,
-                tmp / f"{OPTIMIZER_NAME}{f'_{i}' if i else ''}.bin",
-                safe_serialization=False,
-            )
+            name = f"{OPTIMIZER_NAME}{f'_{i}' if i else ''}.bin"
+            save(values, tmp / name, safe_serialization=False)
         if scaler is not None:
             torch.save(scaler, tmp / SCALER_NAME)
         for name, values in states.items():
             write_state(tmp, name, values)
 
     return write
+
+
+def _stage(value: Any, old: Any, device: torch.device | None = None) -> Any:
+    """A copy of `value` (nested dicts, lists, tensors), its tensors copied into `old`'s where
+    they match (on `device`, else each tensor's own)."""
+    if isinstance(value, torch.Tensor):
+        target = device or value.device
+        same = isinstance(old, torch.Tensor) and old.device == target
+        if same and old.shape == value.shape and old.dtype == value.dtype:
+            return old.copy_(value.detach())
+        return value.detach().to(target, copy=True)
+    if isinstance(value, dict):
+        old = old if isinstance(old, dict) else {}
+        return {k: _stage(v, old.get(k), device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        old = (
+            old if isinstance(old, type(value)) and len(old) == len(value) else [None] * len(value)
+        )
+        return type(value)(_stage(v, o, device) for v, o in zip(value, old))
+    return copy.deepcopy(value)
 
 
 def _failed(err: Exception, tmp: Path, final: Path, ckpt_root: Path) -> Exception:
@@ -159,6 +181,7 @@ class Finisher:
         self._thread: threading.Thread | None = None
         self._error: Exception | None = None
         self.finished: Path | None = None  # the last checkpoint it made visible
+        self.staging: dict[str, Any] = {}  # the copies it writes from (`snapshot`)
 
     def start(self, tmp: Path, final: Path, finish: Callable[[], None]) -> None:
         self.wait()
