@@ -111,7 +111,9 @@ def torchrun_trainer(shards, run_dir, name, *extra, kill_rank_after_rows=None):
         *tiny_overrides(shards, run_dir, *TINY), f"run.name={name}", f"data.batch_size={BATCH}",
         "data.num_workers=0", "train.epochs=1", "train.log_every_steps=1",
         "train.log_sample_keys=true", "train.checkpoint_every_steps=10",
-        "eval.picture_epochs=[]", *extra,
+        "eval.picture_epochs=[]",
+        # a restarted group whose gloo mesh never connects (seen on this CPU) retries at once
+        "train.connect_timeout_s=20", *extra,
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WANDB_"))}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
@@ -136,7 +138,11 @@ def torchrun_trainer(shards, run_dir, name, *extra, kill_rank_after_rows=None):
                         break
             time.sleep(0.05)
         assert killed is not None, "rank 1 was not found to kill"
-    out, _ = proc.communicate(timeout=400)
+    try:
+        out, _ = proc.communicate(timeout=400)
+    except subprocess.TimeoutExpired:  # leave no trainer behind (its own session)
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     return proc.returncode, out
 
 

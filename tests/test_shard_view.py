@@ -104,6 +104,41 @@ def test_each_shard_is_hashed_once_per_content(rgb_shards, tmp_path, monkeypatch
     assert hashes[2] == hashes[1] == hashes[0]
 
 
+def test_unverified_shards_take_the_fast_path_with_their_headers_checked(
+    rgb_shards, tmp_path, monkeypatch
+):
+    """data.verify_shards=false skips the hash, not the sliced reads: each shard's member
+    table is still checked against its tar headers once (a lying table is not believed)."""
+    import shutil
+
+    walks = []
+    real_walk = shard_view.member_table_of
+    monkeypatch.setattr(shard_view, "member_table_of", lambda fd: walks.append(1) or real_walk(fd))
+    monkeypatch.setattr(shard_view, "_hash_matches", lambda *a: pytest.fail("hashed"))
+    monkeypatch.setattr(shard_view, "_VERIFIED", None)
+    data = DataConfig(batch_size=6, verify_shards=False)
+    split = ShardSplit(rgb_shards, "train", data)
+    opened = []
+    real_open = shard_view.ShardView.open
+    monkeypatch.setattr(
+        shard_view.ShardView,
+        "open",
+        lambda *a, **k: opened.append(real_open(*a, **k)) or opened[-1],
+    )
+    got = batches(split, train=False) + batches(split, train=False)
+    assert opened and all(view is not None for view in opened)  # every shard sliced
+    assert len(walks) == len(split.catalog.shards)  # headers walked once per shard
+    truth = batches(without_tables(ShardSplit(rgb_shards, "train", data)), train=False)
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(got, truth + truth))
+
+    folder = tmp_path / "rgb"
+    shutil.copytree(rgb_shards, folder)
+    lying_index(folder)
+    with pytest.warns(UserWarning, match="the member table in index"):
+        lied = batches(ShardSplit(folder, "train", data), train=False)
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(lied, truth))
+
+
 def test_a_shard_changed_after_it_was_verified_is_hashed_again_and_named(rgb_shards, tmp_path):
     import shutil
 

@@ -91,7 +91,7 @@ def rank0_work_hint(doing: str, rank: int) -> str:
     return (
         ", or process 0 was still doing what it does alone at the end of an epoch (its "
         "metrics row, pictures, W&B): if that takes longer than train.ddp_timeout_s, raise "
-        "it (docs/never-lose-a-run.md, 'Sizing the two timeouts')"
+        "it (docs/never-lose-a-run.md, 'Sizing the timeouts')"
     )
 
 

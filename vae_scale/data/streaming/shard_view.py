@@ -1,7 +1,8 @@
 """A local shard read by position: verified once, then each image is one positioned read.
 
 When index.json gives a shard's member table (data/members.py) and its sha256, the shard is
-hashed and its table checked against its own tar headers once per content (`VerifiedShards`:
+hashed (not with data.verify_shards=false) and its table checked against its own tar headers
+(always: the header walk a reader would do anyway) once per content (`VerifiedShards`:
 the process and the loader workers it forks share the result, so later epochs do not hash it
 again), and its images are read where the table says: no header walk, no regrouping of
 members, no per-image transpose (batches are collated as one array and transposed once). A
@@ -142,7 +143,7 @@ class ShardView:
         verify: bool,
         max_in_memory: int = 512 * 2**20,
     ) -> ShardView | None:
-        if not (entry.members and entry.sha256 and verify and remote.is_local(entry.url)):
+        if not (entry.members and (entry.sha256 or not verify) and remote.is_local(entry.url)):
             return None
         if spec.resize:
             return None
@@ -159,7 +160,7 @@ class ShardView:
             return None
         view = None
         try:
-            view = cls._checked(entry, table, spec, fd, verified, max_in_memory)
+            view = cls._checked(entry, table, spec, fd, verified, max_in_memory, verify)
             return view
         finally:
             if view is None:
@@ -174,16 +175,20 @@ class ShardView:
         fd: int,
         verified: VerifiedShards,
         max_in_memory: int,
+        verify: bool = True,
     ) -> ShardView | None:
-        """The view of an open shard whose bytes hash to index.json's sha256 and whose member
-        table is the shard's own (both checked once per content); None otherwise."""
+        """The view of an open shard whose bytes hash to index.json's sha256 (unless not
+        `verify`: data.verify_shards=false) and whose member table is the shard's own, its tar
+        headers walked (both checked once per content); None otherwise."""
         st = os.fstat(fd)
         if st.st_size == 0:
             return None
         data = _read_whole(fd, st.st_size) if st.st_size <= max_in_memory else None
-        proof = f"{entry.sha256}:{_table_digest(entry.members)}"
+        proof = f"{entry.sha256 if verify else 'unhashed'}:{_table_digest(entry.members)}"
         if not verified.has(st, proof):
-            if not _hash_matches(fd, entry.sha256, data) or not _table_matches(fd, entry, table):
+            if verify and not _hash_matches(fd, entry.sha256, data):
+                return None
+            if not _table_matches(fd, entry, table):
                 return None
             verified.add(st, proof)
         if _identity(os.fstat(fd)) != _identity(st):  # written while it was read or hashed
