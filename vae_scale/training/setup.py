@@ -4,7 +4,6 @@ the run's config record and W&B."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 import warnings
@@ -32,15 +31,15 @@ from vae_scale.run_files.logs import (
     sample_keys_file,
     truncate_logs,
 )
-from vae_scale.training import tracking
+from vae_scale.training import process_group, tracking
 from vae_scale.training.checkpoint import Checkpointer
 from vae_scale.training.evaluation import EpochEvaluation
 from vae_scale.training.init_from import initialize
 from vae_scale.training.networks import TrainedNetwork, build_networks
 from vae_scale.training.run_folder import RunLock, check_same_run
-from vae_scale.training.signals import StopFlag, TrainingInterrupted, ignore_stop_signals
+from vae_scale.training.signals import StopFlag, ignore_stop_signals
 from vae_scale.training.state import TrainState
-from vae_scale.utils.compat import cpu_has_fast_bf16, set_process_group_timeout
+from vae_scale.utils.compat import cpu_has_fast_bf16
 from vae_scale.utils.fsutil import write_json_atomic
 
 
@@ -57,20 +56,13 @@ def make_accelerator(cfg: Config, wandb_mode: str) -> Accelerator:
         )
     # cpu=True also matters under `accelerate launch --multi_gpu` on a CPU machine: without it
     # every process believes it is rank 0 of 1 (same data, no gradient sync, no error).
-    try:
-        accelerator = _accelerator(cfg, wandb_mode, use_cpu)
-    except RuntimeError as err:  # joining the process group: connect or store timeouts
-        if not torch.distributed.is_available() or int(os.environ.get("WORLD_SIZE", 1)) < 2:
-            raise
-        raise TrainingInterrupted(
-            f"process {os.environ.get('RANK', '?')}: could not join the other "
-            f"{int(os.environ['WORLD_SIZE']) - 1} process(es) within train.connect_timeout_s="
-            f"{cfg.train.connect_timeout_s:g} s ({str(err).splitlines()[0][:200]}); nothing "
-            f"was trained: a restart (torchrun, Slurm requeue) or the same command retries"
-        ) from err
-    if torch.distributed.is_initialized():  # collectives wait longer than the connection
-        set_process_group_timeout(timedelta(seconds=cfg.train.ddp_timeout_s))
-    return accelerator
+    train = cfg.train
+    return process_group.join(
+        lambda: _accelerator(cfg, wandb_mode, use_cpu),
+        use_cpu,
+        train.connect_timeout_s,
+        train.ddp_timeout_s,
+    )
 
 
 def _accelerator(cfg: Config, wandb_mode: str, use_cpu: bool) -> Accelerator:
