@@ -79,16 +79,19 @@ def main() -> None:
     parser.add_argument("--shards", required=True)
     parser.add_argument("--minutes", type=float, default=30)
     parser.add_argument("--every", type=float, default=300, help="mean seconds between kills")
-    parser.add_argument("--epochs", type=int, default=0, help="0: sized from a timed epoch")
+    parser.add_argument("--epochs", type=int, default=0, help="0: sized from timed epochs")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WANDB_"))}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     epochs = args.epochs
-    if not epochs:  # one timed epoch (its own row's seconds) sizes the run to --minutes
-        subprocess.run(command(args.shards, args.work, "probe_epoch", 1), env=env, cwd=REPO,
+    if not epochs:  # timed epochs size the run to --minutes
+        subprocess.run(command(args.shards, args.work, "probe_epoch", 3), env=env, cwd=REPO,
                        check=True, capture_output=True)  # fmt: skip
-        epoch_s = rows(args.work / "probe_epoch" / "metrics.jsonl")[-1]["time/epoch_s"]
+        # the last of 3 (the first epoch's start-up made a 30-minute run 21.5 minutes):
+        # an epoch's wall time, its evaluation included
+        probe = rows(args.work / "probe_epoch" / "metrics.jsonl")
+        epoch_s = probe[-1]["time/wall_s"] - probe[-2]["time/wall_s"]
         epochs = max(2, round(args.minutes * 60 / epoch_s))
     rng = random.Random(args.seed)
     killed = args.work / "killed"
