@@ -98,9 +98,9 @@ def _crop_option(text: str) -> str:
 
 def _format(args: argparse.Namespace) -> Any:
     """--format / --quality: how the shards store each image."""
-    from vae_scale.data.image_format import ImageFormat
+    from vae_scale.data.image_format import LOSSY, ImageFormat
 
-    if args.quality is not None and args.format not in ("jpg", "webp"):
+    if args.quality is not None and args.format not in LOSSY:
         raise DataError(f"--quality: only for --format jpg or webp (not {args.format})")
     return ImageFormat(args.format, 95 if args.quality is None else args.quality)
 

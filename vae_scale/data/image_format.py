@@ -37,13 +37,14 @@ class ImageFormat:
         """What index.json's params record (nothing for npy: older indexes stay current)."""
         if self.codec == "npy":
             return {}
-        lossy = self.codec in ("jpg", "webp")
+        lossy = self.codec in LOSSY
         return {"format": self.codec, **({"quality": self.quality} if lossy else {})}
 
-    def encode(self, image: np.ndarray) -> bytes:
+    def encode(self, image: np.ndarray, dtype: type = np.uint8) -> bytes:
+        """The member's bytes of one HWC image (npy: as `dtype`, float16 for latents)."""
         buf = io.BytesIO()
         if self.codec == "npy":
-            np.save(buf, np.ascontiguousarray(image, dtype=np.uint8), allow_pickle=False)
+            np.save(buf, np.ascontiguousarray(image, dtype=dtype), allow_pickle=False)
             return buf.getvalue()
         from PIL import Image
 
@@ -59,4 +60,5 @@ class ImageFormat:
 
 
 FORMATS = ("npy", "png", "jpg", "webp")
+LOSSY = ("jpg", "webp")  # the formats `quality` applies to
 NPY = ImageFormat()

@@ -12,7 +12,6 @@ behind and never destroys the previous one.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -38,12 +37,7 @@ def encode_sample(
     """Sample dict -> tar members (bytes). Only the image (npy of `dtype`: uint8 images,
     float16 latents; or `image_format`'s png/jpg/webp), cls and json: never pickle."""
     out: dict[str, Any] = {"__key__": sample["__key__"]}
-    if image_format.codec == "npy":
-        buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(sample["npy"], dtype=dtype), allow_pickle=False)
-        out["npy"] = buf.getvalue()
-    else:
-        out[image_format.codec] = image_format.encode(sample["npy"])
+    out[image_format.codec] = image_format.encode(sample["npy"], dtype)
     if "cls" in sample:
         out["cls"] = str(int(sample["cls"])).encode()
     if "json" in sample:

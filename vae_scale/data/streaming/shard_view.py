@@ -160,7 +160,9 @@ class ShardView:
             return None
         view = None
         try:
-            view = cls._checked(entry, table, spec, fd, verified, max_in_memory, verify)
+            view = cls._checked(
+                entry, table, spec, fd, verified, max_in_memory, verify, first_image
+            )
             return view
         finally:
             if view is None:
@@ -175,11 +177,13 @@ class ShardView:
         fd: int,
         verified: VerifiedShards,
         max_in_memory: int,
-        verify: bool = True,
+        verify: bool,
+        codec: str,
     ) -> ShardView | None:
         """The view of an open shard whose bytes hash to index.json's sha256 (unless not
         `verify`: data.verify_shards=false) and whose member table is the shard's own, its tar
-        headers walked (both checked once per content); None otherwise."""
+        headers walked (both checked once per content); None otherwise. `codec`: the
+        table's image field (npy, or png/jpg/webp decoded when read)."""
         st = os.fstat(fd)
         if st.st_size == 0:
             return None
@@ -193,7 +197,6 @@ class ShardView:
             verified.add(st, proof)
         if _identity(os.fstat(fd)) != _identity(st):  # written while it was read or hashed
             return None
-        codec = next(k for k in spec.image_keys if k in table.fields)
         offsets, sizes = table.column(codec)
         if codec != "npy":  # png/jpg/webp: each decoded when read
             if (sizes < 0).any() or (offsets + sizes).max() > st.st_size:
